@@ -1,0 +1,119 @@
+"""Every setting of the engine, in one dataclass, validated once and passed to every process."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+_DTYPES = ("auto", "float32", "bfloat16", "float16")
+_DEVICES = ("auto", "cpu", "cuda")
+_LOAD_FORMATS = ("auto", "dummy")
+_ATTENTION_BACKENDS = ("auto", "torch", "flashinfer")
+_LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+@dataclass
+class EngineArgs:
+    """Settings of one engine. Field docstrings are the comments on each line."""
+
+    model_path: Optional[str] = None  # HF folder, GGUF file or folder; None: the default SmolLM2-135M-Instruct
+    tokenizer_path: Optional[str] = None  # defaults to model_path
+    dtype: str = "auto"  # auto: bfloat16 on GPU, float32 on CPU
+    device: str = "auto"  # auto: cuda when available, else cpu
+    context_length: Optional[int] = None  # defaults to the model's max_position_embeddings
+    max_running_requests: Optional[int] = None  # defaults from the KV pool size
+    max_total_tokens: Optional[int] = None  # caps the KV pool size in tokens
+    max_prefill_tokens: int = 16384  # token budget of one prefill step
+    chunked_prefill_size: Optional[int] = None  # None: 8192 on GPU, 512 on CPU; -1 disables chunking
+    load_format: str = "auto"  # "dummy": random weights from config.json alone
+    mem_fraction_static: float = 0.85  # share of GPU memory for weights + KV pool
+    cuda_graph_max_bs: int = 256  # largest decode batch captured in a CUDA graph
+    disable_cuda_graph: bool = False  # run decode eagerly
+    attention_backend: str = "auto"  # auto: flashinfer on GPU when installed, else torch
+    return_hidden_states: bool = False  # default for requests that do not say
+    random_seed: int = 0  # seeds dummy weights and unseeded sampling
+    log_level: str = "warning"  # logging level of every process
+    cache_dir: Optional[str] = None  # where converted models go; default ~/.cache/ferry
+    startup_timeout: float = 600.0  # seconds to wait for the child processes to be ready
+    extra: dict[str, Any] = field(default_factory=dict)  # resolved facts filled in by resolve()
+
+    def validate(self) -> None:
+        """Raise ValueError naming the field for any out-of-range setting."""
+        _choice("dtype", self.dtype, _DTYPES)
+        _choice("device", self.device, _DEVICES)
+        _choice("load_format", self.load_format, _LOAD_FORMATS)
+        _choice("attention_backend", self.attention_backend, _ATTENTION_BACKENDS)
+        _choice("log_level", self.log_level.lower(), _LOG_LEVELS)
+        for name in ("context_length", "max_running_requests", "max_total_tokens"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value <= 0):
+                raise ValueError(f"{name} must be a positive int or None, got {value!r}")
+        if not isinstance(self.max_prefill_tokens, int) or self.max_prefill_tokens <= 0:
+            raise ValueError(f"max_prefill_tokens must be a positive int, got {self.max_prefill_tokens!r}")
+        chunk = self.chunked_prefill_size
+        if chunk is not None and (not isinstance(chunk, int) or (chunk <= 0 and chunk != -1)):
+            raise ValueError(f"chunked_prefill_size must be a positive int, -1 or None, got {chunk!r}")
+        if not 0.0 < float(self.mem_fraction_static) < 1.0:
+            raise ValueError(f"mem_fraction_static must be in (0, 1), got {self.mem_fraction_static!r}")
+        if not isinstance(self.cuda_graph_max_bs, int) or self.cuda_graph_max_bs < 1:
+            raise ValueError(f"cuda_graph_max_bs must be a positive int, got {self.cuda_graph_max_bs!r}")
+        if self.startup_timeout <= 0:
+            raise ValueError(f"startup_timeout must be positive, got {self.startup_timeout!r}")
+
+    def resolve(self) -> "EngineArgs":
+        """Fill in what `auto` and None mean on this machine; returns a new, validated EngineArgs."""
+        from engine.model_files import resolve_model_path
+
+        self.validate()
+        resolved = dataclasses.replace(self, extra=dict(self.extra))
+        resolved.model_path = resolve_model_path(self.model_path, self.cache_dir)
+        resolved.tokenizer_path = (
+            resolve_model_path(self.tokenizer_path, self.cache_dir) if self.tokenizer_path else resolved.model_path
+        )
+        if resolved.device == "auto":
+            resolved.device = "cuda" if _cuda_available() else "cpu"
+        if resolved.dtype == "auto":
+            resolved.dtype = "bfloat16" if resolved.device == "cuda" else "float32"
+        if resolved.chunked_prefill_size is None:
+            resolved.chunked_prefill_size = 8192 if resolved.device == "cuda" else 512
+        config = read_model_config(resolved.model_path)
+        model_max = int(config.get("max_position_embeddings", 4096))
+        if resolved.context_length is None:
+            resolved.context_length = model_max
+        resolved.extra["architecture"] = (config.get("architectures") or ["?"])[0]
+        resolved.log_level = resolved.log_level.lower()
+        return resolved
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> "EngineArgs":
+        return cls(**json.loads(text))
+
+
+def field_names() -> list[str]:
+    return [f.name for f in dataclasses.fields(EngineArgs) if f.name != "extra"]
+
+
+def read_model_config(model_dir: str) -> dict[str, Any]:
+    with open(os.path.join(model_dir, "config.json")) as f:
+        config = json.load(f)
+    # Multimodal configs nest the language model's settings.
+    return config.get("text_config", config) | {"architectures": config.get("architectures")}
+
+
+def _choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+
+
+def _cuda_available() -> bool:
+    # Asking torch would import it (seconds) and initialise CUDA in the frontend; the driver's
+    # device nodes answer the same question for free.
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
+        return False
+    return os.path.exists("/dev/nvidia0") or os.path.exists("/proc/driver/nvidia/version")

@@ -1,0 +1,230 @@
+"""Engine: the public, in-process face of ferry. Starts the scheduler and detokenizer processes and
+bridges sync and async callers (any thread, any event loop) to the engine's own loop thread."""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import weakref
+from typing import Any, AsyncIterator, Iterator, Optional, Union
+
+from engine.args import EngineArgs, field_names
+from engine.errors import EngineError
+from engine.loop_thread import LoopThread
+from engine.processes import ChildProcesses
+from tokenizer_proc.inputs import Limits, PreparedBatch, prepare
+from tokenizer_proc.manager import TokenizerManager
+
+logger = logging.getLogger(__name__)
+
+Prompt = Union[str, list[str], None]
+InputIds = Union[list[int], list[list[int]], None]
+SamplingArg = Union[dict[str, Any], list[dict[str, Any]], None]
+
+
+class Engine:
+    """An LLM engine in three processes: this frontend, a GPU (or CPU) scheduler and a detokenizer.
+
+    `Engine(model_path=None, **settings)`; settings are the fields of `engine.args.EngineArgs`
+    (dtype, device, context_length, max_running_requests, max_total_tokens, log_level, ...).
+    With no model_path the default SmolLM2-135M-Instruct is used. Returns once the model is loaded;
+    raises `EngineError` carrying a child's traceback if start-up fails. Use it as a context manager
+    or call `shutdown()`; it also shuts down at interpreter exit. Safe to use from any thread and
+    from inside a running event loop (no nest_asyncio).
+
+    Outputs are dicts: {"text", "output_ids", "meta_info": {"id", "finish_reason", "prompt_tokens",
+    "completion_tokens", "cached_tokens", "e2e_latency", ...}}; finish_reason is
+    {"type": "stop" | "length" | "abort", "matched": token id | stop string | None}.
+    """
+
+    def __init__(self, model_path: Optional[str] = None, **settings: Any) -> None:
+        unknown = sorted(set(settings) - set(field_names()))
+        if unknown:
+            raise TypeError(f"Engine() got unknown setting(s) {unknown}; valid settings: {field_names()}")
+        self._closed = True
+        args = EngineArgs(model_path=model_path, **settings)
+        self.args = args.resolve()
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(self.args.tokenizer_path)
+        self._loop = LoopThread(name="ferry-frontend")
+        self._processes = ChildProcesses(self.args)
+        self._closed = False
+        try:
+            self._manager: TokenizerManager = self._loop.run(self._make_manager())
+            self._processes.start()
+            info = self._loop.run(self._manager.wait_ready(self._processes.exit_status, self.args.startup_timeout))
+        except BaseException:
+            self.shutdown()
+            raise
+        self.server_info = info
+        self._limits = Limits(info["vocab_size"], self.args.context_length, info["kv_pool_tokens"])
+        atexit.register(_shutdown_ref, weakref.ref(self))
+
+    async def _make_manager(self) -> TokenizerManager:
+        return TokenizerManager(self._processes.endpoints, self._token_text)
+
+    def _token_text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id])
+
+    # ---- generation ----
+
+    def generate(
+        self,
+        prompt: Prompt = None,
+        sampling_params: SamplingArg = None,
+        input_ids: InputIds = None,
+        *,
+        stream: bool = False,
+        rid: Union[str, list[str], None] = None,
+        return_logprob: Union[bool, list[bool]] = False,
+        logprob_start_len: Union[int, list[int], None] = None,
+        top_logprobs_num: Union[int, list[int], None] = None,
+        return_text_in_logprobs: bool = False,
+        return_hidden_states: Optional[bool] = None,
+        use_tqdm: bool = False,
+    ) -> Union[dict[str, Any], list[dict[str, Any]], Iterator[dict[str, Any]]]:
+        """Generate for one prompt (returns a dict) or a list (returns a list, in order).
+
+        Give exactly one of `prompt` (str or list of str) and `input_ids` (list[int] or list[list[int]]).
+        `sampling_params` is a dict of `engine.sampling.SamplingParams` fields, or one dict per prompt.
+        `stream=True` returns an iterator of chunks whose "text" is the new text only; the last chunk
+        has meta_info.finish_reason set (for a list, each chunk carries its prompt's "index").
+        Stopping the iteration early aborts the request. Logprobs (`return_logprob`) are the model's
+        log-softmax over raw logits, before temperature, penalties and filtering; entries are
+        (logprob, token_id, token_text or None). Hidden states are the final-normed states: first
+        [prompt_len, hidden], then one [hidden] per decode step.
+        """
+        batch = self._prepare(prompt, input_ids, sampling_params, rid, stream, return_logprob,
+                              logprob_start_len, top_logprobs_num, return_text_in_logprobs, return_hidden_states)  # fmt: skip
+        if stream:
+            return self._loop.iterate(self._manager.stream(batch.reqs, with_index=not batch.single))
+        outputs = self._loop.run(self._generate(batch, use_tqdm))
+        return outputs[0] if batch.single else outputs
+
+    async def async_generate(
+        self,
+        prompt: Prompt = None,
+        sampling_params: SamplingArg = None,
+        input_ids: InputIds = None,
+        *,
+        stream: bool = False,
+        rid: Union[str, list[str], None] = None,
+        return_logprob: Union[bool, list[bool]] = False,
+        logprob_start_len: Union[int, list[int], None] = None,
+        top_logprobs_num: Union[int, list[int], None] = None,
+        return_text_in_logprobs: bool = False,
+        return_hidden_states: Optional[bool] = None,
+    ) -> Union[dict[str, Any], list[dict[str, Any]], AsyncIterator[dict[str, Any]]]:
+        """The awaitable form of `generate`, from any event loop. With stream=True it returns an async
+        iterator of chunks; cancelling the awaiting task or leaving the iteration aborts the request."""
+        batch = self._prepare(prompt, input_ids, sampling_params, rid, stream, return_logprob,
+                              logprob_start_len, top_logprobs_num, return_text_in_logprobs, return_hidden_states)  # fmt: skip
+        if stream:
+            return self._loop.iterate_async(self._manager.stream(batch.reqs, with_index=not batch.single))
+        outputs = await self._loop.run_async(self._generate(batch, use_tqdm=False))
+        return outputs[0] if batch.single else outputs
+
+    def chat(self, messages: Union[list[dict], list[list[dict]]], sampling_params: SamplingArg = None,
+             **kwargs: Any) -> Any:  # fmt: skip
+        """Generate a reply to one conversation (a list of {"role", "content"} messages) or to a list of
+        them, with the model's chat template; takes generate()'s keyword arguments (stream, ...)."""
+        return self.generate(self._chat_prompt(messages), sampling_params, **kwargs)
+
+    async def async_chat(self, messages: Union[list[dict], list[list[dict]]], sampling_params: SamplingArg = None,
+                         **kwargs: Any) -> Any:  # fmt: skip
+        """The awaitable form of `chat`."""
+        return await self.async_generate(self._chat_prompt(messages), sampling_params, **kwargs)
+
+    def _chat_prompt(self, messages: Any) -> Union[str, list[str]]:
+        if not isinstance(messages, list) or not messages:
+            raise TypeError("messages must be a non-empty list of {'role', 'content'} dicts, or a list of such lists")
+        single = isinstance(messages[0], dict)
+        conversations = [messages] if single else messages
+        for conv in conversations:
+            if not isinstance(conv, list) or not all(isinstance(m, dict) and "role" in m for m in conv):
+                raise TypeError("messages must be a list of {'role', 'content'} dicts, or a list of such lists")
+        if not self.tokenizer.chat_template:
+            raise ValueError("this model's tokenizer has no chat template; use generate() with a prompt")
+        prompts = [
+            self.tokenizer.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
+            for conv in conversations
+        ]
+        return prompts[0] if single else prompts
+
+    def _prepare(self, prompt, input_ids, sampling_params, rid, stream, return_logprob, logprob_start_len,
+                 top_logprobs_num, return_text_in_logprobs, return_hidden_states) -> PreparedBatch:  # fmt: skip
+        self._check_open()
+        if return_hidden_states is None:
+            return_hidden_states = self.args.return_hidden_states
+        return prepare(self.tokenizer, self._limits, prompt, input_ids, sampling_params, rid, stream,
+                       return_logprob, logprob_start_len, top_logprobs_num, return_text_in_logprobs,
+                       bool(return_hidden_states))  # fmt: skip
+
+    async def _generate(self, batch: PreparedBatch, use_tqdm: bool) -> list[dict[str, Any]]:
+        progress = None
+        if use_tqdm:
+            from tqdm.auto import tqdm
+
+            progress = tqdm(total=len(batch.reqs), desc="generate", unit="req")
+        try:
+            return await self._manager.generate(batch.reqs, progress)
+        finally:
+            if progress is not None:
+                progress.close()
+
+    # ---- control ----
+
+    def abort(self, rid: Union[str, list[str]]) -> None:
+        """Abort running or waiting requests by id; their callers get finish_reason type "abort"."""
+        self._check_open()
+        rids = [rid] if isinstance(rid, str) else list(rid)
+        self._loop.run(self._abort(rids))
+
+    async def _abort(self, rids: list[str]) -> None:
+        self._manager.abort(rids)
+
+    def get_server_info(self) -> dict[str, Any]:
+        """The resolved settings and the scheduler's live state (KV pool size and free slots, queues)."""
+        self._check_open()
+        live = self._loop.run(self._manager.call("server_info"))
+        return {**self.args.__dict__, **live}
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise EngineError("the engine is shut down")
+
+    # ---- lifecycle ----
+
+    def shutdown(self) -> None:
+        """Stop the child processes and the loop thread; safe to call more than once."""
+        if getattr(self, "_processes", None) is None or getattr(self, "_shutdown_done", False):
+            return
+        self._shutdown_done = True
+        self._closed = True
+        manager = getattr(self, "_manager", None)
+        if manager is not None:
+            try:
+                self._loop.run(manager.close())
+            except Exception:  # shutting down: report, but keep stopping the rest
+                logger.exception("closing the frontend failed")
+        self._processes.stop()
+        self._loop.stop()
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.shutdown()
+
+    def __del__(self) -> None:
+        try:
+            self.shutdown()
+        except Exception:
+            pass
+
+
+def _shutdown_ref(ref: "weakref.ref[Engine]") -> None:
+    engine = ref()
+    if engine is not None:
+        engine.shutdown()

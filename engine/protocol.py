@@ -1,0 +1,157 @@
+"""Every message on every socket, as msgspec Structs: the only wire format between ferry's processes.
+
+Sockets (all ZMQ PUSH/PULL over IPC in the engine's private directory):
+  frontend  --SchedulerInput-->  scheduler  --TokenBatch-->  detokenizer  --TextBatch-->  frontend
+  scheduler --ProcessReady / ProcessError / ControlReply-->  frontend
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Union
+
+import msgspec
+
+from engine.sampling import SamplingParams
+
+
+class Array(msgspec.Struct, array_like=True):
+    """A tensor as raw bytes (row-major), so that no pickle crosses a socket."""
+
+    data: bytes
+    shape: list[int]
+    dtype: str
+
+
+class FinishReason(msgspec.Struct, omit_defaults=True):
+    type: str  # "stop" | "length" | "abort"
+    matched: Union[int, str, None] = None
+    message: Optional[str] = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"type": self.type, "matched": self.matched}
+        if self.message is not None:
+            out["message"] = self.message
+        return out
+
+
+# ---- frontend -> scheduler ----
+
+
+class GenerateRequest(msgspec.Struct):
+    rid: str
+    input_ids: list[int]
+    sampling: SamplingParams
+    stream: bool = False
+    return_logprob: bool = False
+    logprob_start_len: int = -1
+    top_logprobs_num: int = 0
+    return_text_in_logprobs: bool = False
+    return_hidden_states: bool = False
+
+
+class GenerateBatch(msgspec.Struct, tag="generate"):
+    """Requests submitted together (one message for a whole prompt list)."""
+
+    reqs: list[GenerateRequest]
+
+
+class AbortRequest(msgspec.Struct, tag="abort"):
+    rids: list[str]
+
+
+class ControlRequest(msgspec.Struct, tag="control"):
+    """A call answered by a ControlReply with the same call_id (server info, flush cache)."""
+
+    call_id: int
+    op: str
+
+
+SchedulerInput = Union[GenerateBatch, AbortRequest, ControlRequest]
+
+
+# ---- scheduler -> detokenizer ----
+
+
+class DetokenizeSpec(msgspec.Struct, array_like=True):
+    """What the detokenizer needs to know about a request, sent once with its first tokens."""
+
+    rid: str
+    skip_special_tokens: bool
+    spaces_between_special_tokens: bool
+    stop: list[str]
+    no_stop_trim: bool
+    return_text_in_logprobs: bool
+
+
+class ReqExtras(msgspec.Struct, omit_defaults=True):
+    """Optional per-request payloads: logprobs as (logprob, token_id) pairs and hidden states."""
+
+    input_token_logprobs: Optional[list[tuple[Optional[float], int]]] = None
+    input_top_logprobs: Optional[list[list[tuple[float, int]]]] = None
+    output_token_logprobs: Optional[list[tuple[float, int]]] = None
+    output_top_logprobs: Optional[list[list[tuple[float, int]]]] = None
+    hidden_states: Optional[list[Array]] = None
+
+
+class TokenBatch(msgspec.Struct, tag="tokens"):
+    """New token ids of every request that advanced in one scheduler step (columnar)."""
+
+    rids: list[str]
+    new_token_ids: list[list[int]]
+    finish: list[Optional[FinishReason]]
+    prompt_tokens: list[int]
+    cached_tokens: list[int]
+    extras: list[Optional[ReqExtras]]
+    new_specs: list[DetokenizeSpec] = []
+
+
+# ---- detokenizer -> frontend ----
+
+
+class TextBatch(msgspec.Struct, tag="text"):
+    """Text deltas for the requests of one TokenBatch (columnar)."""
+
+    rids: list[str]
+    text_deltas: list[str]
+    new_token_ids: list[list[int]]
+    finish: list[Optional[FinishReason]]
+    prompt_tokens: list[int]
+    cached_tokens: list[int]
+    extras: list[Optional[ReqExtras]]
+
+
+class ProcessReady(msgspec.Struct, tag="ready"):
+    role: str
+    info: dict[str, Any]
+
+
+class ProcessError(msgspec.Struct, tag="error"):
+    """A child's fatal error, with its traceback, for the caller to raise."""
+
+    role: str
+    message: str
+    traceback: str
+
+
+class ControlReply(msgspec.Struct, tag="reply"):
+    call_id: int
+    ok: bool
+    payload: dict[str, Any]
+
+
+FrontendInput = Union[TextBatch, ProcessReady, ProcessError, ControlReply]
+DetokenizerInput = Union[TokenBatch, ProcessError]
+
+
+class Codec:
+    """Reused msgpack encoder and a decoder for one socket's message union."""
+
+    def __init__(self, decode_type: Any) -> None:
+        self._encoder = msgspec.msgpack.Encoder()
+        self._decoder = msgspec.msgpack.Decoder(decode_type)
+
+    def encode(self, msg: msgspec.Struct) -> bytes:
+        return self._encoder.encode(msg)
+
+    def decode(self, data: bytes) -> Any:
+        return self._decoder.decode(data)

@@ -1,0 +1,160 @@
+"""SamplingParams: the per-request generation controls, their defaults (SGLang's) and validation."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import msgspec
+
+
+class SamplingParams(msgspec.Struct, kw_only=True):
+    """How to generate for one prompt. Pass it to `Engine.generate` as a dict with these keys.
+
+    - max_new_tokens: most tokens to generate (default 128).
+    - min_new_tokens: EOS and stop tokens are held back until this many tokens exist (default 0).
+    - temperature: 0 means greedy; otherwise logits are divided by it (default 1.0).
+    - top_p, top_k, min_p: nucleus, top-k (-1 = off) and min-p filtering (defaults 1.0, -1, 0.0).
+    - frequency_penalty, presence_penalty (in [-2, 2]) and repetition_penalty (in (0, 2], 1 = off):
+      penalise tokens already generated, as in OpenAI's API and HF transformers respectively.
+    - stop: a string or list of strings; generation ends when one appears in the text, which is cut
+      before it unless no_stop_trim. stop_token_ids: token ids that end generation.
+    - ignore_eos: keep generating past the end-of-sequence token.
+    - skip_special_tokens, spaces_between_special_tokens: how ids become text.
+    - n: number of samples of the prompt (each returned as its own output).
+    - seed: the same seed gives the same tokens, alone or in any batch.
+    - logit_bias: {token_id: bias} added to the logits before sampling.
+    """
+
+    max_new_tokens: int = 128
+    min_new_tokens: int = 0
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    min_p: float = 0.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    stop: list[str] = []
+    stop_token_ids: list[int] = []
+    ignore_eos: bool = False
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    no_stop_trim: bool = False
+    n: int = 1
+    seed: Optional[int] = None
+    logit_bias: Optional[dict[int, float]] = None
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0.0 or self.top_k == 1
+
+    @property
+    def uses_penalties(self) -> bool:
+        return self.frequency_penalty != 0.0 or self.presence_penalty != 0.0 or self.repetition_penalty != 1.0
+
+
+FIELDS = SamplingParams.__struct_fields__
+_INT_FIELDS = ("max_new_tokens", "min_new_tokens", "top_k", "n")
+_FLOAT_FIELDS = ("temperature", "top_p", "min_p", "frequency_penalty", "presence_penalty", "repetition_penalty")
+_BOOL_FIELDS = ("ignore_eos", "skip_special_tokens", "spaces_between_special_tokens", "no_stop_trim")
+
+
+def parse_sampling_params(raw: Any, vocab_size: int) -> SamplingParams:
+    """Check a user's sampling dict (or None) and return SamplingParams; ValueError/TypeError name the field."""
+    if raw is None:
+        return SamplingParams()
+    if isinstance(raw, SamplingParams):
+        raw = msgspec.structs.asdict(raw)
+    if not isinstance(raw, dict):
+        raise TypeError(f"sampling_params must be a dict, got {type(raw).__name__}")
+    unknown = sorted(set(raw) - set(FIELDS))
+    if unknown:
+        raise ValueError(f"sampling_params has unknown key(s) {unknown}; valid keys are {sorted(FIELDS)}")
+    values: dict[str, Any] = {}
+    for name, value in raw.items():
+        if value is None and name not in ("seed", "logit_bias", "stop", "stop_token_ids"):
+            continue  # None means "the default", as in SGLang
+        values[name] = _check_type(name, value)
+    params = SamplingParams(**values)
+    _check_ranges(params, vocab_size)
+    return params
+
+
+def _check_type(name: str, value: Any) -> Any:
+    if name in _INT_FIELDS:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"sampling_params.{name} must be an int, got {value!r}")
+        return value
+    if name in _FLOAT_FIELDS:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"sampling_params.{name} must be a number, got {value!r}")
+        return float(value)
+    if name in _BOOL_FIELDS:
+        if not isinstance(value, bool):
+            raise TypeError(f"sampling_params.{name} must be a bool, got {value!r}")
+        return value
+    if name == "stop":
+        value = [] if value is None else [value] if isinstance(value, str) else value
+        if not isinstance(value, (list, tuple)) or not all(isinstance(s, str) and s for s in value):
+            raise TypeError(f"sampling_params.stop must be a non-empty string or a list of them, got {value!r}")
+        return list(value)
+    if name == "stop_token_ids":
+        value = [] if value is None else value
+        if not isinstance(value, (list, tuple)) or any(isinstance(t, bool) or not isinstance(t, int) for t in value):
+            raise TypeError(f"sampling_params.stop_token_ids must be a list of ints, got {value!r}")
+        return list(value)
+    if name == "seed":
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise TypeError(f"sampling_params.seed must be an int or None, got {value!r}")
+        return value
+    if name == "logit_bias":
+        return _check_logit_bias(value)
+    raise AssertionError(name)
+
+
+def _check_logit_bias(value: Any) -> Optional[dict[int, float]]:
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise TypeError(f"sampling_params.logit_bias must be a dict of token id -> bias, got {value!r}")
+    bias: dict[int, float] = {}
+    for key, b in value.items():
+        try:
+            token = int(key)  # JSON callers send string keys
+        except (TypeError, ValueError):
+            raise TypeError(f"sampling_params.logit_bias key {key!r} is not a token id") from None
+        if isinstance(b, bool) or not isinstance(b, (int, float)):
+            raise TypeError(f"sampling_params.logit_bias[{key!r}] must be a number, got {b!r}")
+        bias[token] = float(b)
+    return bias
+
+
+def _check_ranges(p: SamplingParams, vocab_size: int) -> None:
+    def bad(name: str, value: Any, rule: str) -> ValueError:
+        return ValueError(f"sampling_params.{name} must be {rule}, got {value!r}")
+
+    if p.max_new_tokens < 0:
+        raise bad("max_new_tokens", p.max_new_tokens, ">= 0")
+    if p.min_new_tokens < 0 or p.min_new_tokens > p.max_new_tokens:
+        raise bad("min_new_tokens", p.min_new_tokens, f"in [0, max_new_tokens={p.max_new_tokens}]")
+    if not p.temperature >= 0.0:
+        raise bad("temperature", p.temperature, ">= 0")
+    if not 0.0 < p.top_p <= 1.0:
+        raise bad("top_p", p.top_p, "in (0, 1]")
+    if p.top_k == 0 or p.top_k < -1:
+        raise bad("top_k", p.top_k, "-1 (off) or >= 1")
+    if not 0.0 <= p.min_p <= 1.0:
+        raise bad("min_p", p.min_p, "in [0, 1]")
+    for name in ("frequency_penalty", "presence_penalty"):
+        if not -2.0 <= getattr(p, name) <= 2.0:
+            raise bad(name, getattr(p, name), "in [-2, 2]")
+    if not 0.0 < p.repetition_penalty <= 2.0:
+        raise bad("repetition_penalty", p.repetition_penalty, "in (0, 2]")
+    if p.n < 1:
+        raise bad("n", p.n, ">= 1")
+    for token in p.stop_token_ids:
+        if not 0 <= token < vocab_size:
+            raise bad("stop_token_ids", token, f"a token id in [0, {vocab_size})")
+    for token in p.logit_bias or {}:
+        if not 0 <= token < vocab_size:
+            raise bad("logit_bias", token, f"keyed by token ids in [0, {vocab_size})")

@@ -1,0 +1,1 @@
+"""The scheduler process: continuous batching and forward passes on the model's device."""

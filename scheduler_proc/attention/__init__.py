@@ -1,0 +1,28 @@
+"""Attention backends behind one small interface; `create_backend` picks one by name."""
+
+from __future__ import annotations
+
+import logging
+
+from scheduler_proc.attention.base import AttentionBackend
+from scheduler_proc.kv_pool import KVPool
+
+logger = logging.getLogger(__name__)
+
+
+def create_backend(name: str, pool: KVPool, device: str) -> AttentionBackend:
+    """name: "torch", "flashinfer" or "auto" (flashinfer on CUDA when installed, else torch)."""
+    if name in ("auto", "flashinfer") and device == "cuda":
+        try:
+            from scheduler_proc.attention.flashinfer_backend import FlashInferBackend
+        except ImportError as exc:
+            if name == "flashinfer":
+                raise
+            logger.warning("flashinfer is not installed (%s); using the torch SDPA attention backend", exc)
+        else:
+            return FlashInferBackend(pool)
+    elif name == "flashinfer":
+        raise ValueError("attention_backend='flashinfer' needs device='cuda'")
+    from scheduler_proc.attention.torch_backend import TorchBackend
+
+    return TorchBackend(pool)

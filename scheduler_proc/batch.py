@@ -1,0 +1,39 @@
+"""ForwardBatch: the tensors of one forward step, for any mix of prefill chunks and decode tokens."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Optional
+
+import torch
+
+if TYPE_CHECKING:
+    from scheduler_proc.attention.base import AttentionBackend
+
+
+@dataclass
+class ForwardBatch:
+    """One step over B sequences; sequence i adds extend_lens[i] tokens after prefix_lens[i] cached ones.
+
+    Tokens are packed: input_ids, positions and out_cache_loc have one row per new token (T rows).
+    """
+
+    input_ids: torch.Tensor  # [T] int64
+    positions: torch.Tensor  # [T] int64
+    out_cache_loc: torch.Tensor  # [T] int64: KV slots the new tokens are written to
+    req_pool_indices: torch.Tensor  # [B] int64: rows of req_to_token
+    seq_lens: torch.Tensor  # [B] int32: prefix + new tokens
+    prefix_lens_cpu: list[int]
+    extend_lens_cpu: list[int]
+    logit_rows: torch.Tensor  # [R] int64: rows of the packed tokens whose logits are needed
+    is_decode: bool  # every sequence adds exactly one token
+    attention: Optional["AttentionBackend"] = None
+    padded_size: int = field(default=0)  # CUDA-graph batch size when replayed padded
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.extend_lens_cpu)
+
+    @property
+    def seq_lens_cpu(self) -> list[int]:
+        return [p + e for p, e in zip(self.prefix_lens_cpu, self.extend_lens_cpu)]

@@ -1,0 +1,65 @@
+"""The token-granular KV pool: per-layer K/V buffers, a free list of slots, and the request-to-token table.
+
+Slot 0 is never handed out: padded rows of a CUDA-graph batch write their KV there.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVPool:
+    def __init__(
+        self,
+        num_layers: int,
+        num_slots: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        max_requests: int,
+        max_context: int,
+    ) -> None:
+        self.num_slots = num_slots
+        self.device = device
+        shape = (num_layers, num_slots, num_kv_heads, head_dim)
+        self.k_buffer = torch.zeros(shape, dtype=dtype, device=device)
+        self.v_buffer = torch.zeros(shape, dtype=dtype, device=device)
+        self.req_to_token = torch.zeros((max_requests, max_context), dtype=torch.int32, device=device)
+        self._free_slots = torch.arange(1, num_slots, dtype=torch.int64, device=device)
+        self._free_rows = list(range(max_requests - 1, -1, -1))
+        self.max_requests = max_requests
+
+    @property
+    def capacity(self) -> int:
+        """Slots a request can ever use (all but the dummy slot)."""
+        return self.num_slots - 1
+
+    @property
+    def bytes(self) -> int:
+        return 2 * self.k_buffer.numel() * self.k_buffer.element_size()
+
+    @staticmethod
+    def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+        return 2 * num_layers * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+
+    def num_free_slots(self) -> int:
+        return self._free_slots.numel()
+
+    def alloc_slots(self, n: int) -> torch.Tensor:
+        assert n <= self._free_slots.numel(), (n, self._free_slots.numel())
+        slots, self._free_slots = self._free_slots[:n], self._free_slots[n:]
+        return slots
+
+    def free_slots(self, slots: torch.Tensor) -> None:
+        if slots.numel():
+            self._free_slots = torch.cat([self._free_slots, slots.to(torch.int64)])
+
+    def num_free_rows(self) -> int:
+        return len(self._free_rows)
+
+    def alloc_row(self) -> int:
+        return self._free_rows.pop()
+
+    def free_row(self, row: int) -> None:
+        self._free_rows.append(row)

@@ -1,0 +1,40 @@
+"""RMSNorm, optionally fused with the residual add that precedes it."""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+from torch import nn
+
+from scheduler_proc.layers.kernels import flashinfer_for
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(
+        self, x: torch.Tensor, residual: Optional[torch.Tensor] = None
+    ) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """norm(x), or with a residual: (norm(x + residual), x + residual)."""
+        fi = flashinfer_for(x)
+        if fi is not None and x.dim() == 2:
+            if residual is None:
+                return fi.norm.rmsnorm(x, self.weight, self.eps)
+            fi.norm.fused_add_rmsnorm(x, residual, self.weight, self.eps)  # in place: x=norm, residual=sum
+            return x, residual
+        if residual is not None:
+            x = x + residual
+            residual = x
+        out = self._torch_norm(x)
+        return out if residual is None else (out, residual)
+
+    def _torch_norm(self, x: torch.Tensor) -> torch.Tensor:
+        # As HF transformers: statistics in float32, scale in the input dtype.
+        dtype = x.dtype
+        x32 = x.to(torch.float32)
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(dtype)

@@ -1,0 +1,91 @@
+"""ModelRunner: loads the model, sizes the KV pool, runs a forward step and samples."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import torch
+
+from engine.args import EngineArgs, read_model_config
+from scheduler_proc.attention import create_backend
+from scheduler_proc.batch import ForwardBatch
+from scheduler_proc.kv_pool import KVPool
+from scheduler_proc.loader import build_model
+from scheduler_proc.sampler import SamplingBatch, SamplingState
+
+logger = logging.getLogger(__name__)
+
+_CPU_KV_BUDGET_BYTES = 1 << 30  # KV pool size on CPU when max_total_tokens is not given
+_GPU_RESERVE_BYTES = 2 << 30  # activations, sampling temporaries and workspaces beside the pool
+
+
+class ModelRunner:
+    def __init__(self, args: EngineArgs) -> None:
+        self.args = args
+        self.device = torch.device(args.device)
+        self.dtype = getattr(torch, args.dtype)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        self.config = read_model_config(args.model_path)
+        start = time.perf_counter()
+        self.model = build_model(
+            self.config, args.load_format, args.model_path, self.dtype, self.device, args.random_seed
+        )
+        self.shape = self.model.shape
+        logger.info("model loaded in %.1fs", time.perf_counter() - start)
+        self.pool = self._make_pool()
+        self.attention = create_backend(args.attention_backend, self.pool, args.device)
+        self.sampling = SamplingState(self.pool.max_requests, self.shape.vocab_size, self.device)
+
+    def _make_pool(self) -> KVPool:
+        shape, args = self.shape, self.args
+        per_token = KVPool.bytes_per_token(shape.num_layers, shape.num_kv_heads, shape.head_dim, self.dtype)
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            budget = int(total * args.mem_fraction_static) - (total - free) - _GPU_RESERVE_BYTES
+            if budget <= per_token * 16:
+                raise RuntimeError(
+                    f"not enough GPU memory for the KV cache: {free / 2**30:.1f} GiB free of "
+                    f"{total / 2**30:.1f} GiB after loading weights (mem_fraction_static={args.mem_fraction_static})"
+                )
+        else:
+            budget = _CPU_KV_BUDGET_BYTES
+        num_tokens = budget // per_token
+        if args.max_total_tokens is not None:
+            num_tokens = min(num_tokens, args.max_total_tokens)
+        max_requests = args.max_running_requests or (1024 if self.device.type == "cuda" else 64)
+        max_requests = max(1, min(max_requests, num_tokens))
+        pool = KVPool(
+            shape.num_layers, num_tokens + 1, shape.num_kv_heads, shape.head_dim, self.dtype, self.device,
+            max_requests, args.context_length + 1,
+        )  # fmt: skip
+        logger.info("KV pool: %d tokens, %.2f GiB, %d request rows", pool.capacity, pool.bytes / 2**30, max_requests)
+        return pool
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "kv_pool_tokens": self.pool.capacity,
+            "kv_pool_bytes": self.pool.bytes,
+            "max_running_requests": self.pool.max_requests,
+            "vocab_size": self.shape.vocab_size,
+            "hidden_size": self.shape.hidden_size,
+            "num_layers": self.shape.num_layers,
+            "attention_backend": type(self.attention).__name__,
+        }
+
+    @torch.inference_mode()
+    def forward(self, batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run the model; returns (hidden states of every token [T, H], logits of batch.logit_rows [R, V])."""
+        batch.attention = self.attention
+        self.attention.plan(batch)
+        hidden = self.model(batch)
+        logits = self.model.compute_logits(hidden[batch.logit_rows])
+        return hidden, logits
+
+    @torch.inference_mode()
+    def sample(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        next_ids = self.sampling.sample(logits, batch)
+        self.sampling.record(batch.rows, next_ids)
+        return next_ids

@@ -1,0 +1,136 @@
+"""Batched sampling: every request's own parameters applied in one pass over the batch's logits.
+
+Parameters live in per-request-row tensors on the device, written once when a request is admitted,
+so a step only gathers rows. Randomness is a counter-based hash of (seed, position, token id): a
+request's samples depend on its seed and position alone, never on which batch it ran in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from engine.sampling import SamplingParams
+
+_MASK53 = (1 << 53) - 1
+
+
+def _signed(x: int) -> int:
+    return x - (1 << 64) if x >= 1 << 63 else x
+
+
+_GOLDEN, _MIX1, _MIX2 = _signed(0x9E3779B97F4A7C15), _signed(0xBF58476D1CE4E5B9), _signed(0x94D049BB133111EB)
+
+
+@dataclass
+class SamplingBatch:
+    """What the scheduler knows about one step's sampled rows, decided on the host."""
+
+    rows: torch.Tensor  # [S] request rows (req_to_token rows), on the device
+    positions: torch.Tensor  # [S] position of the token being sampled: the RNG counter
+    all_greedy: bool
+    any_penalty: bool
+    bias: list[tuple[int, int, float]] = field(default_factory=list)  # (batch index, token, bias)
+    banned: list[tuple[int, int]] = field(default_factory=list)  # (batch index, token): min_new_tokens
+
+
+class SamplingState:
+    """Sampling parameters per request row, and token counts for the penalties."""
+
+    def __init__(self, max_requests: int, vocab_size: int, device: torch.device) -> None:
+        self.vocab_size = vocab_size
+        self.device = device
+
+        def make(dtype: torch.dtype, value: float) -> torch.Tensor:
+            return torch.full((max_requests,), value, dtype=dtype, device=device)
+
+        self.temperature = make(torch.float32, 1.0)
+        self.top_p = make(torch.float32, 1.0)
+        self.top_k = make(torch.int64, vocab_size)
+        self.min_p = make(torch.float32, 0.0)
+        self.seed = make(torch.int64, 0)
+        self.frequency_penalty = make(torch.float32, 0.0)
+        self.presence_penalty = make(torch.float32, 0.0)
+        self.repetition_penalty = make(torch.float32, 1.0)
+        self.max_requests = max_requests
+        self._output_counts: Optional[torch.Tensor] = None  # [rows, V] int32, made on first use
+        self._seen: Optional[torch.Tensor] = None  # [rows, V] bool: prompt or output tokens
+
+    def admit(self, row: int, params: SamplingParams, seed: int, prompt_ids: list[int]) -> None:
+        self.temperature[row] = params.temperature
+        self.top_p[row] = params.top_p
+        self.top_k[row] = params.top_k if params.top_k > 0 else self.vocab_size
+        self.min_p[row] = params.min_p
+        self.seed[row] = seed
+        self.frequency_penalty[row] = params.frequency_penalty
+        self.presence_penalty[row] = params.presence_penalty
+        self.repetition_penalty[row] = params.repetition_penalty
+        if params.uses_penalties:
+            counts, seen = self._penalty_tables()
+            counts[row].zero_()
+            seen[row].zero_()
+            seen[row, torch.tensor(prompt_ids, dtype=torch.int64, device=self.device)] = True
+
+    def record(self, rows: torch.Tensor, token_ids: torch.Tensor) -> None:
+        """Count sampled tokens for requests that use penalties (rows with neutral values cost nothing)."""
+        if self._output_counts is None:
+            return
+        self._output_counts[rows, token_ids] += 1
+        self._seen[rows, token_ids] = True
+
+    def _penalty_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._output_counts is None:
+            shape = (self.max_requests, self.vocab_size)
+            self._output_counts = torch.zeros(shape, dtype=torch.int32, device=self.device)
+            self._seen = torch.zeros(shape, dtype=torch.bool, device=self.device)
+        return self._output_counts, self._seen
+
+    def sample(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        """logits [S, V] float32 (modified in place) -> next token ids [S] int64."""
+        if batch.bias:
+            index, token, value = zip(*batch.bias)
+            logits[list(index), list(token)] += torch.tensor(value, device=logits.device)
+        if batch.any_penalty and self._output_counts is not None:
+            self._apply_penalties(logits, batch.rows)
+        if batch.banned:
+            index, token = zip(*batch.banned)
+            logits[list(index), list(token)] = float("-inf")
+        if batch.all_greedy:
+            return logits.argmax(dim=-1)
+        temperature = self.temperature[batch.rows]
+        greedy = temperature == 0.0
+        probs = torch.softmax(logits / torch.where(greedy, 1.0, temperature)[:, None], dim=-1)
+        probs = self._filter(probs, batch.rows)
+        noise = _uniform_noise(self.seed[batch.rows], batch.positions, logits.shape[1])
+        # Exponential race: argmax(p / E), E ~ Exp(1), picks token i with probability p_i.
+        sampled = (probs / (-torch.log1p(-noise)).clamp_min(1e-30)).argmax(dim=-1)
+        return torch.where(greedy, logits.argmax(dim=-1), sampled)
+
+    def _apply_penalties(self, logits: torch.Tensor, rows: torch.Tensor) -> None:
+        counts = self._output_counts[rows].to(logits.dtype)
+        logits -= self.frequency_penalty[rows, None] * counts
+        logits -= self.presence_penalty[rows, None] * (counts > 0).to(logits.dtype)
+        penalty = torch.where(self._seen[rows], self.repetition_penalty[rows, None], 1.0)
+        logits.copy_(torch.where(logits > 0, logits / penalty, logits * penalty))
+
+    def _filter(self, probs: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        top_k, top_p, min_p = self.top_k[rows], self.top_p[rows], self.min_p[rows]
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        rank = torch.arange(probs.shape[1], device=probs.device)
+        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+        drop = (rank[None, :] >= top_k[:, None]) | (mass_before > top_p[:, None])
+        drop |= sorted_probs < (min_p * sorted_probs[:, 0])[:, None]
+        drop[:, 0] = False  # the most likely token always stays
+        return torch.zeros_like(probs).scatter_(-1, order, sorted_probs.masked_fill(drop, 0.0))
+
+
+def _uniform_noise(seeds: torch.Tensor, positions: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Uniform [0, 1) per (row, token) from a splitmix64-style hash of (seed, position, token id)."""
+    token = torch.arange(vocab_size, dtype=torch.int64, device=seeds.device)
+    z = (seeds * _MIX1 + positions.to(torch.int64) * _GOLDEN)[:, None] + token[None, :] * _GOLDEN
+    z = (z ^ (z >> 30)) * _MIX1
+    z = (z ^ (z >> 27)) * _MIX2
+    z = z ^ (z >> 31)
+    return ((z >> 11) & _MASK53).to(torch.float64).div_(float(1 << 53)).to(torch.float32)

@@ -1,0 +1,151 @@
+"""One scheduler step: the ForwardBatch built from (request, new token count) entries, and reading
+its outputs back (sampled ids, logprobs, hidden states) onto the requests."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Optional
+
+import torch
+
+from scheduler_proc.batch import ForwardBatch
+from scheduler_proc.kv_pool import KVPool
+from scheduler_proc.request import Request
+from scheduler_proc.sampler import SamplingBatch
+
+if TYPE_CHECKING:
+    from scheduler_proc.model_runner import ModelRunner
+
+
+@dataclass
+class Step:
+    entries: list[tuple[Request, int]]
+    batch: ForwardBatch
+    sampling: Optional[SamplingBatch]
+    sample_entries: list[int]  # entries that sample a token, in sampling-row order
+    logit_spans: list[tuple[int, int]]  # per entry: (first logit row, number of rows)
+    input_logprob_starts: list[Optional[int]]  # per entry: first prompt position scored, if any
+
+
+def build_step(entries: list[tuple[Request, int]], pool: KVPool, eos_ids: list[int]) -> Step:
+    input_ids: list[int] = []
+    positions: list[int] = []
+    token_rows: list[int] = []
+    logit_rows: list[int] = []
+    logit_spans, input_starts, sample_entries = [], [], []
+    for i, (req, n) in enumerate(entries):
+        start, t0 = req.kv_len, len(input_ids)
+        input_ids += req.tokens(start, start + n)
+        positions += range(start, start + n)
+        token_rows += [req.row] * n
+        samples = start + n == req.num_tokens and req.sampling.max_new_tokens > 0
+        span = _input_logprob_span(req, start, n)
+        first_q = span[0] if span else None
+        rows = list(range(t0 + span[0] - start, t0 + span[1] - start)) if span else []
+        if samples:
+            rows.append(t0 + n - 1)
+            sample_entries.append(i)
+        logit_spans.append((len(logit_rows), len(rows)))
+        input_starts.append(first_q)
+        logit_rows += rows
+    device = pool.device
+    out_cache_loc = pool.alloc_slots(len(input_ids))
+    positions_t = torch.tensor(positions, dtype=torch.int64, device=device)
+    pool.req_to_token[torch.tensor(token_rows, device=device), positions_t] = out_cache_loc.to(torch.int32)
+    batch = ForwardBatch(
+        input_ids=torch.tensor(input_ids, dtype=torch.int64, device=device),
+        positions=positions_t,
+        out_cache_loc=out_cache_loc,
+        req_pool_indices=torch.tensor([r.row for r, _ in entries], dtype=torch.int64, device=device),
+        seq_lens=torch.tensor([r.kv_len + n for r, n in entries], dtype=torch.int32, device=device),
+        prefix_lens_cpu=[r.kv_len for r, _ in entries],
+        extend_lens_cpu=[n for _, n in entries],
+        logit_rows=torch.tensor(logit_rows, dtype=torch.int64, device=device),
+        is_decode=all(n == 1 for _, n in entries),
+    )
+    return Step(entries, batch, _sampling_batch(entries, sample_entries, eos_ids, device), sample_entries,
+                logit_spans, input_starts)  # fmt: skip
+
+
+def _input_logprob_span(req: Request, start: int, n: int) -> Optional[tuple[int, int]]:
+    """Positions [first, last) of this chunk whose logits score prompt token q+1, when input logprobs are asked."""
+    msg = req.msg
+    if not msg.return_logprob or msg.logprob_start_len < 0 or start >= len(req.input_ids):
+        return None
+    first = max(start, max(msg.logprob_start_len, 1) - 1)
+    last = min(start + n, len(req.input_ids) - 1)  # position L-1 predicts the first output token
+    return (first, last) if first < last else None
+
+
+def _sampling_batch(entries, sample_entries, eos_ids, device) -> Optional[SamplingBatch]:
+    if not sample_entries:
+        return None
+    reqs = [entries[i][0] for i in sample_entries]
+    bias, banned = [], []
+    for s, req in enumerate(reqs):
+        params = req.sampling
+        for token, value in (params.logit_bias or {}).items():
+            bias.append((s, token, value))
+        if len(req.output_ids) < params.min_new_tokens:
+            held = list(params.stop_token_ids) + ([] if params.ignore_eos else eos_ids)
+            banned += [(s, token) for token in held]
+    return SamplingBatch(
+        rows=torch.tensor([r.row for r in reqs], dtype=torch.int64, device=device),
+        positions=torch.tensor([r.num_tokens for r in reqs], dtype=torch.int64, device=device),
+        all_greedy=all(r.sampling.is_greedy for r in reqs),
+        any_penalty=any(r.sampling.uses_penalties for r in reqs),
+        bias=bias,
+        banned=banned,
+    )
+
+
+def read_step_outputs(step: Step, hidden: torch.Tensor, logits: torch.Tensor, runner: "ModelRunner") -> list:
+    """Sample, record logprobs and hidden states on the requests (whose kv_len already counts this
+    step); returns the new token per entry (or None)."""
+    logprobs = torch.log_softmax(logits, dim=-1) if any(r.msg.return_logprob for r, _ in step.entries) else None
+    next_ids: list[Optional[int]] = [None] * len(step.entries)
+    if step.sampling is not None:
+        rows = [step.logit_spans[i][0] + step.logit_spans[i][1] - 1 for i in step.sample_entries]
+        sampled = runner.sample(logits[rows], step.sampling).tolist()
+        for i, token in zip(step.sample_entries, sampled):
+            next_ids[i] = token
+    t0 = 0
+    for i, (req, n) in enumerate(step.entries):
+        if req.msg.return_logprob and logprobs is not None:
+            _record_logprobs(req, step, i, logprobs, next_ids[i])
+        if req.msg.return_hidden_states:
+            rows = hidden[t0 : t0 + n].float().cpu().numpy()
+            req.add_hidden(rows, prompt=req.kv_len - n < len(req.input_ids))
+        t0 += n
+    return next_ids
+
+
+def _record_logprobs(req: Request, step: Step, i: int, logprobs: torch.Tensor, token: Optional[int]) -> None:
+    first_row, count = step.logit_spans[i]
+    top_n = req.msg.top_logprobs_num
+    extras = req.pending_extras()
+    first_q = step.input_logprob_starts[i]
+    if first_q is not None:
+        num_input = count - (1 if token is not None else 0)
+        rows = logprobs[first_row : first_row + num_input]
+        targets = req.input_ids[first_q + 1 : first_q + 1 + num_input]
+        chosen = rows.gather(1, torch.tensor(targets, device=rows.device)[:, None])[:, 0].tolist()
+        entries: list = [(lp, t) for lp, t in zip(chosen, targets)]
+        if first_q == 0 and req.msg.logprob_start_len == 0:
+            entries.insert(0, (None, req.input_ids[0]))
+        extras.input_token_logprobs = (extras.input_token_logprobs or []) + entries
+        if top_n > 0:
+            tops = _top(rows, top_n)
+            if first_q == 0 and req.msg.logprob_start_len == 0:
+                tops.insert(0, [])
+            extras.input_top_logprobs = (extras.input_top_logprobs or []) + tops
+    if token is not None:
+        row = logprobs[first_row + count - 1]
+        extras.output_token_logprobs = (extras.output_token_logprobs or []) + [(row[token].item(), token)]
+        if top_n > 0:
+            extras.output_top_logprobs = (extras.output_top_logprobs or []) + _top(row[None], top_n)
+
+
+def _top(rows: torch.Tensor, k: int) -> list[list[tuple[float, int]]]:
+    values, ids = rows.topk(min(k, rows.shape[-1]), dim=-1)
+    return [list(zip(v, t)) for v, t in zip(values.tolist(), ids.tolist())]
