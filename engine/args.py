@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
+
+logger = logging.getLogger(__name__)
 
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
 _DEVICES = ("auto", "cpu", "cuda")
@@ -70,9 +73,13 @@ class EngineArgs:
         self.validate()
         resolved = dataclasses.replace(self, extra=dict(self.extra))
         resolved.model_path = resolve_model_path(self.model_path, self.cache_dir)
-        resolved.tokenizer_path = (
-            resolve_model_path(self.tokenizer_path, self.cache_dir) if self.tokenizer_path else resolved.model_path
-        )
+        if self.tokenizer_path:
+            resolved.tokenizer_path = resolve_model_path(self.tokenizer_path, self.cache_dir)
+        elif _has_tokenizer(resolved.model_path):
+            resolved.tokenizer_path = resolved.model_path
+        else:  # a config-only folder (speed work with random weights): borrow the default tokenizer
+            logger.warning("no tokenizer in %s; using the default model's tokenizer", resolved.model_path)
+            resolved.tokenizer_path = resolve_model_path(None, self.cache_dir)
         if resolved.device == "auto":
             resolved.device = "cuda" if _cuda_available() else "cpu"
         if resolved.dtype == "auto":
@@ -104,6 +111,11 @@ def read_model_config(model_dir: str) -> dict[str, Any]:
         config = json.load(f)
     # Multimodal configs nest the language model's settings.
     return config.get("text_config", config) | {"architectures": config.get("architectures")}
+
+
+def _has_tokenizer(model_dir: str) -> bool:
+    names = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
+    return any(os.path.exists(os.path.join(model_dir, name)) for name in names)
 
 
 def _choice(name: str, value: Any, choices: tuple[str, ...]) -> None:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
 from engine.args import EngineArgs, read_model_config
 from scheduler_proc.attention import create_backend
 from scheduler_proc.batch import ForwardBatch
+from scheduler_proc.cuda_graph import CudaGraphRunner
 from scheduler_proc.kv_pool import KVPool
 from scheduler_proc.loader import build_model
 from scheduler_proc.sampler import SamplingBatch, SamplingState
@@ -36,8 +37,22 @@ class ModelRunner:
         self.shape = self.model.shape
         logger.info("model loaded in %.1fs", time.perf_counter() - start)
         self.pool = self._make_pool()
-        self.attention = create_backend(args.attention_backend, self.pool, args.device)
+        self.attention = create_backend(args.attention_backend, self.pool, args.device, self.shape.num_heads,
+                                        self.shape.num_kv_heads, self.shape.head_dim)  # fmt: skip
         self.sampling = SamplingState(self.pool.max_requests, self.shape.vocab_size, self.device)
+        self.graphs = self._make_graphs()
+
+    def _make_graphs(self) -> Optional[CudaGraphRunner]:
+        if self.device.type != "cuda" or self.args.disable_cuda_graph:
+            return None
+        from scheduler_proc.attention.flashinfer_backend import FlashInferBackend
+
+        if not isinstance(self.attention, FlashInferBackend):
+            logger.warning("CUDA graphs need the flashinfer attention backend; decoding eagerly")
+            return None
+        max_bs = min(self.args.cuda_graph_max_bs, self.pool.max_requests)
+        with torch.inference_mode():
+            return CudaGraphRunner(self.model, self.attention, max_bs)
 
     def _make_pool(self) -> KVPool:
         shape, args = self.shape, self.args
@@ -65,7 +80,10 @@ class ModelRunner:
         return pool
 
     def info(self) -> dict[str, Any]:
+        cuda = self.device.type == "cuda"
         return {
+            "device_name": torch.cuda.get_device_name(self.device) if cuda else "cpu",
+            "peak_gpu_memory_bytes": torch.cuda.max_memory_allocated(self.device) if cuda else 0,
             "kv_pool_tokens": self.pool.capacity,
             "kv_pool_bytes": self.pool.bytes,
             "max_running_requests": self.pool.max_requests,
@@ -73,14 +91,18 @@ class ModelRunner:
             "hidden_size": self.shape.hidden_size,
             "num_layers": self.shape.num_layers,
             "attention_backend": type(self.attention).__name__,
+            "cuda_graph_batch_sizes": self.graphs.sizes if self.graphs is not None else [],
         }
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """Run the model; returns (hidden states of every token [T, H], logits of batch.logit_rows [R, V])."""
         batch.attention = self.attention
-        self.attention.plan(batch)
-        hidden = self.model(batch)
+        if self.graphs is not None and self.graphs.can_run(batch):
+            hidden = self.graphs.run(batch)
+        else:
+            self.attention.plan(batch)
+            hidden = self.model(batch)
         logits = self.model.compute_logits(hidden[batch.logit_rows])
         return hidden, logits
 

@@ -10,7 +10,8 @@ from scheduler_proc.kv_pool import KVPool
 logger = logging.getLogger(__name__)
 
 
-def create_backend(name: str, pool: KVPool, device: str) -> AttentionBackend:
+def create_backend(name: str, pool: KVPool, device: str, num_heads: int, num_kv_heads: int,
+                   head_dim: int) -> AttentionBackend:  # fmt: skip
     """name: "torch", "flashinfer" or "auto" (flashinfer on CUDA when installed, else torch)."""
     if name in ("auto", "flashinfer") and device == "cuda":
         try:
@@ -20,7 +21,7 @@ def create_backend(name: str, pool: KVPool, device: str) -> AttentionBackend:
                 raise
             logger.warning("flashinfer is not installed (%s); using the torch SDPA attention backend", exc)
         else:
-            return FlashInferBackend(pool)
+            return FlashInferBackend(pool, num_heads, num_kv_heads, head_dim)
     elif name == "flashinfer":
         raise ValueError("attention_backend='flashinfer' needs device='cuda'")
     from scheduler_proc.attention.torch_backend import TorchBackend

@@ -13,6 +13,6 @@ class SiluAndMul(nn.Module):
     def forward(self, gate_up: torch.Tensor) -> torch.Tensor:
         fi = flashinfer_for(gate_up)
         if fi is not None:
-            return fi.activation.silu_and_mul(gate_up)
+            return fi.silu_and_mul(gate_up)
         gate, up = gate_up.chunk(2, dim=-1)
         return F.silu(gate) * up

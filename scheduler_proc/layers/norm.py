@@ -23,8 +23,8 @@ class RMSNorm(nn.Module):
         fi = flashinfer_for(x)
         if fi is not None and x.dim() == 2:
             if residual is None:
-                return fi.norm.rmsnorm(x, self.weight, self.eps)
-            fi.norm.fused_add_rmsnorm(x, residual, self.weight, self.eps)  # in place: x=norm, residual=sum
+                return fi.rmsnorm(x, self.weight, self.eps)
+            fi.fused_add_rmsnorm(x, residual, self.weight, self.eps)  # in place: x=norm, residual=sum
             return x, residual
         if residual is not None:
             x = x + residual

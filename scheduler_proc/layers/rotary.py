@@ -65,7 +65,7 @@ class RotaryEmbedding(nn.Module):
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> None:
         fi = flashinfer_for(q)
         if fi is not None:
-            fi.rope.apply_rope_with_cos_sin_cache_inplace(
+            fi.apply_rope_with_cos_sin_cache_inplace(
                 positions, q.view(q.shape[0], -1), k.view(k.shape[0], -1), self.head_dim, self.cos_sin_cache, True
             )
             return

@@ -1,0 +1,203 @@
+"""Offline throughput benchmark (`python -m engine.bench` or scripts/bench_offline_throughput.py),
+modelled on SGLang's bench_offline_throughput: prints a table and appends one JSON line per run."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from typing import Any, Optional
+
+from engine.args import EngineArgs, field_names
+from engine.bench_workloads import NAMED, Workload, random_ids, shared_prefix
+
+
+def parse_args(argv: Optional[list[str]] = None) -> tuple[argparse.Namespace, dict[str, Any]]:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--model-path", default=None)
+    p.add_argument("--workload", choices=sorted(NAMED), help="a named workload (overrides the dataset flags)")
+    p.add_argument("--dataset-name", default="random-ids", choices=["random", "random-ids", "shared-prefix"])
+    p.add_argument("--num-prompts", type=int, default=64)
+    p.add_argument("--random-input-len", type=int, default=256)
+    p.add_argument("--random-output-len", type=int, default=64)
+    p.add_argument("--random-range-ratio", type=float, default=1.0)
+    p.add_argument("--shared-prefix-len", type=int, default=1024)
+    p.add_argument("--num-groups", type=int, default=8)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--temperature", type=float, default=None, help="override the workload's temperature")
+    p.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--stream", action="store_true", help="stream every request; report TTFT and ITL")
+    p.add_argument("--baseline", choices=["hf"], default=None)
+    p.add_argument("--hf-batch-size", type=int, default=256)
+    p.add_argument("--roofline", action="store_true")
+    p.add_argument("--result-file", default=None)
+    p.add_argument("--tag", default="", help="free text stored in the JSON line")
+    args, rest = p.parse_known_args(argv)
+    return args, _engine_settings(rest)
+
+
+def _engine_settings(rest: list[str]) -> dict[str, Any]:
+    """Pass `--any-engine-setting value` through to Engine, typed from EngineArgs' defaults."""
+    defaults = EngineArgs()
+    settings: dict[str, Any] = {}
+    i = 0
+    while i < len(rest):
+        flag = rest[i]
+        name = flag.lstrip("-").replace("-", "_")
+        if not flag.startswith("--") or name not in field_names():
+            raise SystemExit(f"unknown argument {flag!r}")
+        default = getattr(defaults, name)
+        if isinstance(default, bool):
+            settings[name] = True
+            i += 1
+            continue
+        value = rest[i + 1]
+        settings[name] = type(default)(value) if default is not None else _guess(value)
+        i += 2
+    return settings
+
+
+def _guess(value: str) -> Any:
+    for cast in (int, float):
+        try:
+            return cast(value)
+        except ValueError:
+            pass
+    return value
+
+
+def make_workload(args: argparse.Namespace) -> Workload:
+    if args.workload:
+        return NAMED[args.workload]()
+    if args.dataset_name == "shared-prefix":
+        per_group = max(1, args.num_prompts // args.num_groups)
+        return shared_prefix(args.num_groups, per_group, args.shared_prefix_len, args.random_input_len,
+                             args.random_output_len, args.seed)  # fmt: skip
+    return random_ids(args.num_prompts, args.random_input_len, args.random_output_len, args.random_range_ratio,
+                      args.seed)  # fmt: skip
+
+
+def run_ferry(workload: Workload, settings: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    from engine import Engine
+
+    temperature = workload.temperature if args.temperature is None else args.temperature
+    params = [{"max_new_tokens": n, "temperature": temperature, "ignore_eos": args.ignore_eos}
+              for n in workload.output_lens]  # fmt: skip
+    with Engine(model_path=args.model_path, **settings) as engine:
+        engine.generate(input_ids=workload.input_ids[:4], sampling_params={"max_new_tokens": 4})  # warm-up
+        start = time.perf_counter()
+        if args.stream:
+            outputs, latency = _run_streams(engine, workload, params)
+        else:
+            outputs, latency = engine.generate(input_ids=workload.input_ids, sampling_params=params), {}
+        wall = time.perf_counter() - start
+        info = engine.get_server_info()
+    out_tokens = sum(o["meta_info"]["completion_tokens"] for o in outputs)
+    return {
+        "wall_s": wall,
+        "requests_per_s": len(outputs) / wall,
+        "input_tok_s": workload.input_tokens / wall,
+        "output_tok_s": out_tokens / wall,
+        "total_tok_s": (workload.input_tokens + out_tokens) / wall,
+        "output_tokens": out_tokens,
+        "cached_tokens": sum(o["meta_info"]["cached_tokens"] for o in outputs),
+        "peak_gpu_memory_gib": info.get("peak_gpu_memory_bytes", 0) / 2**30,
+        "kv_pool_tokens": info["kv_pool_tokens"],
+        "device": info.get("device_name", info.get("device")),
+        **latency,
+    }
+
+
+def _run_streams(engine: Any, workload: Workload, params: list[dict]) -> tuple[list[dict], dict[str, float]]:
+    import asyncio
+
+    async def one(ids: list[int], p: dict) -> tuple[dict, float, list[float]]:
+        start = time.perf_counter()
+        stamps, last = [], None
+        async for chunk in await engine.async_generate(input_ids=ids, sampling_params=p, stream=True):
+            stamps.append(time.perf_counter())
+            last = chunk
+        return last, stamps[0] - start, [b - a for a, b in zip(stamps, stamps[1:])]
+
+    async def all_streams() -> list:
+        return await asyncio.gather(*(one(ids, p) for ids, p in zip(workload.input_ids, params)))
+
+    results = asyncio.run(all_streams())
+    ttft = sorted(r[1] for r in results)
+    itl = sorted(x for r in results for x in r[2]) or [0.0]
+
+    def pct(values: list[float], q: float) -> float:
+        return values[min(len(values) - 1, int(q * len(values)))]
+
+    final = [dict(r[0], meta_info=dict(r[0]["meta_info"])) for r in results]
+    for out, r in zip(final, results):
+        out["meta_info"]["completion_tokens"] = r[0]["meta_info"]["completion_tokens"]
+    stats = {"ttft_p50_s": pct(ttft, 0.5), "ttft_p99_s": pct(ttft, 0.99), "itl_p50_s": pct(itl, 0.5),
+             "itl_p99_s": pct(itl, 0.99)}  # fmt: skip
+    return final, stats
+
+
+def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
+    args, settings = parse_args(argv)
+    workload = make_workload(args)
+    result: dict[str, Any] = {
+        "workload": workload.name,
+        "num_prompts": len(workload.input_ids),
+        "input_tokens": workload.input_tokens,
+        "requested_output_tokens": workload.output_tokens,
+        "model_path": args.model_path,
+        "engine_settings": settings,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "commit": _commit(),
+        "tag": args.tag,
+    }
+    result["ferry"] = run_ferry(workload, settings, args)
+    if args.roofline:
+        from engine.bench_roofline import roofline
+
+        result["roofline"] = roofline(args.model_path, workload, settings, result["ferry"])
+    if args.baseline == "hf":
+        from engine.bench_hf import run_hf
+
+        result["hf"] = run_hf(args.model_path, workload, settings, args)
+        result["ferry_over_hf"] = result["ferry"]["output_tok_s"] / result["hf"]["output_tok_s"]
+    print_table(result)
+    if args.result_file:
+        with open(args.result_file, "a") as f:
+            f.write(json.dumps(result) + "\n")
+    return result
+
+
+def print_table(result: dict[str, Any]) -> None:
+    ferry = result["ferry"]
+    rows = [("workload", result["workload"]), ("prompts", result["num_prompts"]),
+            ("input tokens", result["input_tokens"]), ("output tokens", ferry["output_tokens"]),
+            ("wall (s)", f"{ferry['wall_s']:.2f}"), ("requests/s", f"{ferry['requests_per_s']:.2f}"),
+            ("input tok/s", f"{ferry['input_tok_s']:.0f}"), ("output tok/s", f"{ferry['output_tok_s']:.0f}"),
+            ("total tok/s", f"{ferry['total_tok_s']:.0f}"), ("peak GPU mem (GiB)", f"{ferry['peak_gpu_memory_gib']:.1f}"),
+            ("KV pool (tokens)", ferry["kv_pool_tokens"])]  # fmt: skip
+    for key in ("ttft_p50_s", "ttft_p99_s", "itl_p50_s", "itl_p99_s"):
+        if key in ferry:
+            rows.append((key, f"{ferry[key] * 1000:.1f} ms"))
+    if "hf" in result:
+        rows += [("HF output tok/s", f"{result['hf']['output_tok_s']:.0f}"), ("ferry / HF", f"{result['ferry_over_hf']:.1f}x")]
+    if "roofline" in result:
+        r = result["roofline"]
+        rows += [("floor output tok/s", f"{r['floor_output_tok_s']:.0f}"), ("fraction of floor", f"{r['fraction_of_floor']:.1%}")]
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return ""
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
+

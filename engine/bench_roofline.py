@@ -1,0 +1,65 @@
+"""The physical floor of a workload: weights read once per decode step, each cached KV token read once
+per generated token (at the measured copy bandwidth), prefill FLOPs at the measured matmul rate."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from engine.bench_workloads import Workload
+
+
+def measure_ceilings() -> dict[str, float]:
+    """Device-to-device copy bandwidth (bytes read + written per second) and bf16 matmul FLOP/s."""
+    import torch
+
+    x = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    a = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
+    b = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
+
+    def timed(fn, reps: int) -> float:
+        for _ in range(3):
+            fn()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(reps):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / 1000 / reps
+
+    bandwidth = 2 * x.numel() / timed(lambda: y.copy_(x), 20)
+    flops = 2 * 8192**3 / timed(lambda: a @ b, 20)
+    del x, y, a, b
+    torch.cuda.empty_cache()
+    return {"bandwidth_bytes_s": bandwidth, "matmul_flops": flops}
+
+
+def roofline(model_path: Optional[str], workload: Workload, settings: dict[str, Any], ferry: dict[str, Any]) -> dict[str, Any]:
+    from engine.args import read_model_config
+    from engine.model_files import resolve_model_path
+
+    config = read_model_config(resolve_model_path(model_path, settings.get("cache_dir")))
+    hidden, layers = config["hidden_size"], config["num_hidden_layers"]
+    heads = config["num_attention_heads"]
+    kv_heads = config.get("num_key_value_heads") or heads
+    head_dim = config.get("head_dim") or hidden // heads
+    vocab, inter = config["vocab_size"], config["intermediate_size"]
+    params = layers * (hidden * head_dim * (heads + 2 * kv_heads) + heads * head_dim * hidden + 3 * hidden * inter)
+    params += vocab * hidden * (1 if config.get("tie_word_embeddings") else 2)
+    weight_bytes, kv_bytes_per_token = 2 * params, 2 * 2 * layers * kv_heads * head_dim
+    ceilings = measure_ceilings()
+    # Every request decodes at once (the engine's batch holds them all), so there are max(out) steps.
+    steps = max(workload.output_lens)
+    kv_read = sum(n * len(ids) + n * (n - 1) / 2 for ids, n in zip(workload.input_ids, workload.output_lens))
+    decode_s = (steps * weight_bytes + kv_read * kv_bytes_per_token) / ceilings["bandwidth_bytes_s"]
+    prefill_s = 2 * params * workload.input_tokens / ceilings["matmul_flops"]
+    floor = workload.output_tokens / (decode_s + prefill_s)
+    return {
+        **ceilings,
+        "weight_bytes": weight_bytes,
+        "decode_floor_s": decode_s,
+        "prefill_floor_s": prefill_s,
+        "floor_output_tok_s": floor,
+        "fraction_of_floor": ferry["output_tok_s"] / floor,
+    }

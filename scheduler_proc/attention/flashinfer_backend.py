@@ -1,0 +1,109 @@
+"""Attention on flashinfer's paged kernels, page size 1 over the token pool.
+
+Each step is planned once (host-side index arrays) and every layer reuses the plan. A step that only
+decodes uses the decode kernel; any step with prompt tokens uses the causal paged prefill kernel over
+prefix + new tokens (the new tokens' KV is written to the pool first), so cached prefixes need nothing
+special. CUDA-graph decode keeps one decode wrapper per captured batch size with fixed index buffers.
+"""
+
+from __future__ import annotations
+
+import flashinfer
+import torch
+
+from scheduler_proc.attention.base import AttentionBackend
+from scheduler_proc.batch import ForwardBatch
+from scheduler_proc.kv_pool import KVPool
+
+_WORKSPACE_BYTES = 256 << 20
+
+
+class FlashInferBackend(AttentionBackend):
+    def __init__(self, pool: KVPool, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
+        super().__init__(pool)
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        device = pool.device
+        self.workspace = torch.empty(_WORKSPACE_BYTES, dtype=torch.uint8, device=device)
+        # Tensor-core decode pays off once several query heads share a KV head.
+        self.decode_tensor_cores = num_heads // num_kv_heads >= 4
+        self.prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD")
+        self.decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+            self.workspace, "NHD", use_tensor_cores=self.decode_tensor_cores
+        )
+        self.graph_decoders: dict[int, flashinfer.BatchDecodeWithPagedKVCacheWrapper] = {}
+        self.graph_indices: torch.Tensor | None = None  # shared by every captured batch size
+        self.active = self.decode
+        self.out_cache_loc: torch.Tensor | None = None
+        self.ones = torch.ones(pool.max_requests + 1024, dtype=torch.int32)
+
+    # ---- planning ----
+
+    def kv_indices(self, req_pool_indices: torch.Tensor, seq_lens_cpu: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(kv_indptr on host, kv slot indices on device) of the batch's sequences, without a sync."""
+        seq_lens = torch.tensor(seq_lens_cpu, dtype=torch.int32)
+        indptr = torch.zeros(len(seq_lens_cpu) + 1, dtype=torch.int32)
+        torch.cumsum(seq_lens, 0, out=indptr[1:])
+        total = int(indptr[-1])
+        device = self.pool.device
+        lens = seq_lens.to(device, non_blocking=True)
+        seq_of_token = torch.repeat_interleave(torch.arange(len(seq_lens_cpu), device=device), lens, output_size=total)
+        starts = indptr[:-1].to(device, non_blocking=True)
+        offsets = torch.arange(total, device=device) - starts[seq_of_token]
+        indices = self.pool.req_to_token[req_pool_indices[seq_of_token], offsets]
+        return indptr, indices
+
+    def plan(self, batch: ForwardBatch) -> None:
+        self.out_cache_loc = batch.out_cache_loc
+        indptr, indices = self.kv_indices(batch.req_pool_indices, batch.seq_lens_cpu)
+        self._plan_with(batch, indptr, indices, self.decode if batch.is_decode else None)
+
+    def plan_graph(self, batch: ForwardBatch, padded: int) -> None:
+        """Plan a decode step replayed in the CUDA graph of batch size `padded` (rows past B read slot 0)."""
+        self.out_cache_loc = batch.out_cache_loc
+        indptr, indices = self.kv_indices(batch.req_pool_indices[: batch.batch_size], batch.seq_lens_cpu)
+        pad = padded - batch.batch_size
+        if pad:
+            indptr = torch.cat([indptr, indptr[-1] + torch.arange(1, pad + 1, dtype=torch.int32)])
+            indices = torch.cat([indices, torch.zeros(pad, dtype=indices.dtype, device=indices.device)])
+        self._plan_with(batch, indptr, indices, self.graph_decoders[padded])
+
+    def _plan_with(self, batch: ForwardBatch, indptr: torch.Tensor, indices: torch.Tensor, decoder) -> None:
+        dtype = self.pool.k_buffer.dtype
+        last_page_len = self.ones[: len(indptr) - 1]
+        if decoder is not None:
+            decoder.plan(indptr, indices.to(torch.int32), last_page_len, self.num_heads, self.num_kv_heads,
+                         self.head_dim, 1, q_data_type=dtype, kv_data_type=dtype)  # fmt: skip
+            self.active = decoder
+            return
+        qo_indptr = torch.zeros(batch.batch_size + 1, dtype=torch.int32)
+        torch.cumsum(torch.tensor(batch.extend_lens_cpu, dtype=torch.int32), 0, out=qo_indptr[1:])
+        self.prefill.plan(qo_indptr, indptr, indices.to(torch.int32), last_page_len, self.num_heads,
+                          self.num_kv_heads, self.head_dim, 1, causal=True, q_data_type=dtype,
+                          kv_data_type=dtype)  # fmt: skip
+        self.active = self.prefill
+
+    # ---- CUDA graphs ----
+
+    def make_graph_decoder(self, batch_size: int, max_batch_size: int) -> None:
+        device = self.pool.device
+        if self.graph_indices is None:
+            self.graph_indices = torch.zeros(self.pool.num_slots + max_batch_size, dtype=torch.int32, device=device)
+        self.graph_decoders[batch_size] = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+            self.workspace,
+            "NHD",
+            use_cuda_graph=True,
+            use_tensor_cores=self.decode_tensor_cores,
+            paged_kv_indptr_buffer=torch.zeros(batch_size + 1, dtype=torch.int32, device=device),
+            paged_kv_indices_buffer=self.graph_indices,
+            paged_kv_last_page_len_buffer=torch.ones(batch_size, dtype=torch.int32, device=device),
+        )
+
+    # ---- per layer ----
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int) -> torch.Tensor:
+        k_buf, v_buf = self.pool.k_buffer[layer_id], self.pool.v_buffer[layer_id]
+        k_buf[self.out_cache_loc] = k
+        v_buf[self.out_cache_loc] = v
+        kv = (k_buf.unsqueeze(1), v_buf.unsqueeze(1))  # [slots, page_size=1, Hkv, D]
+        out = self.active.run(q, kv)
+        return out.reshape(q.shape[0], -1)

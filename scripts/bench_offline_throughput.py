@@ -1,0 +1,8 @@
+"""Offline throughput benchmark; see `python scripts/bench_offline_throughput.py --help` (same as python -m engine.bench)."""
+
+import sys
+
+from engine.bench import main
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Download, on a machine with PyPI, the wheels the GPU device machine lacks (Python 3.12, manylinux x86-64)
+# into .whl/ (git-ignored). The device already has torch, transformers, numpy, safetensors, tokenizers.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+mkdir -p .whl
+get() {
+  python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64 \
+    --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux1_x86_64 \
+    --platform any -d .whl "$@"
+}
+get flashinfer-python==0.5.3 apache-tvm-ffi nvidia-cudnn-frontend
+get pyzmq msgspec uvloop gguf tqdm
+ls -la .whl
