@@ -25,7 +25,7 @@ _GPU_RESERVE_BYTES = 2 << 30  # activations, sampling temporaries and workspaces
 class ModelRunner:
     def __init__(self, args: EngineArgs) -> None:
         self.args = args
-        self.device = torch.device(args.device)
+        self.device = torch.device("cuda", 0) if args.device == "cuda" else torch.device(args.device)
         self.dtype = getattr(torch, args.dtype)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
