@@ -11,7 +11,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-from scheduler_proc.test_gpu import _hf_copy, _peak_lm_head, _prefill_logits, _runner  # noqa: E402
+from gpu_reference import hf_copy, peak_lm_head, prefill_logits, runner_for  # noqa: E402
 
 
 def compare(name: str, a: torch.Tensor, b: torch.Tensor) -> str:
@@ -25,12 +25,12 @@ def main() -> None:
     p.add_argument("--config", default="qwen2.5-0.5b")
     p.add_argument("--backend", default="flashinfer")
     args = p.parse_args()
-    runner = _runner(args.config, disable_cuda_graph=True, attention_backend=args.backend)
-    _peak_lm_head(runner)
-    hf = _hf_copy(runner)
+    runner = runner_for(args.config, disable_cuda_graph=True, attention_backend=args.backend)
+    peak_lm_head(runner)
+    hf = hf_copy(runner)
     rng = random.Random(0)
     prompts = [[rng.randint(0, 10000) for _ in range(n)] for n in (250, 250, 250, 260)]
-    ours = _prefill_logits(runner, prompts).float().split([len(x) for x in prompts])
+    ours = prefill_logits(runner, prompts).float().split([len(x) for x in prompts])
     with torch.inference_mode():
         ref16 = [hf(torch.tensor([x], device="cuda")).logits[0].float() for x in prompts]
         hf.float()

@@ -1,0 +1,69 @@
+"""Helpers for GPU parity checks: a ModelRunner on a shipped config with random weights, an HF model
+holding the same weights, and prefill logits of every prompt position."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs")
+
+
+def runner_for(name: str, **settings):
+    from engine.args import EngineArgs
+    from scheduler_proc.model_runner import ModelRunner
+
+    args = EngineArgs(model_path=os.path.join(CONFIGS, name), load_format="dummy", device="cuda",
+                      context_length=4096, max_running_requests=64, mem_fraction_static=0.5,
+                      **settings).resolve()  # fmt: skip
+    return ModelRunner(args)
+
+
+def hf_copy(runner):
+    """An HF model holding exactly the runner's weights (q|k|v and gate|up split back apart)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(runner.args.model_path)
+    with torch.device("cuda"):
+        hf = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa").eval()
+    hf_params = dict(hf.named_parameters())
+    with torch.no_grad():
+        for name, param in runner.model.named_parameters():
+            if "qkv_proj" in name or "gate_up_proj" in name:
+                module = runner.model.get_submodule(name.rsplit(".", 1)[0])
+                kind = name.rsplit(".", 1)[1]
+                parts = ["q_proj", "k_proj", "v_proj"] if "qkv_proj" in name else ["gate_proj", "up_proj"]
+                for i, part in enumerate(parts):
+                    target = name.replace("qkv_proj" if "qkv" in name else "gate_up_proj", part)
+                    hf_params[target].copy_(param[module.offsets[i] : module.offsets[i + 1]])
+            elif name in hf_params:
+                hf_params[name].copy_(param)
+        if not config.tie_word_embeddings:
+            hf.lm_head.weight.copy_(runner.model.lm_head.weight)
+    return hf
+
+
+def peak_lm_head(runner):
+    # Random weights give flat next-token distributions whose top-2 sit within bf16 noise; a sharper
+    # head makes "top-1 agreement" measure the kernels, not coin flips between near-ties.
+    with torch.no_grad():
+        runner.model.lm_head.weight.mul_(8.0)
+
+
+def prefill_logits(runner, prompts):
+    from engine.protocol import GenerateRequest
+    from engine.sampling import SamplingParams
+    from scheduler_proc.request import Request
+    from scheduler_proc.step import build_step
+
+    entries = []
+    for i, ids in enumerate(prompts):
+        req = Request(GenerateRequest(rid=str(i), input_ids=ids, sampling=SamplingParams(max_new_tokens=1),
+                                      return_logprob=True, logprob_start_len=0), seed=0)  # fmt: skip
+        req.row = runner.pool.alloc_row()
+        entries.append((req, len(ids)))
+    step = build_step(entries, runner.pool, [])
+    step.batch.logit_rows = torch.arange(sum(len(p) for p in prompts), device="cuda")
+    _, logits = runner.forward(step.batch)
+    return logits
