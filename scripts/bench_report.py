@@ -1,0 +1,73 @@
+"""Regenerate the results tables of docs/benchmarks.md from the JSON lines under docs/bench/.
+
+Usage: python scripts/bench_report.py  (rewrites the part of docs/benchmarks.md between the markers)
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+DOC = os.path.join(ROOT, "docs", "benchmarks.md")
+BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+
+# mini-sglang on the device's H100 (../shared/PERF_ANCHORS.md), output tok/s.
+MINI_SGLANG = {
+    ("qwen2.5-0.5b", "nanovllm"): 16019, ("qwen2.5-0.5b", "512x256"): 25923, ("qwen2.5-0.5b", "decode-heavy"): 25656,
+    ("qwen3-0.6b", "nanovllm"): 17043, ("qwen3-0.6b", "512x256"): 22502, ("qwen3-0.6b", "decode-heavy"): 24685,
+    ("llama-3.1-8b", "nanovllm"): 6662, ("llama-3.1-8b", "512x256"): 9016, ("llama-3.1-8b", "decode-heavy"): 14637,
+}  # fmt: skip
+
+
+def load() -> list[dict]:
+    rows = []
+    for path in sorted(glob.glob(os.path.join(ROOT, "docs", "bench", "*.jsonl"))):
+        with open(path) as f:
+            for line in f:
+                if line.strip():
+                    row = json.loads(line)
+                    row["_file"] = os.path.relpath(path, ROOT)
+                    rows.append(row)
+    return rows
+
+
+def model_name(row: dict) -> str:
+    return os.path.basename(os.path.normpath(row.get("model_path") or "smollm2-135m"))
+
+
+def table(rows: list[dict]) -> str:
+    lines = [
+        "| model | workload | device | ferry out tok/s | mini-sglang (H100) | ratio | HF out tok/s | ferry/HF "
+        "| floor tok/s | of floor | settings | date | commit | source |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        name, ferry = model_name(r), r["ferry"]
+        anchor = MINI_SGLANG.get((name, r["workload"]))
+        hf = r.get("hf", {}).get("output_tok_s")
+        roof = r.get("roofline", {})
+        settings = " ".join(f"{k}={v}" for k, v in r.get("engine_settings", {}).items())
+        cells = [
+            name, r["workload"], ferry.get("device", ""), f"{ferry['output_tok_s']:,.0f}",
+            f"{anchor:,}" if anchor else "", f"{ferry['output_tok_s'] / anchor:.2f}x" if anchor else "",
+            f"{hf:,.0f}" if hf else "", f"{r['ferry_over_hf']:.1f}x" if hf else "",
+            f"{roof['floor_output_tok_s']:,.0f}" if roof else "", f"{roof['fraction_of_floor']:.0%}" if roof else "",
+            settings, r.get("date", ""), r.get("commit") or r.get("tag", ""), r["_file"],
+        ]  # fmt: skip
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    with open(DOC) as f:
+        text = f.read()
+    head, rest = text.split(BEGIN)
+    _, tail = rest.split(END)
+    with open(DOC, "w") as f:
+        f.write(f"{head}{BEGIN}\n{table(load())}\n{END}{tail}")
+
+
+if __name__ == "__main__":
+    main()
