@@ -26,7 +26,7 @@ def hf_copy(runner):
 
     config = AutoConfig.from_pretrained(runner.args.model_path)
     with torch.device("cuda"):
-        hf = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa").eval()
+        hf = AutoModelForCausalLM.from_config(config, dtype=runner.dtype, attn_implementation="sdpa").eval()
     hf_params = dict(hf.named_parameters())
     with torch.no_grad():
         for name, param in runner.model.named_parameters():
