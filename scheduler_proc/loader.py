@@ -56,12 +56,17 @@ def iter_safetensors(model_dir: str) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 def _random_weights(model: CausalLM, seed: int) -> None:
-    """Small random weights, the same for a given seed: for speed work without a checkpoint."""
+    """Random weights, the same for a given seed: for speed work without a checkpoint. Scaled by
+    1/sqrt(fan_in) so activations keep their size through every layer, as in a trained model: with a
+    fixed small std a deep, wide model's activations grow layer by layer and bf16 rounding decides its
+    outputs, which would make parity checks against HF measure chaos instead of kernels."""
     generator = None
     for name, param in model.named_parameters():
         if generator is None:
             generator = torch.Generator(device=param.device).manual_seed(seed)
         if "norm" in name:
             param.data.fill_(1.0)
+        elif param.dim() == 1:
+            param.data.zero_()
         else:
-            param.data.normal_(0.0, 0.02, generator=generator)
+            param.data.normal_(0.0, param.shape[1] ** -0.5, generator=generator)
