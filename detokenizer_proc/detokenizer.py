@@ -11,6 +11,7 @@ from engine.ipc import Endpoints, pull_socket, push_socket
 from engine.protocol import Codec, ProcessReady, TextBatch, TokenBatch
 
 from detokenizer_proc.incremental import DecodeState
+from detokenizer_proc.text import TextDecoder
 
 logger = logging.getLogger(__name__)
 
@@ -20,6 +21,7 @@ class Detokenizer:
 
     def __init__(self, tokenizer) -> None:
         self.tokenizer = tokenizer
+        self.decoder = TextDecoder(tokenizer)
         self.states: dict[str, DecodeState] = {}
 
     def process(self, batch: TokenBatch) -> TextBatch:
@@ -50,11 +52,8 @@ class Detokenizer:
             groups.setdefault(key, []).append(i)
         for (skip, spaces), members in groups.items():
             windows = [states[i].windows() for i in members]
-            kwargs = {"skip_special_tokens": skip}
-            if not spaces:
-                kwargs["spaces_between_special_tokens"] = False
-            prefix_texts = self.tokenizer.batch_decode([w[0] for w in windows], **kwargs)
-            full_texts = self.tokenizer.batch_decode([w[1] for w in windows], **kwargs)
+            prefix_texts = self.decoder.decode([w[0] for w in windows], skip, spaces)
+            full_texts = self.decoder.decode([w[1] for w in windows], skip, spaces)
             for i, prefix_text, full_text in zip(members, prefix_texts, full_texts):
                 states[i].advance(prefix_text, full_text, final=batch.finish[i] is not None)
         deltas = []

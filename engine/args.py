@@ -16,6 +16,7 @@ _DEVICES = ("auto", "cpu", "cuda")
 _LOAD_FORMATS = ("auto", "dummy")
 _ATTENTION_BACKENDS = ("auto", "torch", "flashinfer")
 _LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+_SCHEDULE_POLICIES = ("lpm", "fcfs")  # lpm without the prefix cache is fcfs (every match is empty)
 
 
 @dataclass
@@ -31,6 +32,8 @@ class EngineArgs:
     max_total_tokens: Optional[int] = None  # caps the KV pool size in tokens
     max_prefill_tokens: int = 16384  # token budget of one prefill step
     chunked_prefill_size: Optional[int] = None  # None: 8192 on GPU, 512 on CPU; -1 disables chunking
+    disable_radix_cache: bool = False  # no prefix cache: every request computes its whole prompt
+    schedule_policy: str = "lpm"  # order of waiting requests: "lpm" (longest cached prefix first) or "fcfs"
     load_format: str = "auto"  # "dummy": random weights from config.json alone
     mem_fraction_static: float = 0.85  # share of GPU memory for weights + KV pool
     cuda_graph_max_bs: int = 256  # largest decode batch captured in a CUDA graph
@@ -50,6 +53,9 @@ class EngineArgs:
         _choice("load_format", self.load_format, _LOAD_FORMATS)
         _choice("attention_backend", self.attention_backend, _ATTENTION_BACKENDS)
         _choice("log_level", self.log_level.lower(), _LOG_LEVELS)
+        _choice("schedule_policy", self.schedule_policy, _SCHEDULE_POLICIES)
+        if not isinstance(self.disable_radix_cache, bool):
+            raise ValueError(f"disable_radix_cache must be a bool, got {self.disable_radix_cache!r}")
         for name in ("context_length", "max_running_requests", "max_total_tokens"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value <= 0):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -25,8 +26,12 @@ def child_main(role: str, run: Callable[[EngineArgs, Endpoints, zmq.Context], No
     ipc_dir, parent_pid = sys.argv[1], int(sys.argv[2])
     # Ctrl-C in a terminal reaches the whole process group; the frontend decides when children stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
-    _watch_parent(parent_pid)
+    # SIGTERM (the frontend's stop) ends us at once, in the kernel. A Python handler would only run
+    # when the main thread next runs bytecode, which a blocking zmq recv or a long kernel can delay
+    # for seconds (the signal may land on another thread). Set explicitly: a caller that ignores
+    # SIGTERM would otherwise pass SIG_IGN on to us.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    _watch_parent(parent_pid, ipc_dir)
     context = zmq.Context()
     endpoints = Endpoints.in_dir(ipc_dir)
     try:
@@ -51,12 +56,14 @@ def _report_error(context: zmq.Context, endpoints: Endpoints, role: str, message
     context.destroy(linger=2000)  # closes every socket, letting this message leave first
 
 
-def _watch_parent(parent_pid: int) -> None:
-    """Exit when the frontend process is gone, even if it was SIGKILLed (no orphans holding a GPU)."""
+def _watch_parent(parent_pid: int, ipc_dir: str) -> None:
+    """Exit when the frontend process is gone, even if it was SIGKILLed (no orphans holding a GPU),
+    removing the IPC directory that the frontend did not live to remove."""
 
     def watch() -> None:
         while True:
             if os.getppid() != parent_pid:
+                shutil.rmtree(ipc_dir, ignore_errors=True)
                 os._exit(1)
             time.sleep(0.25)
 

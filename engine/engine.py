@@ -12,7 +12,7 @@ from engine.args import EngineArgs, field_names
 from engine.errors import EngineError
 from engine.loop_thread import LoopThread
 from engine.processes import ChildProcesses
-from tokenizer_proc.inputs import Limits, PreparedBatch, prepare
+from tokenizer_proc.inputs import Limits, PreparedBatch, chat_prompts, prepare
 from tokenizer_proc.manager import TokenizerManager
 
 logger = logging.getLogger(__name__)
@@ -47,10 +47,11 @@ class Engine:
         from transformers import AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(self.args.tokenizer_path)
+        self._shutdown_done = False  # from here on there is something to shut down
         self._loop = LoopThread(name="ferry-frontend")
-        self._processes = ChildProcesses(self.args)
         self._closed = False
         try:
+            self._processes = ChildProcesses(self.args)
             self._manager: TokenizerManager = self._loop.run(self._make_manager())
             self._processes.start()
             info = self._loop.run(self._manager.wait_ready(self._processes.exit_status, self.args.startup_timeout))
@@ -137,20 +138,8 @@ class Engine:
         return await self.async_generate(self._chat_prompt(messages), sampling_params, **kwargs)
 
     def _chat_prompt(self, messages: Any) -> Union[str, list[str]]:
-        if not isinstance(messages, list) or not messages:
-            raise TypeError("messages must be a non-empty list of {'role', 'content'} dicts, or a list of such lists")
-        single = isinstance(messages[0], dict)
-        conversations = [messages] if single else messages
-        for conv in conversations:
-            if not isinstance(conv, list) or not all(isinstance(m, dict) and "role" in m for m in conv):
-                raise TypeError("messages must be a list of {'role', 'content'} dicts, or a list of such lists")
-        if not self.tokenizer.chat_template:
-            raise ValueError("this model's tokenizer has no chat template; use generate() with a prompt")
-        prompts = [
-            self.tokenizer.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
-            for conv in conversations
-        ]
-        return prompts[0] if single else prompts
+        self._check_open()
+        return chat_prompts(self.tokenizer, messages)
 
     def _prepare(self, prompt, input_ids, sampling_params, rid, stream, return_logprob, logprob_start_len,
                  top_logprobs_num, return_text_in_logprobs, return_hidden_states) -> PreparedBatch:  # fmt: skip
@@ -159,7 +148,7 @@ class Engine:
             return_hidden_states = self.args.return_hidden_states
         return prepare(self.tokenizer, self._limits, prompt, input_ids, sampling_params, rid, stream,
                        return_logprob, logprob_start_len, top_logprobs_num, return_text_in_logprobs,
-                       bool(return_hidden_states))  # fmt: skip
+                       return_hidden_states)  # fmt: skip
 
     async def _generate(self, batch: PreparedBatch, use_tqdm: bool) -> list[dict[str, Any]]:
         progress = None
@@ -190,6 +179,12 @@ class Engine:
         live = self._loop.run(self._manager.call("server_info"))
         return {**self.args.__dict__, **live}
 
+    def flush_cache(self) -> dict[str, Any]:
+        """Empty the prefix cache so later requests compute their prompts afresh. Only done when no
+        request is running or waiting; returns {"ok": bool, "message": str} saying what happened."""
+        self._check_open()
+        return self._loop.run(self._manager.call("flush_cache"))
+
     def _check_open(self) -> None:
         if self._closed:
             raise EngineError("the engine is shut down")
@@ -198,7 +193,7 @@ class Engine:
 
     def shutdown(self) -> None:
         """Stop the child processes and the loop thread; safe to call more than once."""
-        if getattr(self, "_processes", None) is None or getattr(self, "_shutdown_done", False):
+        if getattr(self, "_shutdown_done", True):  # already shut down, or never started
             return
         self._shutdown_done = True
         self._closed = True
@@ -208,7 +203,9 @@ class Engine:
                 self._loop.run(manager.close())
             except Exception:  # shutting down: report, but keep stopping the rest
                 logger.exception("closing the frontend failed")
-        self._processes.stop()
+        processes = getattr(self, "_processes", None)
+        if processes is not None:
+            processes.stop()
         self._loop.stop()
 
     def __enter__(self) -> "Engine":

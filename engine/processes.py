@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -50,6 +51,8 @@ class ChildProcesses:
             return None
         for role, proc in self.procs.items():
             code = proc.poll()
+            if code is not None and code < 0:
+                return f"the {role} process exited, killed by {signal.Signals(-code).name}"
             if code is not None:
                 return f"the {role} process exited with code {code}"
         return None

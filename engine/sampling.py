@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Optional
 
 import msgspec
@@ -16,13 +17,19 @@ class SamplingParams(msgspec.Struct, kw_only=True):
     - top_p, top_k, min_p: nucleus, top-k (-1 = off) and min-p filtering (defaults 1.0, -1, 0.0).
     - frequency_penalty, presence_penalty (in [-2, 2]) and repetition_penalty (in (0, 2], 1 = off):
       penalise tokens already generated, as in OpenAI's API and HF transformers respectively.
-    - stop: a string or list of strings; generation ends when one appears in the text, which is cut
-      before it unless no_stop_trim. stop_token_ids: token ids that end generation.
+    - stop: a string or list of strings; generation ends when one appears in the generated text (even
+      split across tokens), which is cut before it unless no_stop_trim; finish_reason.matched names it.
+    - stop_token_ids: token ids that end generation (finish_reason.matched is the id; the token stays in
+      output_ids, and in the text unless it is a special token that skip_special_tokens drops).
     - ignore_eos: keep generating past the end-of-sequence token.
-    - skip_special_tokens, spaces_between_special_tokens: how ids become text.
-    - n: number of samples of the prompt (each returned as its own output).
-    - seed: the same seed gives the same tokens, alone or in any batch.
-    - logit_bias: {token_id: bias} added to the logits before sampling.
+    - skip_special_tokens: drop special tokens from the text (default True).
+    - spaces_between_special_tokens: False joins added/special tokens and the text around them with
+      no space, as HF's slow tokenizers do; True (default) keeps the tokenizer's own decoding.
+    - n: number of samples of the prompt, each returned as its own output (prompt-major for a list).
+    - seed: the same prompt, parameters and seed give the same tokens, alone or in any batch; with n > 1
+      sample 0 uses the seed itself and the others seeds derived from it.
+    - logit_bias: {token_id: bias} added to the raw logits before penalties and sampling; -inf bans.
+    Logprobs, when asked, are taken before all of these (log-softmax of the raw logits).
     """
 
     max_new_tokens: int = 128
@@ -119,14 +126,22 @@ def _check_logit_bias(value: Any) -> Optional[dict[int, float]]:
         raise TypeError(f"sampling_params.logit_bias must be a dict of token id -> bias, got {value!r}")
     bias: dict[int, float] = {}
     for key, b in value.items():
-        try:
-            token = int(key)  # JSON callers send string keys
-        except (TypeError, ValueError):
-            raise TypeError(f"sampling_params.logit_bias key {key!r} is not a token id") from None
+        token = _token_key(key)
+        if token is None:
+            raise TypeError(f"sampling_params.logit_bias key {key!r} is not a token id")
         if isinstance(b, bool) or not isinstance(b, (int, float)):
             raise TypeError(f"sampling_params.logit_bias[{key!r}] must be a number, got {b!r}")
         bias[token] = float(b)
     return bias
+
+
+def _token_key(key: Any) -> Optional[int]:
+    """A logit_bias key as a token id: an int, or its decimal string (JSON callers send string keys)."""
+    if isinstance(key, int) and not isinstance(key, bool):
+        return key
+    if isinstance(key, str) and key.strip().lstrip("-").isdigit():
+        return int(key)
+    return None
 
 
 def _check_ranges(p: SamplingParams, vocab_size: int) -> None:
@@ -137,8 +152,8 @@ def _check_ranges(p: SamplingParams, vocab_size: int) -> None:
         raise bad("max_new_tokens", p.max_new_tokens, ">= 0")
     if p.min_new_tokens < 0 or p.min_new_tokens > p.max_new_tokens:
         raise bad("min_new_tokens", p.min_new_tokens, f"in [0, max_new_tokens={p.max_new_tokens}]")
-    if not p.temperature >= 0.0:
-        raise bad("temperature", p.temperature, ">= 0")
+    if not 0.0 <= p.temperature < math.inf:
+        raise bad("temperature", p.temperature, "a finite number >= 0")
     if not 0.0 < p.top_p <= 1.0:
         raise bad("top_p", p.top_p, "in (0, 1]")
     if p.top_k == 0 or p.top_k < -1:
@@ -152,9 +167,13 @@ def _check_ranges(p: SamplingParams, vocab_size: int) -> None:
         raise bad("repetition_penalty", p.repetition_penalty, "in (0, 2]")
     if p.n < 1:
         raise bad("n", p.n, ">= 1")
+    if p.seed is not None and not -(1 << 63) <= p.seed < 1 << 63:
+        raise bad("seed", p.seed, "a 64-bit int")
     for token in p.stop_token_ids:
         if not 0 <= token < vocab_size:
             raise bad("stop_token_ids", token, f"a token id in [0, {vocab_size})")
-    for token in p.logit_bias or {}:
+    for token, value in (p.logit_bias or {}).items():
         if not 0 <= token < vocab_size:
             raise bad("logit_bias", token, f"keyed by token ids in [0, {vocab_size})")
+        if not -math.inf <= value < math.inf:  # -inf bans a token; +inf or NaN would poison the softmax
+            raise bad(f"logit_bias[{token}]", value, "a finite number or -inf")

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from typing import Optional
 
+from detokenizer_proc.text import TextDecoder
 from engine.args import EngineArgs, read_model_config
 from engine.protocol import FinishReason
 from scheduler_proc.request import Request
+
+logger = logging.getLogger(__name__)
 
 
 class FinishChecker:
@@ -16,11 +20,22 @@ class FinishChecker:
         from transformers import AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_path)
+        self.decoder = TextDecoder(self.tokenizer)  # the detokenizer's decoding, so both see the same text
         self.context_length = args.context_length
         self.eos_ids = sorted(_eos_ids(args.model_path, self.tokenizer))
 
     def check(self, req: Request) -> Optional[FinishReason]:
-        """Called after each new token; stop conditions wait for min_new_tokens."""
+        """Called after each new token; stop conditions wait for min_new_tokens. A failure while
+        checking one request (or one recorded earlier in its step) ends that request alone."""
+        if req.error is None:
+            try:
+                return self._check(req)
+            except Exception as exc:
+                logger.exception("finish check of request %s failed", req.rid)
+                req.error = f"{type(exc).__name__}: {exc}"
+        return FinishReason(type="abort", message=f"internal error: {req.error}")
+
+    def _check(self, req: Request) -> Optional[FinishReason]:
         params = req.sampling
         token = req.output_ids[-1]
         count = len(req.output_ids)
@@ -38,9 +53,9 @@ class FinishChecker:
         return None
 
     def _stop_string(self, req: Request) -> Optional[str]:
-        tail = self.tokenizer.decode(
-            req.output_ids[-req.stop_window :], skip_special_tokens=req.sampling.skip_special_tokens
-        )
+        params = req.sampling
+        tail_ids = req.output_ids[-req.stop_window :]
+        tail = self.decoder.decode([tail_ids], params.skip_special_tokens, params.spaces_between_special_tokens)[0]
         found = [(tail.find(s), s) for s in req.sampling.stop if s in tail]
         return min(found)[1] if found else None
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 
@@ -19,8 +19,13 @@ class Request:
         self.seed = seed
         self.row: Optional[int] = None  # row of req_to_token while admitted
         self.kv_len = 0  # tokens whose KV is in the pool
-        self.cached_tokens = 0  # prompt tokens found in the prefix cache
+        self.cached_tokens = 0  # prompt tokens found in the prefix cache at first admission
+        self.shared_len = 0  # leading KV slots owned by the prefix cache: never freed by this request
+        self.cache_node: Any = None  # prefix-cache node ending the path this request locks
+        self.retracted = False  # sent back to the waiting queue at least once (KV ran short)
+        self.replay_until = 0  # positions below this were computed before a retraction: extras went out
         self.finish: Optional[FinishReason] = None
+        self.error: Optional[str] = None  # a failure of this request alone; it ends at its next check
         self.announced = False  # the detokenizer has its DetokenizeSpec
         self.new_ids: list[int] = []  # generated since the last TokenBatch
         self.extras: Optional[ReqExtras] = None  # logprobs / hidden states since the last TokenBatch
@@ -35,7 +40,9 @@ class Request:
 
     @property
     def prefilling(self) -> bool:
-        return self.kv_len < len(self.input_ids)
+        """Computing tokens it already has (its prompt; prompt + output after a retraction), as
+        opposed to decoding its last sampled token."""
+        return self.kv_len < self.num_tokens - (1 if self.output_ids else 0)
 
     def tokens(self, start: int, end: int) -> list[int]:
         """Tokens [start, end) of prompt + output."""
@@ -44,9 +51,20 @@ class Request:
             return self.input_ids[start:end]
         return self.input_ids[start:] + self.output_ids[max(0, start - n) : end - n]
 
-    def kv_still_needed(self) -> int:
-        """Upper bound of the KV slots this request may still allocate."""
-        return len(self.input_ids) + self.sampling.max_new_tokens - self.kv_len
+    def max_kv_tokens(self) -> int:
+        """KV slots this request holds at most: prompt + max_new_tokens."""
+        return len(self.input_ids) + self.sampling.max_new_tokens
+
+    def max_prefix_len(self) -> int:
+        """Leading tokens that may come from the prefix cache: never the last one (its logits are
+        needed), nor positions whose per-token outputs (input logprobs, prompt hidden states) are
+        still owed."""
+        owed_from = self.num_tokens
+        if self.msg.return_hidden_states:
+            owed_from = 0
+        elif self.msg.return_logprob and self.msg.logprob_start_len >= 0:
+            owed_from = max(self.msg.logprob_start_len, 1) - 1  # the position scoring the first asked token
+        return max(0, min(self.num_tokens - 1, max(owed_from, self.replay_until)))
 
     def detokenize_spec(self) -> DetokenizeSpec:
         s = self.sampling

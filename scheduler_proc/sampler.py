@@ -8,7 +8,7 @@ request's samples depend on its seed and position alone, never on which batch it
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
@@ -32,6 +32,7 @@ class SamplingBatch:
     positions: torch.Tensor  # [S] position of the token being sampled: the RNG counter
     all_greedy: bool
     any_penalty: bool
+    any_filter: bool = True  # some row uses top_k, top_p or min_p
     bias: list[tuple[int, int, float]] = field(default_factory=list)  # (batch index, token, bias)
     banned: list[tuple[int, int]] = field(default_factory=list)  # (batch index, token): min_new_tokens
 
@@ -58,10 +59,13 @@ class SamplingState:
         self._output_counts: Optional[torch.Tensor] = None  # [rows, V] int32, made on first use
         self._seen: Optional[torch.Tensor] = None  # [rows, V] bool: prompt or output tokens
 
-    def admit(self, row: int, params: SamplingParams, seed: int, prompt_ids: list[int]) -> None:
+    def admit(self, row: int, params: SamplingParams, seed: int, prompt_ids: list[int],
+              output_ids: Sequence[int] = ()) -> None:  # fmt: skip
+        """Write a request's parameters into its row; output_ids: tokens it generated before a
+        retraction, counted again so penalties resume where they were."""
         self.temperature[row] = params.temperature
         self.top_p[row] = params.top_p
-        self.top_k[row] = params.top_k if params.top_k > 0 else self.vocab_size
+        self.top_k[row] = min(params.top_k, self.vocab_size) if params.top_k > 0 else self.vocab_size
         self.min_p[row] = params.min_p
         self.seed[row] = seed
         self.frequency_penalty[row] = params.frequency_penalty
@@ -72,6 +76,10 @@ class SamplingState:
             counts[row].zero_()
             seen[row].zero_()
             seen[row, torch.tensor(prompt_ids, dtype=torch.int64, device=self.device)] = True
+            if output_ids:
+                ids = torch.tensor(list(output_ids), dtype=torch.int64, device=self.device)
+                counts[row].index_add_(0, ids, torch.ones_like(ids, dtype=counts.dtype))
+                seen[row, ids] = True
 
     def record(self, rows: torch.Tensor, token_ids: torch.Tensor) -> None:
         """Count sampled tokens for requests that use penalties (rows with neutral values cost nothing)."""
@@ -102,10 +110,13 @@ class SamplingState:
         temperature = self.temperature[batch.rows]
         greedy = temperature == 0.0
         probs = torch.softmax(logits / torch.where(greedy, 1.0, temperature)[:, None], dim=-1)
-        probs = self._filter(probs, batch.rows)
-        noise = _uniform_noise(self.seed[batch.rows], batch.positions, logits.shape[1])
-        # Exponential race: argmax(p / E), E ~ Exp(1), picks token i with probability p_i.
-        sampled = (probs / (-torch.log1p(-noise)).clamp_min(1e-30)).argmax(dim=-1)
+        if batch.any_filter:
+            probs = self._filter(probs, batch.rows)
+        # Inverse CDF with one uniform per row: token i is picked with probability p_i, and a
+        # zero-probability token never (the CDF does not rise there).
+        cdf = probs.cumsum(dim=-1)
+        target = _row_uniform(self.seed[batch.rows], batch.positions) * cdf[:, -1]
+        sampled = torch.searchsorted(cdf, target[:, None], right=True)[:, 0].clamp_(max=logits.shape[1] - 1)
         return torch.where(greedy, logits.argmax(dim=-1), sampled)
 
     def _apply_penalties(self, logits: torch.Tensor, rows: torch.Tensor) -> None:
@@ -126,11 +137,10 @@ class SamplingState:
         return torch.zeros_like(probs).scatter_(-1, order, sorted_probs.masked_fill(drop, 0.0))
 
 
-def _uniform_noise(seeds: torch.Tensor, positions: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """Uniform [0, 1) per (row, token) from a splitmix64-style hash of (seed, position, token id)."""
-    token = torch.arange(vocab_size, dtype=torch.int64, device=seeds.device)
-    z = (seeds * _MIX1 + positions.to(torch.int64) * _GOLDEN)[:, None] + token[None, :] * _GOLDEN
+def _row_uniform(seeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Uniform [0, 1) per row from a splitmix64-style hash of (seed, position): the RNG counter."""
+    z = seeds * _MIX1 + positions.to(torch.int64) * _GOLDEN
     z = (z ^ (z >> 30)) * _MIX1
     z = (z ^ (z >> 27)) * _MIX2
-    z = z ^ (z >> 31)
-    return ((z >> 11) & _MASK53).to(torch.float64).div_(float(1 << 53)).to(torch.float32)
+    z = z ^ (z >> 31)  # torch shifts are arithmetic: this clears the sign bit, so take the low 53 bits
+    return (z & _MASK53).to(torch.float64).div_(float(1 << 53)).to(torch.float32)

@@ -1,7 +1,10 @@
 """The scheduler's event loop: receive requests, pick the next step's tokens, run it, send the tokens.
 
 Every step is one forward pass over all running requests: decoding requests add one token each and
-requests still prefilling add a chunk of their prompt, so long prompts never stall decoding.
+requests still prefilling add a chunk of their prompt, so long prompts never stall decoding. Waiting
+requests are admitted while the KV pool is expected to hold them (policy.py), starting from their
+longest cached prefix (cache_manager.py); when a step would not fit after all, the requests with the
+least progress are retracted to the waiting queue, keeping their tokens, and resume later.
 """
 
 from __future__ import annotations
@@ -27,12 +30,17 @@ from engine.protocol import (
     SchedulerInput,
     TokenBatch,
 )
+from scheduler_proc.cache_manager import CacheManager
 from scheduler_proc.finish import FinishChecker
 from scheduler_proc.model_runner import ModelRunner
+from scheduler_proc.policy import NewTokenEstimate, order_waiting, waits_for_shared_prefix
+from scheduler_proc.radix_cache import create_prefix_cache
 from scheduler_proc.request import Request
 from scheduler_proc.step import Step, build_step, read_step_outputs
 
 logger = logging.getLogger(__name__)
+
+_RETRACT_HEADROOM_STEPS = 4  # retract until the rest can decode this many steps: one retraction a step would thrash
 
 
 class Scheduler:
@@ -53,6 +61,9 @@ class Scheduler:
         limit = args.chunked_prefill_size if args.chunked_prefill_size > 0 else None
         self.step_prefill_tokens = min(args.max_prefill_tokens, limit) if limit else args.max_prefill_tokens
         self.chunking = limit is not None
+        self.cache = CacheManager(self.pool, create_prefix_cache(args.disable_radix_cache, self.pool))
+        self.estimate = NewTokenEstimate()
+        self.num_retractions = 0
 
     # ---- the loop ----
 
@@ -87,59 +98,137 @@ class Scheduler:
     def control(self, msg: ControlRequest) -> ControlReply:
         if msg.op == "server_info":
             return ControlReply(call_id=msg.call_id, ok=True, payload=self.server_info())
+        if msg.op == "flush_cache":
+            return ControlReply(call_id=msg.call_id, ok=True, payload=self.flush_cache())
         return ControlReply(call_id=msg.call_id, ok=False, payload={"error": f"unknown op {msg.op!r}"})
 
     def server_info(self) -> dict[str, Any]:
         return self.runner.info() | {
             "kv_free_tokens": self.pool.num_free_slots(),
+            "kv_cached_tokens": self.cache.cached_tokens(),  # held by the prefix cache, evictable
             "num_running": len(self.running),
             "num_waiting": len(self.waiting),
+            "num_retractions": self.num_retractions,
         }
+
+    def flush_cache(self) -> dict[str, Any]:
+        """Empty the prefix cache, only when no request is running or waiting."""
+        if self.running or self.waiting:
+            message = f"not flushed: {len(self.running)} running and {len(self.waiting)} waiting requests"
+            return {"ok": False, "message": message}
+        freed = self.cache.flush()
+        logger.info("prefix cache flushed: %d tokens freed", freed)
+        return {"ok": True, "message": f"flushed the prefix cache ({freed} tokens freed)"}
 
     # ---- scheduling ----
 
     def schedule(self) -> Optional[Step]:
-        """Every running request gets its next tokens; waiting requests join while KV and budget allow."""
+        """Every running request gets its next tokens; waiting requests join while rows, the step's
+        token budget and the KV estimate allow."""
+        if not self.running and not self.waiting:
+            self.estimate.idle()
+            return None
+        self.retract_if_short()
+        entries, budget = self.running_entries()
+        self.admit_waiting(entries, budget)
+        self.flush_outputs()  # requests refused at admission
+        if not entries:
+            if len(self.running) > 1:  # none can advance (the estimate was off): free room rather than spin
+                self.retract(min(self.running, key=_progress), "no request can advance")
+            return None
+        self.cache.make_free(sum(n for _, n in entries))
+        return build_step(entries, self.pool, self.finish_checker.eos_ids)
+
+    def running_entries(self) -> tuple[list[tuple[Request, int]], int]:
+        """(request, new tokens) of the running requests: one to decode, or the next chunk of what it
+        still has to prefill as far as the step's budget and the KV pool allow; and the budget left."""
         entries: list[tuple[Request, int]] = []
         budget = self.step_prefill_tokens
+        room = self.cache.available() - sum(1 for r in self.running if not r.prefilling)
         for req in self.running:
-            if req.prefilling:
-                n = min(len(req.input_ids) - req.kv_len, budget) if self.chunking else len(req.input_ids) - req.kv_len
-                if n > 0:
-                    entries.append((req, n))
-                    budget -= n
-            else:
+            if not req.prefilling:
                 entries.append((req, 1))
-        reserved = sum(r.kv_still_needed() for r in self.running)
-        while self.waiting and budget > 0 and self.pool.num_free_rows() > 0:
-            req = self.waiting[0]
-            need = req.kv_still_needed()
-            if need > self.pool.capacity:
-                self.waiting.popleft()
+                continue
+            remaining = req.num_tokens - req.kv_len
+            n = min(remaining, budget, room) if self.chunking else (remaining if remaining <= room else 0)
+            if n > 0:
+                entries.append((req, n))
+                budget -= n
+                room -= n
+        return entries, budget
+
+    def admit_waiting(self, entries: list[tuple[Request, int]], budget: int) -> None:
+        """Admit waiting requests (policy order) from their cached prefix, adding their first chunk to
+        entries, while the KV pool is expected to hold them beside what running requests will need."""
+        if not self.waiting or budget <= 0 or self.pool.num_free_rows() == 0:
+            return
+        reserved = sum(self.estimate.reserved(r) for r in self.running)
+        prefilling = [r for r in self.running if r.prefilling]
+        for req, match in order_waiting(self.waiting, self.args.schedule_policy, self.cache.match):
+            if budget <= 0 or self.pool.num_free_rows() == 0:
+                break
+            if req.max_kv_tokens() > self.pool.capacity:
+                self.waiting.remove(req)
                 self.finish(req, FinishReason(type="abort", message=(
                     f"prompt ({len(req.input_ids)} tokens) + max_new_tokens ({req.sampling.max_new_tokens}) "
                     f"exceeds the KV pool ({self.pool.capacity} tokens)")))  # fmt: skip
                 continue
-            if self.pool.num_free_slots() - reserved < need:
-                break  # admitted requests may still need all their reserved slots
-            if not self.chunking and entries and len(req.input_ids) > budget:
+            match = match if match is not None else self.cache.match(req)
+            if self.cache.enabled and waits_for_shared_prefix(req, len(match), prefilling):
+                continue
+            extend = req.num_tokens - len(match)
+            if not self.chunking and entries and extend > budget:
                 break
-            self.waiting.popleft()
-            req.row = self.pool.alloc_row()
-            self.runner.sampling.admit(req.row, req.sampling, req.seed, req.input_ids)
+            self.cache.lock(match)  # before counting what is available: the prefix is not evictable now
+            need = extend + self.estimate.future_tokens(req)
+            if self.cache.available() - reserved < need:
+                self.cache.unlock(match)
+                break
+            self.waiting.remove(req)
+            self.cache.admit(req, match)
+            self.runner.sampling.admit(req.row, req.sampling, req.seed, req.input_ids, req.output_ids)
+            if not req.retracted:
+                req.cached_tokens = len(match)
             self.running.append(req)
-            reserved += need
-            n = min(len(req.input_ids), budget) if self.chunking else len(req.input_ids)
+            n = min(extend, budget) if self.chunking else extend
             entries.append((req, n))
             budget -= n
-        self.flush_outputs()  # requests refused at admission
-        if not entries:
-            return None
-        return build_step(entries, self.pool, self.finish_checker.eos_ids)
+            reserved += need
+            if req.prefilling:
+                prefilling.append(req)
+
+    # ---- memory pressure ----
+
+    def retract_if_short(self) -> None:
+        """When the next step's decode tokens would not fit in the KV pool even after evicting the
+        cache, retract the requests with the least progress back to the front of the waiting queue."""
+        if not self.running or self.cache.available() >= self._decode_need():
+            return
+        victims = sorted(self.running, key=_progress, reverse=True)
+        while len(self.running) > 1 and self.cache.available() < self._decode_need() * _RETRACT_HEADROOM_STEPS:
+            self.retract(victims.pop(), "KV pool full")
+        self.estimate.retracted(self.running)
+
+    def _decode_need(self) -> int:
+        """KV slots the next step needs at least: one per decoding request, one for any progress."""
+        return max(1, sum(1 for r in self.running if not r.prefilling))
+
+    def retract(self, req: Request, why: str) -> None:
+        """Send a running request back to the front of the waiting queue. It keeps its output tokens
+        and resumes where it was; its computed KV goes to the prefix cache (or is freed)."""
+        self.running.remove(req)
+        req.replay_until = max(req.replay_until, req.kv_len)
+        self.cache.release(req)
+        req.retracted = True
+        self.waiting.appendleft(req)
+        self.num_retractions += 1
+        logger.warning("retracted request %s (%s): %d of %d tokens generated; %d retractions so far", req.rid,
+                       why, len(req.output_ids), req.sampling.max_new_tokens, self.num_retractions)  # fmt: skip
 
     # ---- running a step ----
 
     def run_step(self, step: Step) -> None:
+        prefilled = [req for req, _ in step.entries if req.prefilling]
         for req, n in step.entries:
             req.kv_len += n  # the step's slots are in req_to_token now, whatever happens next
         try:
@@ -149,13 +238,15 @@ class Scheduler:
             logger.error("step failed: %s", traceback.format_exc())
             message = f"internal error: {type(exc).__name__}: {exc}"
             for req, _ in step.entries:
-                if req.finish is None:
-                    self.finish(req, FinishReason(type="abort", message=message))
+                if req.finish is None:  # this step's KV is not trusted: freed, not cached
+                    self.finish(req, FinishReason(type="abort", message=message), keep_kv=False)
             self.flush_outputs()
             return
         for (req, _), token in zip(step.entries, next_ids):
             if token is None:
-                if not req.prefilling and req.sampling.max_new_tokens == 0:
+                if req.error is not None:
+                    self.finish(req, FinishReason(type="abort", message=f"internal error: {req.error}"))
+                elif not req.prefilling and req.sampling.max_new_tokens == 0:
                     self.finish(req, FinishReason(type="length", matched=None))
                 continue
             req.output_ids.append(token)
@@ -163,14 +254,17 @@ class Scheduler:
             reason = self.finish_checker.check(req)
             if reason is not None:
                 self.finish(req, reason)
+        for req in prefilled:
+            if req.finish is None:
+                self.cache.cache_prefix(req)
+        self.estimate.step_done()
         self.flush_outputs(step)
 
-    def finish(self, req: Request, reason: FinishReason) -> None:
+    def finish(self, req: Request, reason: FinishReason, keep_kv: bool = True) -> None:
+        """req is done: its KV goes to the prefix cache (keep_kv) or back to the pool, its row is freed."""
         req.finish = reason
         if req.row is not None:
-            self.pool.free_slots(self.pool.req_to_token[req.row, : req.kv_len])
-            self.pool.free_row(req.row)
-            req.row = None
+            self.cache.release(req, keep=keep_kv)
         self._finished.append(req)
 
     def abort(self, rids: set[str], message: str) -> None:
@@ -209,3 +303,8 @@ class Scheduler:
 
 def run_scheduler(args: EngineArgs, endpoints: Endpoints, context: zmq.Context) -> None:
     Scheduler(args, endpoints, context).run_forever()
+
+
+def _progress(req: Request) -> tuple[int, int]:
+    """Retraction order: fewest generated tokens first; among those, the most KV held."""
+    return (len(req.output_ids), -req.num_tokens)

@@ -3,6 +3,7 @@ its outputs back (sampled ids, logprobs, hidden states) onto the requests."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional
 
@@ -15,6 +16,8 @@ from scheduler_proc.sampler import SamplingBatch
 
 if TYPE_CHECKING:
     from scheduler_proc.model_runner import ModelRunner
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -72,7 +75,8 @@ def _input_logprob_span(req: Request, start: int, n: int) -> Optional[tuple[int,
     msg = req.msg
     if not msg.return_logprob or msg.logprob_start_len < 0 or start >= len(req.input_ids):
         return None
-    first = max(start, max(msg.logprob_start_len, 1) - 1)
+    # Positions below replay_until were scored before a retraction: their logprobs went out then.
+    first = max(start, req.replay_until, max(msg.logprob_start_len, 1) - 1)
     last = min(start + n, len(req.input_ids) - 1)  # position L-1 predicts the first output token
     return (first, last) if first < last else None
 
@@ -94,6 +98,7 @@ def _sampling_batch(entries, sample_entries, eos_ids, device) -> Optional[Sampli
         positions=torch.tensor([r.num_tokens for r in reqs], dtype=torch.int64, device=device),
         all_greedy=all(r.sampling.is_greedy for r in reqs),
         any_penalty=any(r.sampling.uses_penalties for r in reqs),
+        any_filter=any(r.sampling.top_k > 0 or r.sampling.top_p < 1.0 or r.sampling.min_p > 0.0 for r in reqs),
         bias=bias,
         banned=banned,
     )
@@ -111,11 +116,16 @@ def read_step_outputs(step: Step, hidden: torch.Tensor, logits: torch.Tensor, ru
             next_ids[i] = token
     t0 = 0
     for i, (req, n) in enumerate(step.entries):
-        if req.msg.return_logprob and logprobs is not None:
-            _record_logprobs(req, step, i, logprobs, next_ids[i])
-        if req.msg.return_hidden_states:
-            rows = hidden[t0 : t0 + n].float().cpu().numpy()
-            req.add_hidden(rows, prompt=req.kv_len - n < len(req.input_ids))
+        try:
+            if req.msg.return_logprob and logprobs is not None:
+                _record_logprobs(req, step, i, logprobs, next_ids[i])
+            skip = max(0, req.replay_until - (req.kv_len - n))  # rows recomputed after a retraction went out before
+            if req.msg.return_hidden_states and skip < n:
+                rows = hidden[t0 + skip : t0 + n].float().cpu().numpy()
+                req.add_hidden(rows, prompt=req.kv_len - n + skip < len(req.input_ids))
+        except Exception as exc:  # one request's extras failing ends that request (at its finish check) alone
+            logger.exception("recording the outputs of request %s failed", req.rid)
+            req.error = f"{type(exc).__name__}: {exc}"
         t0 += n
     return next_ids
 

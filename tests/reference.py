@@ -53,3 +53,28 @@ def tiny_model_dir(tmp_path, arch: str, tokenizer_dir: str, **overrides) -> str:
         except FileNotFoundError:
             pass
     return str(out)
+
+
+def assert_pool_free(engine, timeout: float = 30.0) -> dict:
+    """Wait until the engine is idle, then assert that no KV slot leaked: the free slots plus the prefix
+    cache's evictable ones make the whole pool. Returns the last server_info.
+
+    Use this instead of `kv_free_tokens == kv_pool_tokens`: with the prefix cache on (the default),
+    finished requests leave their KV in the cache. A finished request's last output can reach the
+    caller a moment before its scheduler bookkeeping is visible, hence the wait.
+    """
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        info = engine.get_server_info()
+        idle = info["num_running"] == 0 and info["num_waiting"] == 0
+        if idle and info["kv_free_tokens"] + info["kv_cached_tokens"] == info["kv_pool_tokens"]:
+            return info
+        if time.monotonic() > deadline:
+            raise AssertionError(
+                f"KV slots leaked or engine busy: free {info['kv_free_tokens']} + cached "
+                f"{info['kv_cached_tokens']} != pool {info['kv_pool_tokens']} "
+                f"(running {info['num_running']}, waiting {info['num_waiting']})"
+            )
+        time.sleep(0.05)

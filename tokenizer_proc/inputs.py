@@ -7,6 +7,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Optional, Union
 
+import msgspec
+
 from engine.protocol import GenerateRequest
 from engine.sampling import SamplingParams, parse_sampling_params
 
@@ -44,13 +46,18 @@ def prepare(
 ) -> PreparedBatch:
     prompts_ids, single = _token_ids(tokenizer, prompt, input_ids, limits.vocab_size)
     count = len(prompts_ids)
-    params = [parse_sampling_params(p, limits.vocab_size) for p in _per_prompt("sampling_params", sampling_params, count, dict)]
+    raw_params = _per_prompt("sampling_params", sampling_params, count, dict)
+    params = [parse_sampling_params(p, limits.vocab_size) for p in raw_params]
     rids = _per_prompt("rid", rid, count, str)
     logprob_flags = _per_prompt("return_logprob", return_logprob, count, bool)
     starts = _per_prompt("logprob_start_len", logprob_start_len, count, int)
     tops = _per_prompt("top_logprobs_num", top_logprobs_num, count, int)
     if not isinstance(stream, bool):
         raise TypeError(f"stream must be a bool, got {stream!r}")
+    if not isinstance(return_text_in_logprobs, bool):
+        raise TypeError(f"return_text_in_logprobs must be a bool, got {_short(return_text_in_logprobs)}")
+    if not isinstance(return_hidden_states, bool):
+        raise TypeError(f"return_hidden_states must be a bool, got {_short(return_hidden_states)}")
     reqs: list[GenerateRequest] = []
     for i, ids in enumerate(prompts_ids):
         p = params[i]
@@ -59,8 +66,8 @@ def prepare(
         top = 0 if tops[i] is None else tops[i]
         if start < -1 or start > len(ids):
             raise ValueError(f"logprob_start_len must be in [-1, {len(ids)}] for this prompt, got {start!r}")
-        if top < 0:
-            raise ValueError(f"top_logprobs_num must be >= 0, got {top!r}")
+        if not 0 <= top <= limits.vocab_size:
+            raise ValueError(f"top_logprobs_num must be in [0, {limits.vocab_size}], got {top!r}")
         base_rid = rids[i] if rids[i] is not None else uuid.uuid4().hex
         for k in range(p.n):
             sample = p if p.n == 1 else _nth_sample(p, k)
@@ -80,6 +87,42 @@ def prepare(
     if len({r.rid for r in reqs}) != len(reqs):
         raise ValueError("rid values must be unique within one call")
     return PreparedBatch(reqs=reqs, single=single and params[0].n == 1)
+
+
+def chat_prompts(tokenizer: Any, messages: Any) -> Union[str, list[str]]:
+    """The chat template applied to one conversation (a list of {"role", "content"} dicts) or to a
+    list of them; a malformed conversation raises TypeError/ValueError naming `messages`."""
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise TypeError(f"messages must be a non-empty list of {{'role', 'content'}} dicts, or a list of such lists, "
+                        f"got {_short(messages)}")  # fmt: skip
+    single = isinstance(messages[0], dict)
+    conversations = [messages] if single else messages
+    for c, conv in enumerate(conversations):
+        where = "messages" if single else f"messages[{c}]"
+        if not isinstance(conv, (list, tuple)) or not conv:
+            raise TypeError(f"{where} must be a non-empty list of {{'role', 'content'}} dicts, got {_short(conv)}")
+        for m, message in enumerate(conv):
+            _check_message(f"{where}[{m}]", message)
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("this model's tokenizer has no chat template; use generate() with a prompt")
+    prompts = []
+    for c, conv in enumerate(conversations):
+        try:
+            prompts.append(tokenizer.apply_chat_template(list(conv), tokenize=False, add_generation_prompt=True))
+        except Exception as exc:  # the template's own checks (role order, content kinds) are user errors too
+            where = "messages" if single else f"messages[{c}]"
+            raise ValueError(f"{where} does not fit the model's chat template: {type(exc).__name__}: {exc}") from exc
+    return prompts[0] if single else prompts
+
+
+def _check_message(where: str, message: Any) -> None:
+    if not isinstance(message, dict):
+        raise TypeError(f"{where} must be a {{'role', 'content'}} dict, got {_short(message)}")
+    role, content = message.get("role"), message.get("content")
+    if not isinstance(role, str) or not role:
+        raise TypeError(f"{where}['role'] must be a non-empty str, got {_short(role)}")
+    if not isinstance(content, (str, list)):
+        raise TypeError(f"{where}['content'] must be a str (or a list of content parts), got {_short(content)}")
 
 
 def _token_ids(tokenizer: Any, prompt: Any, input_ids: Any, vocab_size: int) -> tuple[list[list[int]], bool]:
@@ -140,9 +183,8 @@ def _check_length(ids: list[int], p: SamplingParams, limits: Limits, index: Opti
 
 
 def _nth_sample(p: SamplingParams, k: int) -> SamplingParams:
-    import msgspec
-
-    seed = None if p.seed is None else (p.seed + k * _SEED_STRIDE) % (1 << 62)
+    # Sample 0 keeps the seed itself (so it equals the n=1 output); the rest stay 64-bit ints.
+    seed = None if p.seed is None else (p.seed + k * _SEED_STRIDE + (1 << 63)) % (1 << 64) - (1 << 63)
     return msgspec.structs.replace(p, n=1, seed=seed)
 
 

@@ -161,17 +161,18 @@ class TokenizerManager:
     async def stream(self, reqs: list[GenerateRequest], with_index: bool) -> AsyncIterator[dict[str, Any]]:
         """Yield chunks (text deltas) as they come, from all requests; closing the stream aborts them."""
         states = self.submit(reqs)
-        pending = {asyncio.ensure_future(s.next_chunk()): i for i, s in enumerate(states)}
+        pending = {asyncio.ensure_future(s.wait_news()): i for i, s in enumerate(states)}
         try:
             while pending:
                 done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
                 for fut in sorted(done, key=lambda f: pending[f]):
                     i = pending.pop(fut)
-                    chunk = fut.result()
+                    fut.result()
+                    chunk = states[i].take_chunk()  # taken now, after the reader came back for more
                     if with_index:
                         chunk["index"] = i
                     if not states[i].chunk_is_last(chunk):
-                        pending[asyncio.ensure_future(states[i].next_chunk())] = i
+                        pending[asyncio.ensure_future(states[i].wait_news())] = i
                     yield chunk
         finally:
             for fut in pending:

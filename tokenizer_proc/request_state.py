@@ -67,11 +67,15 @@ class ReqState:
         if self.error is not None:
             raise self.error
 
-    async def next_chunk(self) -> dict[str, Any]:
-        """What arrived since the last chunk (waits for something new)."""
+    async def wait_news(self) -> None:
+        """Wait until something arrived since the last chunk, or the request ended."""
         while not self.finished and self.taken["ids"] == len(self.output_ids) and not self._new_extras():
             self.event.clear()
             await self.event.wait()
+
+    def take_chunk(self) -> dict[str, Any]:
+        """Everything that arrived since the last chunk, merged into one chunk. Taking it only when the
+        reader asks (not when it arrives) is what keeps a slow reader from piling up chunks."""
         if self.error is not None:
             raise self.error
         return self._output(delta=True)

@@ -8,7 +8,7 @@ import pytest
 
 from engine import Engine
 from engine.utils import async_stream_and_merge, stream_and_merge
-from reference import hf_greedy
+from reference import assert_pool_free, hf_greedy
 
 PROMPTS = [
     "The capital of France is",
@@ -129,8 +129,7 @@ def test_stop_string_is_trimmed_and_named(engine):
 
 def test_kv_pool_is_free_after_requests(engine):
     engine.generate(PROMPTS, {"temperature": 0.7, "max_new_tokens": 8})
-    info = engine.get_server_info()
-    assert info["kv_free_tokens"] == info["kv_pool_tokens"]
+    info = assert_pool_free(engine)  # free + prefix-cached slots == pool
     assert info["num_running"] == 0 and info["num_waiting"] == 0
 
 

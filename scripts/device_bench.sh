@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The benchmark rows of docs/benchmarks.md, run on the device (inside scripts/device_run.sh).
+# Usage: bash scripts/device_bench.sh <set> ; sets: small (Qwen2.5-0.5B, Qwen3-0.6B), large (Llama-3.1-8B), prefix
+set -u
+out=${OUT:-/tmp}/bench.jsonl
+bench() { timeout 300 python3 scripts/bench_offline_throughput.py --load-format dummy --context-length 4096 \
+    --result-file "$out" --tag "$TAG" "$@" 2>"${OUT:-/tmp}/last_err.log" | tail -4 || tail -20 "${OUT:-/tmp}/last_err.log"; }
+case "$1" in
+  small)
+    bench --model-path configs/qwen2.5-0.5b --workload 512x256 --roofline --baseline hf
+    bench --model-path configs/qwen2.5-0.5b --workload nanovllm --roofline
+    bench --model-path configs/qwen2.5-0.5b --workload decode-heavy --roofline --cuda-graph-max-bs 512 ;;
+  large)
+    bench --model-path configs/llama-3.1-8b --workload 512x256 --roofline
+    bench --model-path configs/llama-3.1-8b --workload decode-heavy --roofline --cuda-graph-max-bs 512 ;;
+  prefix)
+    bench --model-path configs/qwen2.5-0.5b --workload prefix
+    bench --model-path configs/qwen2.5-0.5b --workload prefix --disable-radix-cache ;;
+esac

@@ -1,0 +1,180 @@
+"""The scheduler driven step by step in this process (tiny random model): every KV slot is accounted
+for after every step (free, cached, locked by the tree, or owned by one running request), through
+retractions and aborts at each stage a request can be in."""
+
+from __future__ import annotations
+
+import tempfile
+
+import msgspec
+import pytest
+import zmq
+
+from engine.args import EngineArgs
+from engine.ipc import Endpoints
+from engine.protocol import AbortRequest, GenerateBatch, GenerateRequest, TokenBatch
+from engine.sampling import SamplingParams
+from reference import tiny_model_dir
+from scheduler_proc.scheduler import Scheduler
+
+
+class Outputs:
+    """Stands in for the detokenizer's socket: collects each request's tokens and finish reason."""
+
+    def __init__(self) -> None:
+        self.ids: dict[str, list[int]] = {}
+        self.finish: dict[str, str] = {}
+        self.cached: dict[str, int] = {}
+        self.extras: dict[str, dict[str, list]] = {}  # logprob lists and hidden-state arrays, concatenated
+        self._decoder = msgspec.msgpack.Decoder(TokenBatch)
+
+    def send(self, data: bytes) -> None:
+        batch = self._decoder.decode(data)
+        for rid, ids, finish, cached, extras in zip(batch.rids, batch.new_token_ids, batch.finish,
+                                                    batch.cached_tokens, batch.extras):  # fmt: skip
+            assert rid not in self.finish, f"{rid} got output after it finished"
+            self.ids.setdefault(rid, []).extend(ids)
+            for name in ("input_token_logprobs", "output_token_logprobs", "hidden_states"):
+                values = getattr(extras, name) if extras is not None else None
+                self.extras.setdefault(rid, {}).setdefault(name, []).extend(values or [])
+            self.cached[rid] = cached
+            if finish is not None:
+                self.finish[rid] = finish.type
+
+
+class Driver:
+    def __init__(self, model_dir: str, **settings) -> None:
+        args = EngineArgs(model_path=model_dir, **settings).resolve()
+        self.context = zmq.Context()
+        self.scheduler = Scheduler(args, Endpoints.in_dir(tempfile.mkdtemp()), self.context)
+        self.out = Outputs()
+        self.scheduler.to_detokenizer = self.out
+
+    def submit(self, rid: str, ids: list[int], max_new_tokens: int, **options) -> None:
+        params = SamplingParams(temperature=0, max_new_tokens=max_new_tokens, ignore_eos=True)
+        msg = GenerateRequest(rid=rid, input_ids=ids, sampling=params, **options)
+        self.scheduler.handle(GenerateBatch(reqs=[msg]))
+
+    def abort(self, rid: str) -> None:
+        self.scheduler.handle(AbortRequest(rids=[rid]))
+        self.check_slots()
+
+    def step(self) -> None:
+        step = self.scheduler.schedule()
+        if step is not None:
+            self.scheduler.run_step(step)
+        self.check_slots()
+
+    def run_until(self, done) -> None:
+        for _ in range(10_000):
+            if done():
+                return
+            self.step()
+        raise AssertionError("the scheduler made no progress")
+
+    def run_all(self) -> None:
+        self.run_until(lambda: not self.scheduler.running and not self.scheduler.waiting)
+
+    def request(self, rid: str):
+        s = self.scheduler
+        return next((r for r in list(s.running) + list(s.waiting) if r.rid == rid), None)
+
+    def check_slots(self) -> None:
+        s = self.scheduler
+        tree = s.cache.cache
+        owned = sum(r.kv_len - r.shared_len for r in s.running)
+        assert all(r.row is None and r.kv_len == 0 for r in s.waiting)
+        assert s.pool.num_free_slots() + tree.evictable_size() + tree.protected_size() + owned == s.pool.capacity
+        if not s.running:
+            assert tree.protected_size() == 0
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, default_model_path):
+    return tiny_model_dir(tmp_path_factory.mktemp("tiny"), "llama", default_model_path)
+
+
+def prompt(seed: int, length: int) -> list[int]:
+    return [100 + (seed * 7919 + i * 104729) % 40000 for i in range(length)]
+
+
+@pytest.mark.parametrize("cache", [True, False], ids=["cache", "no-cache"])
+def test_retraction_keeps_every_slot_accounted_and_outputs_whole(model_dir, cache):
+    big = Driver(model_dir, max_total_tokens=4096, disable_radix_cache=True)
+    small = Driver(model_dir, max_total_tokens=120, chunked_prefill_size=16, disable_radix_cache=not cache)
+    for d in (big, small):
+        for i in range(8):
+            d.submit(f"r{i}", prompt(i % 3, 12), max_new_tokens=40)  # 8 * 52 tokens in a pool of 120
+        d.run_all()
+    assert small.scheduler.num_retractions > 0
+    assert small.out.ids == big.out.ids
+    assert all(len(ids) == 40 for ids in small.out.ids.values())
+    small.scheduler.flush_cache()
+    assert small.scheduler.pool.num_free_slots() == small.scheduler.pool.capacity
+
+
+@pytest.mark.parametrize("cache", [True, False], ids=["cache", "no-cache"])
+def test_abort_at_every_stage_frees_its_slots(model_dir, cache):
+    d = Driver(model_dir, max_total_tokens=200, chunked_prefill_size=8, max_running_requests=2,
+               disable_radix_cache=not cache)  # fmt: skip
+    s = d.scheduler
+    d.submit("decoding", prompt(1, 10), max_new_tokens=150)
+    d.submit("prefilling", prompt(2, 40), max_new_tokens=20)
+    d.submit("waiting", prompt(3, 10), max_new_tokens=20)  # no request row left for it
+    d.run_until(lambda: d.request("prefilling").kv_len >= 16)
+    assert d.request("prefilling").prefilling and d.request("waiting") in s.waiting
+    d.abort("waiting")
+    d.abort("prefilling")  # mid-chunked-prefill, with its first chunks in the cache
+    d.run_until(lambda: len(d.out.ids.get("decoding", [])) >= 5)
+    d.abort("decoding")
+    assert d.out.finish == {"waiting": "abort", "prefilling": "abort", "decoding": "abort"}
+    assert d.out.ids.get("prefilling", []) == []
+    assert not s.running and not s.waiting
+    assert s.pool.num_free_slots() + s.cache.cached_tokens() == s.pool.capacity
+
+
+def test_abort_of_a_retracted_request(model_dir):
+    d = Driver(model_dir, max_total_tokens=100, chunked_prefill_size=16)
+    for i in range(4):
+        d.submit(f"r{i}", prompt(i, 10), max_new_tokens=60)
+    d.run_until(lambda: any(r.retracted for r in d.scheduler.waiting))
+    victim = next(r for r in d.scheduler.waiting if r.retracted)
+    generated = list(d.out.ids.get(victim.rid, []))
+    assert generated and generated == victim.output_ids  # kept its tokens while it waits
+    d.abort(victim.rid)
+    d.run_all()
+    assert d.out.finish[victim.rid] == "abort" and d.out.ids[victim.rid] == generated
+    assert all(len(d.out.ids[f"r{i}"]) == 60 for i in range(4) if f"r{i}" != victim.rid)
+    s = d.scheduler
+    assert s.pool.num_free_slots() + s.cache.cached_tokens() == s.pool.capacity
+
+
+def test_samples_of_one_prompt_wait_for_its_prefill_and_share_it(model_dir):
+    d = Driver(model_dir, max_total_tokens=1000, chunked_prefill_size=16)
+    ids = prompt(5, 50)
+    for k in range(4):
+        d.submit(f"s{k}", ids, max_new_tokens=4)
+    d.run_all()
+    assert sorted(d.out.cached.values()) == [0, 49, 49, 49]
+    assert len({tuple(v) for v in d.out.ids.values()}) == 1  # greedy: the same continuation
+
+
+def test_retracted_request_sends_each_logprob_and_hidden_state_once(model_dir):
+    options = {"return_logprob": True, "logprob_start_len": 0, "return_hidden_states": True}
+    big = Driver(model_dir, max_total_tokens=4096)
+    small = Driver(model_dir, max_total_tokens=100, chunked_prefill_size=8)
+    for d in (big, small):
+        for i in range(4):
+            d.submit(f"r{i}", prompt(i, 20), max_new_tokens=40, **options)
+        d.run_all()
+    assert small.scheduler.num_retractions > 0
+    assert small.out.ids == big.out.ids
+    for rid, want in big.out.extras.items():
+        got = small.out.extras[rid]
+        assert len(got["input_token_logprobs"]) == 20 and len(got["output_token_logprobs"]) == 40
+        for name in ("input_token_logprobs", "output_token_logprobs"):
+            assert [t for _, t in got[name]] == [t for _, t in want[name]]
+            assert [lp for lp, _ in got[name][1:]] == pytest.approx([lp for lp, _ in want[name][1:]], abs=1e-4)
+        # One [prompt, hidden] array, then one row per decode step (the last token is never run).
+        assert [a.shape for a in got["hidden_states"]] == [a.shape for a in want["hidden_states"]]
+        assert got["hidden_states"][0].shape[0] == 20 and len(got["hidden_states"]) == 40
