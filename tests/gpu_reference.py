@@ -14,9 +14,9 @@ def runner_for(name: str, **settings):
     from engine.args import EngineArgs
     from scheduler_proc.model_runner import ModelRunner
 
-    args = EngineArgs(model_path=os.path.join(CONFIGS, name), load_format="dummy", device="cuda",
-                      context_length=4096, max_running_requests=64, mem_fraction_static=0.5,
-                      **settings).resolve()  # fmt: skip
+    settings = dict(load_format="dummy", device="cuda", context_length=4096, max_running_requests=64,
+                    mem_fraction_static=0.5) | settings  # fmt: skip
+    args = EngineArgs(model_path=os.path.join(CONFIGS, name), **settings).resolve()
     return ModelRunner(args)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import random
 
@@ -13,21 +14,36 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 from gpu_reference import CONFIGS, hf_copy, peak_lm_head, prefill_logits, runner_for  # noqa: E402
 
 
+def _agreement(a, b) -> tuple[float, float]:
+    return ((a - b).norm() / b.norm()).item(), (a.argmax(-1) == b.argmax(-1)).float().mean().item()
+
+
 @pytest.mark.parametrize("name", ["qwen2.5-0.5b", "llama-3.1-8b"])
 def test_prefill_logits_match_hf(name):
-    runner = runner_for(name, disable_cuda_graph=True)
-    peak_lm_head(runner)
-    hf = hf_copy(runner)
-    rng = random.Random(0)
-    prompts = [[rng.randint(0, 10000) for _ in range(n)] for n in (250, 250, 250, 260)]
-    ours = prefill_logits(runner, prompts).float()
-    with torch.inference_mode():
-        ref = torch.cat([hf(torch.tensor([p], device="cuda")).logits[0].float() for p in prompts])
-    rel = ((ours - ref).norm() / ref.norm()).item()
-    agree = (ours.argmax(-1) == ref.argmax(-1)).float().mean().item()
-    print(f"{name}: relative error {rel:.2e}, top-1 agreement {agree:.2%} over {len(ref)} positions")
+    """ferry in bf16 against HF on the same weights in float32 (the precise answer); HF's own bf16 run
+    beside it measures how far bf16 rounding alone moves the logits of this random model."""
+    runner = runner_for(name, disable_cuda_graph=True, mem_fraction_static=0.3)
+    try:
+        peak_lm_head(runner)
+        hf = hf_copy(runner)
+        rng = random.Random(0)
+        prompts = [[rng.randint(0, 10000) for _ in range(n)] for n in (250, 250, 250, 260)]
+        ours = prefill_logits(runner, prompts).float()
+        with torch.inference_mode():
+            ref16 = torch.cat([hf(torch.tensor([p], device="cuda")).logits[0].float() for p in prompts])
+            hf.float()
+            ref32 = torch.cat([hf(torch.tensor([p], device="cuda")).logits[0].float() for p in prompts])
+    finally:
+        del runner
+        hf = None
+        gc.collect()
+        torch.cuda.empty_cache()
+    rel, agree = _agreement(ours, ref32)
+    hf_rel, hf_agree = _agreement(ref16, ref32)
+    print(f"{name} over {len(ref32)} positions: ferry bf16 vs HF fp32: relative error {rel:.2e}, top-1 "
+          f"{agree:.2%}; HF bf16 vs HF fp32: {hf_rel:.2e}, {hf_agree:.2%}")  # fmt: skip
     assert rel < 2e-2
-    assert agree >= 0.99
+    assert agree >= min(0.99, hf_agree)  # at least as faithful as HF's own bf16 path
 
 
 def _engine(**settings):
