@@ -42,6 +42,9 @@ class TokenizerManager:
         self.out_codec = Codec(Any)
         self.token_text = token_text
         self.states: dict[str, ReqState] = {}
+        # Aborted rids whose last message has not arrived yet: it must not reach a request that
+        # reuses the rid, so the rid stays taken until then.
+        self.draining: set[str] = set()
         self.ready: dict[str, dict[str, Any]] = {}
         self.ready_event = asyncio.Event()
         self.error: Optional[EngineError] = None
@@ -116,10 +119,12 @@ class TokenizerManager:
 
     def _route(self, batch: TextBatch) -> None:
         for i, rid in enumerate(batch.rids):
-            state = self.states.get(rid)
-            if state is None:
-                continue  # aborted by its caller; late tokens are dropped
             finish = batch.finish[i]
+            state = None if rid in self.draining else self.states.get(rid)
+            if state is None:  # aborted by its caller; late tokens are dropped
+                if finish is not None:
+                    self.draining.discard(rid)
+                continue
             state.add(batch.text_deltas[i], batch.new_token_ids[i], finish, batch.prompt_tokens[i],
                       batch.cached_tokens[i], batch.extras[i])  # fmt: skip
             if finish is not None:
@@ -131,8 +136,8 @@ class TokenizerManager:
         if self.error is not None:
             raise self.error
         for req in reqs:
-            if req.rid in self.states:
-                raise ValueError(f"rid {req.rid!r} is already in use by a running request")
+            if req.rid in self.states or req.rid in self.draining:
+                raise ValueError(f"rid {req.rid!r} is in use by a running or just-aborted request")
         states = [ReqState(req, self.token_text) for req in reqs]
         for state in states:
             self.states[state.rid] = state
@@ -143,6 +148,7 @@ class TokenizerManager:
         live = [rid for rid in rids if rid in self.states]
         for rid in live:
             self.states.pop(rid).abort_locally()
+            self.draining.add(rid)
         if live and self.error is None:
             self.to_scheduler.send(self.out_codec.encode(AbortRequest(rids=live)))
 

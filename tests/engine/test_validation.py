@@ -171,6 +171,25 @@ def test_abort_by_rid_from_another_thread(engine):
     assert engine.generate("Hello", OK, rid="after-abort")["meta_info"]["finish_reason"]["type"] == "length"
 
 
+def test_a_rid_reused_right_after_its_abort_never_gets_the_old_requests_finish(engine):
+    params = {"max_new_tokens": 4000, "ignore_eos": True}
+    stream = engine.generate("Count to a million: 1, 2, 3,", params, rid="reused", stream=True)
+    next(stream)  # running now
+    engine.abort("reused")
+    outcome = None
+    for _ in range(100):  # the old request's final message is in flight for a moment
+        try:
+            outcome = engine.generate("Hello", OK, rid="reused")
+            break
+        except ValueError as exc:
+            assert "reused" in str(exc)
+            time.sleep(0.05)
+    assert outcome is not None
+    assert outcome["meta_info"]["finish_reason"]["type"] == "length"  # not the old request's abort
+    stream.close()
+    assert_pool_free(engine)
+
+
 def test_abort_of_an_unknown_rid_is_harmless(engine):
     engine.abort(["no-such-request", "nor-this"])
     assert engine.generate("Hello", OK)["meta_info"]["completion_tokens"] == 2

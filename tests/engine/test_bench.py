@@ -1,0 +1,27 @@
+"""The benchmark harness runs on CPU, so it cannot rot between GPU sessions."""
+
+from __future__ import annotations
+
+import json
+
+from engine.bench import main
+from engine.bench_workloads import NAMED, nanovllm
+
+
+def test_named_workloads_are_the_published_ones():
+    work = nanovllm()
+    assert len(work.input_ids) == 256
+    assert work.input_tokens == 142827 and work.output_tokens == 133966  # PERF_ANCHORS' counts
+    assert {"nanovllm", "512x256", "decode-heavy", "sgl-random", "prefix"} <= set(NAMED)
+
+
+def test_harness_runs_and_writes_a_json_line(tmp_path, capsys):
+    result_file = tmp_path / "out.jsonl"
+    main(["--num-prompts", "3", "--random-input-len", "12", "--random-output-len", "4", "--device", "cpu",
+          "--max-total-tokens", "2048", "--result-file", str(result_file)])  # fmt: skip
+    row = json.loads(result_file.read_text().splitlines()[-1])
+    assert row["num_prompts"] == 3
+    assert row["ferry"]["output_tokens"] == row["requested_output_tokens"]  # ignore_eos by default
+    assert row["ferry"]["output_tok_s"] > 0
+    assert row["engine_settings"] == {"device": "cpu", "max_total_tokens": 2048}
+    assert "output tok/s" in capsys.readouterr().out
