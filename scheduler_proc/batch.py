@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional
 
 import torch
@@ -22,13 +22,11 @@ class ForwardBatch:
     positions: torch.Tensor  # [T] int64
     out_cache_loc: torch.Tensor  # [T] int64: KV slots the new tokens are written to
     req_pool_indices: torch.Tensor  # [B] int64: rows of req_to_token
-    seq_lens: torch.Tensor  # [B] int32: prefix + new tokens
     prefix_lens_cpu: list[int]
     extend_lens_cpu: list[int]
     logit_rows: torch.Tensor  # [R] int64: rows of the packed tokens whose logits are needed
     is_decode: bool  # every sequence adds exactly one token
     attention: Optional["AttentionBackend"] = None
-    padded_size: int = field(default=0)  # CUDA-graph batch size when replayed padded
 
     @property
     def batch_size(self) -> int:

@@ -56,7 +56,6 @@ class CudaGraphRunner:
             positions=self.positions[:size],
             out_cache_loc=self.out_cache_loc[:size],
             req_pool_indices=torch.zeros(size, dtype=torch.int64, device=self.input_ids.device),
-            seq_lens=torch.ones(size, dtype=torch.int32, device=self.input_ids.device),
             prefix_lens_cpu=[0] * size,
             extend_lens_cpu=[1] * size,
             logit_rows=torch.arange(size, device=self.input_ids.device),

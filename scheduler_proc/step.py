@@ -60,7 +60,6 @@ def build_step(entries: list[tuple[Request, int]], pool: KVPool, eos_ids: list[i
         positions=positions_t,
         out_cache_loc=out_cache_loc,
         req_pool_indices=torch.tensor([r.row for r, _ in entries], dtype=torch.int64, device=device),
-        seq_lens=torch.tensor([r.kv_len + n for r, n in entries], dtype=torch.int32, device=device),
         prefix_lens_cpu=[r.kv_len for r, _ in entries],
         extend_lens_cpu=[n for _, n in entries],
         logit_rows=torch.tensor(logit_rows, dtype=torch.int64, device=device),
