@@ -38,6 +38,8 @@ class EngineArgs:
     mem_fraction_static: float = 0.85  # share of GPU memory for weights + KV pool
     cuda_graph_max_bs: int = 256  # largest decode batch captured in a CUDA graph
     disable_cuda_graph: bool = False  # run decode eagerly
+    disable_overlap_schedule: bool = False  # read each step's outputs before scheduling the next
+    profile_steps: int = 0  # record device/host time of up to this many steps (server info "step_profile")
     attention_backend: str = "auto"  # auto: flashinfer on GPU when installed, else torch
     return_hidden_states: bool = False  # default for requests that do not say
     random_seed: int = 0  # seeds dummy weights and unseeded sampling
@@ -69,6 +71,10 @@ class EngineArgs:
             raise ValueError(f"mem_fraction_static must be in (0, 1), got {self.mem_fraction_static!r}")
         if not isinstance(self.cuda_graph_max_bs, int) or self.cuda_graph_max_bs < 1:
             raise ValueError(f"cuda_graph_max_bs must be a positive int, got {self.cuda_graph_max_bs!r}")
+        if not isinstance(self.disable_overlap_schedule, bool):
+            raise ValueError(f"disable_overlap_schedule must be a bool, got {self.disable_overlap_schedule!r}")
+        if not isinstance(self.profile_steps, int) or self.profile_steps < 0:
+            raise ValueError(f"profile_steps must be a non-negative int, got {self.profile_steps!r}")
         if self.startup_timeout <= 0:
             raise ValueError(f"startup_timeout must be positive, got {self.startup_timeout!r}")
 

@@ -107,7 +107,24 @@ def run_ferry(workload: Workload, settings: dict[str, Any], args: argparse.Names
         "kv_pool_tokens": info["kv_pool_tokens"],
         "device": info.get("device_name", info.get("device")),
         **latency,
+        **_step_stats(info.get("step_profile")),
     }
+
+
+def _step_stats(profile: Optional[dict[str, list]]) -> dict[str, Any]:
+    """p50/p99 of the decode steps recorded with --profile-steps, over the steps run at (near) the
+    run's largest batch: device time, device idle time before the step, and host time per step."""
+    if not profile or not profile["batch_size"]:
+        return {}
+    peak = max(profile["batch_size"])
+    keep = [i for i, b in enumerate(profile["batch_size"]) if b >= 0.9 * peak]
+    stats: dict[str, Any] = {"profile_steps": len(keep), "profile_batch_size": peak}
+    for key in ("gpu_ms", "gap_ms", "host_ms"):
+        values = sorted(v for i in keep if (v := profile[key][i]) is not None)
+        if values:
+            stats[f"step_{key}_p50"] = values[len(values) // 2]
+            stats[f"step_{key}_p99"] = values[min(len(values) - 1, int(len(values) * 0.99))]
+    return stats
 
 
 def _run_streams(engine: Any, workload: Workload, params: list[dict]) -> tuple[list[dict], dict[str, float]]:
@@ -181,6 +198,11 @@ def print_table(result: dict[str, Any]) -> None:
     for key in ("ttft_p50_s", "ttft_p99_s", "itl_p50_s", "itl_p99_s"):
         if key in ferry:
             rows.append((key, f"{ferry[key] * 1000:.1f} ms"))
+    if "profile_steps" in ferry:
+        rows.append(("profiled decode steps", f"{ferry['profile_steps']} at batch >= {0.9 * ferry['profile_batch_size']:.0f}"))
+        for key in ("gpu_ms", "gap_ms", "host_ms"):
+            if f"step_{key}_p50" in ferry:
+                rows.append((f"step {key} p50/p99", f"{ferry[f'step_{key}_p50']:.2f} / {ferry[f'step_{key}_p99']:.2f}"))
     if "hf" in result:
         rows += [("HF output tok/s", f"{result['hf']['output_tok_s']:.0f}"), ("ferry / HF", f"{result['ferry_over_hf']:.1f}x")]
     if "roofline" in result:

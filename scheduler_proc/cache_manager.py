@@ -96,12 +96,14 @@ class CacheManager:
         """Insert req's computed tokens; its row then points at the tree's slots (a token another
         request inserted first keeps that request's slot, and req's duplicate is freed)."""
         slots = self.pool.req_to_token[req.row, : req.kv_len].to(torch.int64)
-        tree_slots, node = self.cache.insert(req.tokens(0, req.kv_len), slots)
+        tree_slots, node, existing = self.cache.insert(req.tokens(0, req.kv_len), slots)
         n = tree_slots.numel()
         if n == 0:
             return
-        mine = slots[:n]
-        self.pool.free_slots(mine[mine != tree_slots])
+        # Below shared_len req's row already holds the tree's slots; from there to `existing` another
+        # request cached the tokens first, so req's own slots there are duplicates. (Sizes known on
+        # the host: no wait for the device, which matters while the next step is queued.)
+        self.pool.free_slots(slots[req.shared_len : existing])
         self.pool.req_to_token[req.row, :n] = tree_slots.to(torch.int32)
         self.cache.lock(node)
         self.cache.unlock(req.cache_node)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
@@ -15,11 +16,22 @@ from scheduler_proc.cuda_graph import CudaGraphRunner
 from scheduler_proc.kv_pool import KVPool
 from scheduler_proc.loader import build_model
 from scheduler_proc.sampler import SamplingBatch, SamplingState
+from scheduler_proc.step import Step, sample_step
+from scheduler_proc.step_profile import StepProfiler
 
 logger = logging.getLogger(__name__)
 
 _CPU_KV_BUDGET_BYTES = 1 << 30  # KV pool size on CPU when max_total_tokens is not given
 _GPU_RESERVE_BYTES = 2 << 30  # activations, sampling temporaries and workspaces beside the pool
+
+
+@dataclass
+class SampledIds:
+    """One step's sampled token ids: on the device (for the next step's inputs) and on the host."""
+
+    ids: torch.Tensor
+    host: torch.Tensor
+    event: Optional[torch.cuda.Event]  # recorded after the copy to the host (None on CPU)
 
 
 class ModelRunner:
@@ -105,6 +117,43 @@ class ModelRunner:
             hidden = self.model(batch)
         logits = self.model.compute_logits(hidden[batch.logit_rows])
         return hidden, logits
+
+    @torch.inference_mode()
+    def launch(self, step: Step, profiler: StepProfiler) -> tuple[torch.Tensor, torch.Tensor, Optional[SampledIds]]:
+        """Queue a step's forward pass and sampling; the sampled ids are copied to the host
+        asynchronously (read them with wait())."""
+        profiler.begin(step.batch)
+        hidden, logits = self.forward(step.batch)
+        if any(req.msg.return_hidden_states for req, _ in step.entries):
+            hidden = hidden.clone()  # a CUDA graph's output buffer is overwritten by the next step
+        ids = sample_step(step, logits, self)
+        sampled = None
+        if ids is not None:
+            host = torch.empty(ids.shape, dtype=ids.dtype, pin_memory=self.device.type == "cuda")
+            host.copy_(ids, non_blocking=True)
+            event = torch.cuda.Event() if self.device.type == "cuda" else None
+            if event is not None:
+                event.record()
+            sampled = SampledIds(ids, host, event)
+        profiler.end()
+        return hidden, logits, sampled
+
+    def wait(self, sampled: Optional[SampledIds], profiler: StepProfiler) -> list[int]:
+        """The sampled ids on the host, once the device has produced them."""
+        if sampled is None:
+            return []
+        if sampled.event is not None:
+            start = time.perf_counter()
+            sampled.event.synchronize()
+            profiler.waited(time.perf_counter() - start)
+        return sampled.host.tolist()
+
+    @torch.inference_mode()
+    def fill_futures(self, batch: ForwardBatch, futures: list[tuple[int, int]], previous: SampledIds) -> None:
+        """Put the previous step's sampled ids (still on the device) into this step's input ids."""
+        dst, src = zip(*futures)
+        index = torch.tensor(src, dtype=torch.int64).to(self.device, non_blocking=True)
+        batch.input_ids[torch.tensor(dst, dtype=torch.int64).to(self.device, non_blocking=True)] = previous.ids[index]
 
     @torch.inference_mode()
     def sample(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:

@@ -60,13 +60,17 @@ class NewTokenEstimate:
         self.ratio = _INIT_RATIO
 
     def future_tokens(self, req: Request) -> int:
-        """KV slots req is expected to still take for tokens it has not generated yet."""
-        remaining = min(req.sampling.max_new_tokens - len(req.output_ids), _CLIP_MAX_NEW_TOKENS)
-        return math.ceil(max(remaining, 0) * self.ratio)
+        """KV slots req is expected to still take for tokens it has not generated yet. A request that
+        can only end by length (ignore_eos, no stop ids or strings) is no guess: all of it is counted,
+        so workloads of such requests are admitted as far as they fit and never retracted."""
+        remaining = min(req.sampling.max_new_tokens - req.num_generated, _CLIP_MAX_NEW_TOKENS)
+        params = req.sampling
+        certain = params.ignore_eos and not params.stop and not params.stop_token_ids
+        return math.ceil(max(remaining, 0) * (1.0 if certain else self.ratio))
 
     def reserved(self, req: Request) -> int:
         """Slots a running request is expected to still take: the rest of its prefill plus its future."""
-        return req.num_tokens - req.kv_len + self.future_tokens(req)
+        return max(0, req.total_tokens - req.kv_len) + self.future_tokens(req)
 
     def step_done(self) -> None:
         self.ratio = max(_MIN_RATIO, self.ratio - (_INIT_RATIO - _MIN_RATIO) / _DECAY_STEPS)

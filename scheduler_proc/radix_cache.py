@@ -84,18 +84,21 @@ class RadixCache:
             node, pos = child, pos + common
         return (torch.cat(values) if values else self._empty()), node
 
-    def insert(self, ids: list[int], slots: torch.Tensor) -> tuple[torch.Tensor, TreeNode]:
-        """Cache ids with their KV slots; returns what the tree then holds for ids: (slots, last node).
+    def insert(self, ids: list[int], slots: torch.Tensor) -> tuple[torch.Tensor, TreeNode, int]:
+        """Cache ids with their KV slots; returns what the tree then holds for ids (slots, last node)
+        and how many leading tokens it held already.
 
         Where the tree already held a token the tree's slot wins: the caller frees its own
         duplicate (a returned slot that differs from the one given)."""
         assert len(ids) == slots.numel(), (len(ids), slots.numel())
         slots = slots.to(torch.int64)
         node, pos, values = self.root, 0, []
+        existing = len(ids)
         now = next(self._clock)
         while pos < len(ids):
             child = node.children.get(ids[pos])
             if child is None:
+                existing = pos
                 child = TreeNode(list(ids[pos:]), slots[pos:].clone(), node)
                 node.children[ids[pos]] = child
                 self._evictable += len(child.key)
@@ -107,7 +110,7 @@ class RadixCache:
             child.last_access = now
             values.append(child.value)
             node, pos = child, pos + common
-        return (torch.cat(values) if values else self._empty()), node
+        return (torch.cat(values) if values else self._empty()), node, existing
 
     def _split(self, child: TreeNode, at: int) -> TreeNode:
         """Cut child after `at` tokens; the new upper part is returned. The child object stays the
@@ -184,8 +187,8 @@ class NoCache:
     def match_prefix(self, ids: list[int]) -> tuple[torch.Tensor, None]:
         return torch.empty(0, dtype=torch.int64, device=self.pool.device), None
 
-    def insert(self, ids: list[int], slots: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return self.match_prefix(ids)
+    def insert(self, ids: list[int], slots: torch.Tensor) -> tuple[torch.Tensor, None, int]:
+        return self.match_prefix(ids)[0], None, 0
 
     def lock(self, node: None) -> None:
         pass

@@ -28,6 +28,12 @@ class Request:
         self.error: Optional[str] = None  # a failure of this request alone; it ends at its next check
         self.announced = False  # the detokenizer has its DetokenizeSpec
         self.new_ids: list[int] = []  # generated since the last TokenBatch
+        # Overlap scheduling: a token sampled by the step in flight, not in output_ids yet; the next
+        # step reads it on the device from that step's sampled ids, at row `future_index`.
+        self.pending = False
+        self.future_index = -1
+        self.pending_in: Any = None  # the launched step that samples the pending token
+        self.closed = False  # its finish has been sent: nothing more goes out
         self.extras: Optional[ReqExtras] = None  # logprobs / hidden states since the last TokenBatch
         self._prompt_hidden: list[np.ndarray] = []
         stops = msg.sampling.stop
@@ -37,6 +43,19 @@ class Request:
     @property
     def num_tokens(self) -> int:
         return len(self.input_ids) + len(self.output_ids)
+
+    @property
+    def total_tokens(self) -> int:
+        """Tokens including one sampled by the step in flight."""
+        return len(self.input_ids) + len(self.output_ids) + self.pending
+
+    @property
+    def num_generated(self) -> int:
+        return len(self.output_ids) + self.pending
+
+    def surely_done(self, context_length: int) -> bool:
+        """Whether the pending token ends the request by length alone, so no step needs it again."""
+        return self.num_generated >= self.sampling.max_new_tokens or self.total_tokens >= context_length
 
     @property
     def prefilling(self) -> bool:
@@ -82,11 +101,11 @@ class Request:
             self.extras = ReqExtras()
         return self.extras
 
-    def add_hidden(self, rows: np.ndarray, prompt: bool) -> None:
+    def add_hidden(self, rows: np.ndarray, prompt: bool, prompt_done: bool) -> None:
         """Prompt rows gather until the prompt is done, then go out as one [prompt_len, hidden] array."""
         if prompt:
             self._prompt_hidden.append(rows)
-            if self.prefilling:
+            if not prompt_done:
                 return
             rows = np.concatenate(self._prompt_hidden)
             self._prompt_hidden = []

@@ -36,7 +36,8 @@ from scheduler_proc.model_runner import ModelRunner
 from scheduler_proc.policy import NewTokenEstimate, order_waiting, waits_for_shared_prefix
 from scheduler_proc.radix_cache import create_prefix_cache
 from scheduler_proc.request import Request
-from scheduler_proc.step import Step, build_step, read_step_outputs
+from scheduler_proc.step import Launched, Step, build_step, read_step_outputs
+from scheduler_proc.step_profile import StepProfiler
 
 logger = logging.getLogger(__name__)
 
@@ -64,16 +65,29 @@ class Scheduler:
         self.cache = CacheManager(self.pool, create_prefix_cache(args.disable_radix_cache, self.pool))
         self.estimate = NewTokenEstimate()
         self.num_retractions = 0
+        self.overlap = not args.disable_overlap_schedule
+        self.in_flight: Optional[Launched] = None  # the launched step whose outputs are not read yet
+        self.profiler = StepProfiler(args.profile_steps, self.runner.device)
 
     # ---- the loop ----
 
     def run_forever(self) -> None:
         self.to_frontend.send(self.out_codec.encode(ProcessReady(role="scheduler", info=self.server_info())))
         while True:
-            self.receive(block=not (self.waiting or self.running))
-            step = self.schedule()
-            if step is not None:
-                self.run_step(step)
+            self.iterate()
+
+    def iterate(self) -> None:
+        """One turn of the loop. With overlap, step N+1 is scheduled and queued on the device before
+        step N's outputs are read, so the host work between steps hides behind the device's."""
+        self.receive(block=not (self.waiting or self.running or self.in_flight))
+        step = self.schedule()
+        launched = self.launch(step) if step is not None else None
+        if self.overlap:
+            previous, self.in_flight = self.in_flight, launched
+            if previous is not None:
+                self.process(previous)
+        elif launched is not None:
+            self.process(launched)
 
     def receive(self, block: bool) -> None:
         flags = 0 if block else zmq.NOBLOCK
@@ -109,7 +123,8 @@ class Scheduler:
             "num_running": len(self.running),
             "num_waiting": len(self.waiting),
             "num_retractions": self.num_retractions,
-        }
+            "overlap_schedule": self.overlap,
+        } | ({"step_profile": self.profiler.summary()} if self.args.profile_steps else {})
 
     def flush_cache(self) -> dict[str, Any]:
         """Empty the prefix cache, only when no request is running or waiting."""
@@ -133,7 +148,7 @@ class Scheduler:
         self.admit_waiting(entries, budget)
         self.flush_outputs()  # requests refused at admission
         if not entries:
-            if len(self.running) > 1:  # none can advance (the estimate was off): free room rather than spin
+            if len(self.running) > 1 and self.in_flight is None:  # none can advance: free room rather than spin
                 self.retract(min(self.running, key=_progress), "no request can advance")
             return None
         self.cache.make_free(sum(n for _, n in entries))
@@ -147,7 +162,9 @@ class Scheduler:
         room = self.cache.available() - sum(1 for r in self.running if not r.prefilling)
         for req in self.running:
             if not req.prefilling:
-                entries.append((req, 1))
+                # With overlap, one whose pending token ends it (or with nothing to sample) sits this out.
+                if not req.surely_done(self.args.context_length):
+                    entries.append((req, 1))
                 continue
             remaining = req.num_tokens - req.kv_len
             n = min(remaining, budget, room) if self.chunking else (remaining if remaining <= room else 0)
@@ -167,6 +184,8 @@ class Scheduler:
         for req, match in order_waiting(self.waiting, self.args.schedule_policy, self.cache.match):
             if budget <= 0 or self.pool.num_free_rows() == 0:
                 break
+            if req.pending:  # retracted while its last token was in flight: admitted once it is read
+                continue
             if req.max_kv_tokens() > self.pool.capacity:
                 self.waiting.remove(req)
                 self.finish(req, FinishReason(type="abort", message=(
@@ -228,25 +247,54 @@ class Scheduler:
     # ---- running a step ----
 
     def run_step(self, step: Step) -> None:
-        prefilled = [req for req, _ in step.entries if req.prefilling]
+        """Run one step to completion (launch, then wait for and process its outputs)."""
+        launched = self.launch(step)
+        if launched is not None:
+            self.process(launched)
+
+    def launch(self, step: Step) -> Optional[Launched]:
+        """Queue the step's forward pass and sampling on the device; returns without waiting for them."""
+        prefilled = [req.prefilling for req, _ in step.entries]
         for req, n in step.entries:
             req.kv_len += n  # the step's slots are in req_to_token now, whatever happens next
+        completed = [p and not req.prefilling for p, (req, _) in zip(prefilled, step.entries)]
         try:
-            hidden, logits = self.runner.forward(step.batch)
-            next_ids = read_step_outputs(step, hidden, logits, self.runner)
+            if step.futures:
+                self.runner.fill_futures(step.batch, step.futures, self.in_flight.sampled)
+            hidden, logits, sampled = self.runner.launch(step, self.profiler)
         except Exception as exc:  # one bad step fails its requests, not the engine
-            logger.error("step failed: %s", traceback.format_exc())
-            message = f"internal error: {type(exc).__name__}: {exc}"
-            for req, _ in step.entries:
-                if req.finish is None:  # this step's KV is not trusted: freed, not cached
-                    self.finish(req, FinishReason(type="abort", message=message), keep_kv=False)
-            self.flush_outputs()
+            self.fail_step(step, exc)
+            return None
+        # What the prefilling requests computed joins the prefix cache now, not when the step is
+        # read: requests scheduled meanwhile (the n samples of a prompt, a shared system prompt) reuse
+        # it. Steps run in order on the device, so a later step never reads these slots early.
+        for (req, _), was_prefilling in zip(step.entries, prefilled):
+            if was_prefilling:
+                self.cache.cache_prefix(req)
+        launched = Launched(step, prefilled, completed, hidden, logits, sampled)
+        for i, index in enumerate(step.sample_entries):
+            req = step.entries[index][0]
+            req.pending, req.future_index, req.pending_in = True, i, launched
+        return launched
+
+    def process(self, launched: Launched) -> None:
+        """Wait for a launched step, then hand its tokens to its requests: finish checks, outputs."""
+        step = launched.step
+        try:
+            tokens = self.runner.wait(launched.sampled, self.profiler)
+            next_ids = read_step_outputs(step, launched.hidden, launched.logits, tokens)
+        except Exception as exc:
+            self.fail_step(step, exc)
             return
-        for (req, _), token in zip(step.entries, next_ids):
+        for (req, _), token, completed in zip(step.entries, next_ids, launched.completed):
+            if req.pending_in is launched:
+                req.pending, req.pending_in = False, None
+            if req.finish is not None:  # finished (or aborted) while this step ran: its token is dropped
+                continue
             if token is None:
                 if req.error is not None:
                     self.finish(req, FinishReason(type="abort", message=f"internal error: {req.error}"))
-                elif not req.prefilling and req.sampling.max_new_tokens == 0:
+                elif completed and req.sampling.max_new_tokens == 0:
                     self.finish(req, FinishReason(type="length", matched=None))
                 continue
             req.output_ids.append(token)
@@ -254,17 +302,25 @@ class Scheduler:
             reason = self.finish_checker.check(req)
             if reason is not None:
                 self.finish(req, reason)
-        for req in prefilled:
-            if req.finish is None:
-                self.cache.cache_prefix(req)
         self.estimate.step_done()
         self.flush_outputs(step)
+
+    def fail_step(self, step: Step, exc: Exception) -> None:
+        logger.error("step failed: %s", traceback.format_exc())
+        message = f"internal error: {type(exc).__name__}: {exc}"
+        for req, _ in step.entries:
+            req.pending, req.pending_in = False, None
+            if req.finish is None:  # this step's KV is not trusted: freed, not cached
+                self.finish(req, FinishReason(type="abort", message=message), keep_kv=False)
+        self.flush_outputs()
 
     def finish(self, req: Request, reason: FinishReason, keep_kv: bool = True) -> None:
         """req is done: its KV goes to the prefix cache (keep_kv) or back to the pool, its row is freed."""
         req.finish = reason
         if req.row is not None:
             self.cache.release(req, keep=keep_kv)
+        elif req.retracted and req in self.waiting:  # retracted while its last token was in flight
+            self.waiting.remove(req)
         self._finished.append(req)
 
     def abort(self, rids: set[str], message: str) -> None:
@@ -278,7 +334,7 @@ class Scheduler:
 
     def flush_outputs(self, step: Optional[Step] = None) -> None:
         """One TokenBatch for every request with news: new tokens, extras, or a finish."""
-        reqs = [r for r, _ in step.entries if r.new_ids or r.extras or r.finish] if step else []
+        reqs = [r for r, _ in step.entries if not r.closed and (r.new_ids or r.extras or r.finish)] if step else []
         seen = {id(r) for r in reqs}
         reqs += [r for r in self._finished if id(r) not in seen]
         self._finished = []
@@ -297,7 +353,7 @@ class Scheduler:
             new_specs=new_specs,
         )
         for r in reqs:
-            r.announced, r.new_ids, r.extras = True, [], None
+            r.announced, r.new_ids, r.extras, r.closed = True, [], None, r.finish is not None
         self.to_detokenizer.send(self.out_codec.encode(batch))
 
 

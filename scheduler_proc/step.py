@@ -15,7 +15,7 @@ from scheduler_proc.request import Request
 from scheduler_proc.sampler import SamplingBatch
 
 if TYPE_CHECKING:
-    from scheduler_proc.model_runner import ModelRunner
+    from scheduler_proc.model_runner import ModelRunner, SampledIds
 
 logger = logging.getLogger(__name__)
 
@@ -28,20 +28,40 @@ class Step:
     sample_entries: list[int]  # entries that sample a token, in sampling-row order
     logit_spans: list[tuple[int, int]]  # per entry: (first logit row, number of rows)
     input_logprob_starts: list[Optional[int]]  # per entry: first prompt position scored, if any
+    starts: list[int]  # per entry: its KV length before this step
+    futures: list[tuple[int, int]]  # (token row, row of the previous step's sampled ids) for pending tokens
+
+
+@dataclass
+class Launched:
+    """A step queued on the device whose outputs have not been read yet."""
+
+    step: Step
+    prefilled: list[bool]  # per entry: it was computing known tokens (not decoding)
+    completed: list[bool]  # per entry: this step finished its prefill
+    hidden: torch.Tensor
+    logits: torch.Tensor
+    sampled: Optional["SampledIds"]
 
 
 def build_step(entries: list[tuple[Request, int]], pool: KVPool, eos_ids: list[int]) -> Step:
+    """The batch of one step. An entry may start at a token the step in flight is still sampling
+    (req.pending): its input id is filled on the device from that step's output (`futures`)."""
     input_ids: list[int] = []
     positions: list[int] = []
     token_rows: list[int] = []
     logit_rows: list[int] = []
-    logit_spans, input_starts, sample_entries = [], [], []
+    logit_spans, input_starts, sample_entries, futures = [], [], [], []
     for i, (req, n) in enumerate(entries):
         start, t0 = req.kv_len, len(input_ids)
-        input_ids += req.tokens(start, start + n)
+        if start == req.num_tokens:  # decoding the pending token
+            futures.append((t0, req.future_index))
+            input_ids.append(0)
+        else:
+            input_ids += req.tokens(start, start + n)
         positions += range(start, start + n)
         token_rows += [req.row] * n
-        samples = start + n == req.num_tokens and req.sampling.max_new_tokens > 0
+        samples = start + n == req.total_tokens and req.sampling.max_new_tokens > 0
         span = _input_logprob_span(req, start, n)
         first_q = span[0] if span else None
         rows = list(range(t0 + span[0] - start, t0 + span[1] - start)) if span else []
@@ -66,7 +86,7 @@ def build_step(entries: list[tuple[Request, int]], pool: KVPool, eos_ids: list[i
         is_decode=all(n == 1 for _, n in entries),
     )
     return Step(entries, batch, _sampling_batch(entries, sample_entries, eos_ids, device), sample_entries,
-                logit_spans, input_starts)  # fmt: skip
+                logit_spans, input_starts, [r.kv_len for r, _ in entries], futures)  # fmt: skip
 
 
 def _input_logprob_span(req: Request, start: int, n: int) -> Optional[tuple[int, int]]:
@@ -89,12 +109,12 @@ def _sampling_batch(entries, sample_entries, eos_ids, device) -> Optional[Sampli
         params = req.sampling
         for token, value in (params.logit_bias or {}).items():
             bias.append((s, token, value))
-        if len(req.output_ids) < params.min_new_tokens:
+        if req.num_generated < params.min_new_tokens:
             held = list(params.stop_token_ids) + ([] if params.ignore_eos else eos_ids)
             banned += [(s, token) for token in held]
     return SamplingBatch(
         rows=torch.tensor([r.row for r in reqs], dtype=torch.int64, device=device),
-        positions=torch.tensor([r.num_tokens for r in reqs], dtype=torch.int64, device=device),
+        positions=torch.tensor([r.total_tokens for r in reqs], dtype=torch.int64, device=device),
         all_greedy=all(r.sampling.is_greedy for r in reqs),
         any_penalty=any(r.sampling.uses_penalties for r in reqs),
         any_filter=any(r.sampling.top_k > 0 or r.sampling.top_p < 1.0 or r.sampling.min_p > 0.0 for r in reqs),
@@ -103,25 +123,31 @@ def _sampling_batch(entries, sample_entries, eos_ids, device) -> Optional[Sampli
     )
 
 
-def read_step_outputs(step: Step, hidden: torch.Tensor, logits: torch.Tensor, runner: "ModelRunner") -> list:
-    """Sample, record logprobs and hidden states on the requests (whose kv_len already counts this
-    step); returns the new token per entry (or None)."""
-    logprobs = torch.log_softmax(logits, dim=-1) if any(r.msg.return_logprob for r, _ in step.entries) else None
+def sample_step(step: Step, logits: torch.Tensor, runner: "ModelRunner") -> Optional[torch.Tensor]:
+    """The step's sampled ids [S] on the device (in sample_entries order), or None if none samples."""
+    if step.sampling is None:
+        return None
+    rows = [step.logit_spans[i][0] + step.logit_spans[i][1] - 1 for i in step.sample_entries]
+    return runner.sample(logits[rows], step.sampling)  # logits[rows] copies: `logits` stays unmodified
+
+
+def read_step_outputs(step: Step, hidden: torch.Tensor, logits: torch.Tensor, sampled: list[int]) -> list:
+    """Record logprobs and hidden states on the requests; returns the new token per entry (or None)."""
     next_ids: list[Optional[int]] = [None] * len(step.entries)
-    if step.sampling is not None:
-        rows = [step.logit_spans[i][0] + step.logit_spans[i][1] - 1 for i in step.sample_entries]
-        sampled = runner.sample(logits[rows], step.sampling).tolist()
-        for i, token in zip(step.sample_entries, sampled):
-            next_ids[i] = token
+    for i, token in zip(step.sample_entries, sampled):
+        next_ids[i] = token
+    logprobs = torch.log_softmax(logits, dim=-1) if any(r.msg.return_logprob for r, _ in step.entries) else None
     t0 = 0
     for i, (req, n) in enumerate(step.entries):
         try:
             if req.msg.return_logprob and logprobs is not None:
                 _record_logprobs(req, step, i, logprobs, next_ids[i])
-            skip = max(0, req.replay_until - (req.kv_len - n))  # rows recomputed after a retraction went out before
+            start = step.starts[i]
+            skip = max(0, req.replay_until - start)  # rows recomputed after a retraction went out before
             if req.msg.return_hidden_states and skip < n:
                 rows = hidden[t0 + skip : t0 + n].float().cpu().numpy()
-                req.add_hidden(rows, prompt=req.kv_len - n + skip < len(req.input_ids))
+                prompt_len = len(req.input_ids)
+                req.add_hidden(rows, prompt=start + skip < prompt_len, prompt_done=start + n >= prompt_len)
         except Exception as exc:  # one request's extras failing ends that request (at its finish check) alone
             logger.exception("recording the outputs of request %s failed", req.rid)
             req.error = f"{type(exc).__name__}: {exc}"

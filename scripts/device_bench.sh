@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The benchmark rows of docs/benchmarks.md, run on the device (inside scripts/device_run.sh).
-# Usage: bash scripts/device_bench.sh <set> ; sets: small (Qwen2.5-0.5B, Qwen3-0.6B), large (Llama-3.1-8B), prefix
+# Usage: bash scripts/device_bench.sh <set> ; sets: small (Qwen2.5-0.5B), qwen3 (Qwen3-0.6B), large
+# (Llama-3.1-8B), prefix (radix cache on/off), overlap (Qwen2.5-0.5B nanovllm with and without overlap)
 set -u
 out=${OUT:-/tmp}/bench.jsonl
 bench() { timeout 300 python3 scripts/bench_offline_throughput.py --load-format dummy --context-length 4096 \
@@ -8,10 +9,18 @@ bench() { timeout 300 python3 scripts/bench_offline_throughput.py --load-format 
 case "$1" in
   small)
     bench --model-path configs/qwen2.5-0.5b --workload 512x256 --roofline --baseline hf
-    bench --model-path configs/qwen2.5-0.5b --workload nanovllm --roofline
-    bench --model-path configs/qwen2.5-0.5b --workload decode-heavy --roofline --cuda-graph-max-bs 512 ;;
+    bench --model-path configs/qwen2.5-0.5b --workload nanovllm --roofline --baseline hf
+    bench --model-path configs/qwen2.5-0.5b --workload decode-heavy --roofline --cuda-graph-max-bs 512 --profile-steps 50000 ;;
+  qwen3)
+    bench --model-path configs/qwen3-0.6b --workload 512x256 --roofline
+    bench --model-path configs/qwen3-0.6b --workload nanovllm --roofline
+    bench --model-path configs/qwen3-0.6b --workload decode-heavy --roofline --cuda-graph-max-bs 512 ;;
+  overlap)
+    bench --model-path configs/qwen2.5-0.5b --workload nanovllm --roofline --profile-steps 50000
+    bench --model-path configs/qwen2.5-0.5b --workload nanovllm --roofline --profile-steps 50000 --disable-overlap-schedule ;;
   large)
     bench --model-path configs/llama-3.1-8b --workload 512x256 --roofline
+    bench --model-path configs/llama-3.1-8b --workload nanovllm --roofline
     bench --model-path configs/llama-3.1-8b --workload decode-heavy --roofline --cuda-graph-max-bs 512 ;;
   prefix)
     bench --model-path configs/qwen2.5-0.5b --workload prefix

@@ -21,7 +21,9 @@ PROMPTS = [
     "The best way to learn a language is", "import numpy as np\n", "My favourite food is", "Water boils at",
     "The largest planet in the solar system is", "Dear Sir or Madam,", "1, 2, 3, 4,",
 ]  # fmt: skip
-GREEDY = {"temperature": 0, "max_new_tokens": 48, "ignore_eos": True}
+# A stop id (one these outputs never reach) makes each request's length a guess for admission, as
+# with real traffic: requests that can only end by length reserve all of it and are never retracted.
+GREEDY = {"temperature": 0, "max_new_tokens": 48, "ignore_eos": True, "stop_token_ids": [49151]}
 SMALL_POOL = 192  # KV slots: the workload below needs more than 4x this
 CHUNK = 32  # chunked_prefill_size of the chunked engine
 LONG_LEN = 20 * CHUNK  # a prompt of 20 chunks

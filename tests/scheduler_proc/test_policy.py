@@ -72,3 +72,15 @@ def test_estimate_decays_and_rises_after_retraction():
     estimate.retracted([req])  # it used 60 of 100 already
     assert estimate.ratio >= 0.6
     assert estimate.reserved(req) == req.num_tokens - req.kv_len + estimate.future_tokens(req)
+
+
+def test_requests_that_end_by_length_alone_reserve_everything():
+    estimate = NewTokenEstimate()
+    params = SamplingParams(max_new_tokens=100, ignore_eos=True)
+    req = Request(GenerateRequest(rid="r", input_ids=[1, 2, 3], sampling=params), seed=0)
+    assert estimate.future_tokens(req) == 100  # its length is known: not an estimate
+    req.output_ids = [5] * 30
+    assert estimate.future_tokens(req) == 70
+    stoppable = SamplingParams(max_new_tokens=100, ignore_eos=True, stop_token_ids=[7])
+    other = Request(GenerateRequest(rid="s", input_ids=[1, 2, 3], sampling=stoppable), seed=0)
+    assert estimate.future_tokens(other) < 100  # may stop early: the estimate applies

@@ -25,8 +25,10 @@ def no_leak(pool: KVPool, tree: RadixCache) -> bool:
 def insert_new(pool: KVPool, tree: RadixCache, ids: list[int]) -> torch.Tensor:
     """Insert ids as a request would: fresh slots for every token; frees the duplicates."""
     slots = pool.alloc_slots(len(ids))
-    tree_slots, _ = tree.insert(ids, slots)
-    pool.free_slots(slots[slots != tree_slots])
+    tree_slots, _, existing = tree.insert(ids, slots)
+    assert torch.equal(slots[existing:], tree_slots[existing:])  # new tokens keep the caller's slots
+    assert bool((slots[:existing] != tree_slots[:existing]).all())  # cached ones are the tree's
+    pool.free_slots(slots[:existing])
     return tree_slots
 
 
@@ -172,8 +174,8 @@ def test_no_cache_keeps_nothing():
     pool = make_pool()
     cache = NoCache(pool)
     slots = pool.alloc_slots(3)
-    kept, node = cache.insert([1, 2, 3], slots)
-    assert kept.numel() == 0 and node is None
+    kept, node, existing = cache.insert([1, 2, 3], slots)
+    assert kept.numel() == 0 and node is None and existing == 0
     assert cache.match_prefix([1, 2, 3])[0].numel() == 0
     assert cache.evictable_size() == 0 and cache.evict(10) == 0
 

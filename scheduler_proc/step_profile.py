@@ -1,0 +1,78 @@
+"""Per-step timing of decode steps, for the benchmark harness (`--profile-steps`): how long the device
+worked on each step, how long it sat idle before it, and how much host time the loop spent per step.
+
+Device times come from CUDA events read once they have completed, so recording never waits for the
+device. Off (`profile_steps=0`) it costs one branch per step.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Optional
+
+import torch
+
+from scheduler_proc.batch import ForwardBatch
+
+
+class StepProfiler:
+    def __init__(self, max_steps: int, device: torch.device) -> None:
+        self.max_steps = max_steps
+        self.cuda = device.type == "cuda"
+        self.records: list[list[Any]] = []  # [is decode, batch size, start event, end event, host ms]
+        self._last_launch: Optional[float] = None
+        self._waited = 0.0  # seconds blocked on the device since the last launch
+
+    @property
+    def active(self) -> bool:
+        return len(self.records) < self.max_steps
+
+    def begin(self, batch: ForwardBatch) -> None:
+        """Just before a step is queued."""
+        if not self.active:
+            return
+        now = time.perf_counter()
+        host_ms = None
+        if self._last_launch is not None:
+            host_ms = (now - self._last_launch - self._waited) * 1e3
+        self._last_launch, self._waited = now, 0.0
+        if self.records:
+            self.records[-1][4] = host_ms  # the host time between the previous launch and this one
+        self.records.append([batch.is_decode, batch.batch_size, self._event(), None, None])
+
+    def end(self) -> None:
+        """Just after the step (forward and sampling) is queued."""
+        if self.records and self.records[-1][3] is None:
+            self.records[-1][3] = self._event()
+
+    def waited(self, seconds: float) -> None:
+        self._waited += seconds
+
+    def _event(self) -> Any:
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def summary(self) -> dict[str, list]:
+        """Per recorded decode step: batch size, device ms, device idle ms before it, host ms."""
+        out: dict[str, list] = {"batch_size": [], "gpu_ms": [], "gap_ms": [], "host_ms": []}
+        previous_end = None
+        for is_decode, size, start, end, host_ms in self.records:
+            if end is None or host_ms is None or (self.cuda and not end.query()):
+                previous_end = None
+                continue
+            if self.cuda:
+                gpu_ms = start.elapsed_time(end)
+                gap_ms = previous_end.elapsed_time(start) if previous_end is not None else None
+            else:
+                gpu_ms, gap_ms = (end - start) * 1e3, None
+            previous_end = end
+            if not is_decode:
+                continue
+            out["batch_size"].append(size)
+            out["gpu_ms"].append(gpu_ms)
+            out["gap_ms"].append(gap_ms)
+            out["host_ms"].append(host_ms)
+        return out
