@@ -11,6 +11,15 @@ if TYPE_CHECKING:
     from scheduler_proc.attention.base import AttentionBackend
 
 
+def to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A host list as a device tensor without waiting for the device: through pinned memory with an
+    asynchronous copy. (`torch.tensor(values, device="cuda")` waits until the stream is idle, which
+    would stall the next step's preparation behind the step in flight.)"""
+    if device.type != "cuda":
+        return torch.tensor(values, dtype=dtype)
+    return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
+
+
 @dataclass
 class ForwardBatch:
     """One step over B sequences; sequence i adds extend_lens[i] tokens after prefix_lens[i] cached ones.

@@ -11,7 +11,7 @@ import torch
 
 from engine.args import EngineArgs, read_model_config
 from scheduler_proc.attention import create_backend
-from scheduler_proc.batch import ForwardBatch
+from scheduler_proc.batch import ForwardBatch, to_device
 from scheduler_proc.cuda_graph import CudaGraphRunner
 from scheduler_proc.kv_pool import KVPool
 from scheduler_proc.loader import build_model
@@ -152,8 +152,8 @@ class ModelRunner:
     def fill_futures(self, batch: ForwardBatch, futures: list[tuple[int, int]], previous: SampledIds) -> None:
         """Put the previous step's sampled ids (still on the device) into this step's input ids."""
         dst, src = zip(*futures)
-        index = torch.tensor(src, dtype=torch.int64).to(self.device, non_blocking=True)
-        batch.input_ids[torch.tensor(dst, dtype=torch.int64).to(self.device, non_blocking=True)] = previous.ids[index]
+        index = to_device(list(src), torch.int64, self.device)
+        batch.input_ids[to_device(list(dst), torch.int64, self.device)] = previous.ids[index]
 
     @torch.inference_mode()
     def sample(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:

@@ -13,6 +13,7 @@ from typing import Optional, Sequence
 import torch
 
 from engine.sampling import SamplingParams
+from scheduler_proc.batch import to_device
 
 _MASK53 = (1 << 53) - 1
 
@@ -99,12 +100,12 @@ class SamplingState:
         """logits [S, V] float32 (modified in place) -> next token ids [S] int64."""
         if batch.bias:
             index, token, value = zip(*batch.bias)
-            logits[list(index), list(token)] += torch.tensor(value, device=logits.device)
+            logits[self._ids(index), self._ids(token)] += to_device(list(value), torch.float32, self.device)
         if batch.any_penalty and self._output_counts is not None:
             self._apply_penalties(logits, batch.rows)
         if batch.banned:
             index, token = zip(*batch.banned)
-            logits[list(index), list(token)] = float("-inf")
+            logits[self._ids(index), self._ids(token)] = float("-inf")
         if batch.all_greedy:
             return logits.argmax(dim=-1)
         temperature = self.temperature[batch.rows]
@@ -118,6 +119,9 @@ class SamplingState:
         target = _row_uniform(self.seed[batch.rows], batch.positions) * cdf[:, -1]
         sampled = torch.searchsorted(cdf, target[:, None], right=True)[:, 0].clamp_(max=logits.shape[1] - 1)
         return torch.where(greedy, logits.argmax(dim=-1), sampled)
+
+    def _ids(self, values: Sequence[int]) -> torch.Tensor:
+        return to_device(list(values), torch.int64, self.device)
 
     def _apply_penalties(self, logits: torch.Tensor, rows: torch.Tensor) -> None:
         counts = self._output_counts[rows].to(logits.dtype)

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Optional
 
 import torch
 
-from scheduler_proc.batch import ForwardBatch
+from scheduler_proc.batch import ForwardBatch, to_device
 from scheduler_proc.kv_pool import KVPool
 from scheduler_proc.request import Request
 from scheduler_proc.sampler import SamplingBatch
@@ -73,16 +73,16 @@ def build_step(entries: list[tuple[Request, int]], pool: KVPool, eos_ids: list[i
         logit_rows += rows
     device = pool.device
     out_cache_loc = pool.alloc_slots(len(input_ids))
-    positions_t = torch.tensor(positions, dtype=torch.int64, device=device)
-    pool.req_to_token[torch.tensor(token_rows, device=device), positions_t] = out_cache_loc.to(torch.int32)
+    positions_t = to_device(positions, torch.int64, device)
+    pool.req_to_token[to_device(token_rows, torch.int64, device), positions_t] = out_cache_loc.to(torch.int32)
     batch = ForwardBatch(
-        input_ids=torch.tensor(input_ids, dtype=torch.int64, device=device),
+        input_ids=to_device(input_ids, torch.int64, device),
         positions=positions_t,
         out_cache_loc=out_cache_loc,
-        req_pool_indices=torch.tensor([r.row for r, _ in entries], dtype=torch.int64, device=device),
+        req_pool_indices=to_device([r.row for r, _ in entries], torch.int64, device),
         prefix_lens_cpu=[r.kv_len for r, _ in entries],
         extend_lens_cpu=[n for _, n in entries],
-        logit_rows=torch.tensor(logit_rows, dtype=torch.int64, device=device),
+        logit_rows=to_device(logit_rows, torch.int64, device),
         is_decode=all(n == 1 for _, n in entries),
     )
     return Step(entries, batch, _sampling_batch(entries, sample_entries, eos_ids, device), sample_entries,
@@ -113,8 +113,8 @@ def _sampling_batch(entries, sample_entries, eos_ids, device) -> Optional[Sampli
             held = list(params.stop_token_ids) + ([] if params.ignore_eos else eos_ids)
             banned += [(s, token) for token in held]
     return SamplingBatch(
-        rows=torch.tensor([r.row for r in reqs], dtype=torch.int64, device=device),
-        positions=torch.tensor([r.total_tokens for r in reqs], dtype=torch.int64, device=device),
+        rows=to_device([r.row for r in reqs], torch.int64, device),
+        positions=to_device([r.total_tokens for r in reqs], torch.int64, device),
         all_greedy=all(r.sampling.is_greedy for r in reqs),
         any_penalty=any(r.sampling.uses_penalties for r in reqs),
         any_filter=any(r.sampling.top_k > 0 or r.sampling.top_p < 1.0 or r.sampling.min_p > 0.0 for r in reqs),
@@ -128,7 +128,8 @@ def sample_step(step: Step, logits: torch.Tensor, runner: "ModelRunner") -> Opti
     if step.sampling is None:
         return None
     rows = [step.logit_spans[i][0] + step.logit_spans[i][1] - 1 for i in step.sample_entries]
-    return runner.sample(logits[rows], step.sampling)  # logits[rows] copies: `logits` stays unmodified
+    index = to_device(rows, torch.int64, logits.device)
+    return runner.sample(logits[index], step.sampling)  # logits[index] copies: `logits` stays unmodified
 
 
 def read_step_outputs(step: Step, hidden: torch.Tensor, logits: torch.Tensor, sampled: list[int]) -> list:

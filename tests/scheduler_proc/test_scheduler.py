@@ -51,7 +51,9 @@ class Driver:
         self.scheduler.to_detokenizer = self.out
 
     def submit(self, rid: str, ids: list[int], max_new_tokens: int, **options) -> None:
-        params = SamplingParams(temperature=0, max_new_tokens=max_new_tokens, ignore_eos=True)
+        # A stop id these outputs never reach: the length is a guess for admission, as with real
+        # traffic (requests that can only end by length reserve all of it and never retract).
+        params = SamplingParams(temperature=0, max_new_tokens=max_new_tokens, ignore_eos=True, stop_token_ids=[49151])
         msg = GenerateRequest(rid=rid, input_ids=ids, sampling=params, **options)
         self.scheduler.handle(GenerateBatch(reqs=[msg]))
 

@@ -1,0 +1,86 @@
+"""Where a decode step's time goes: the scheduler run in this process on a config folder (dummy weights),
+`--batch` requests decoding, then `--steps` loop turns under cProfile (host, Python) and torch.profiler
+(host ops and device kernels). Prints the top entries of each.
+
+    python scripts/profile_decode.py --model-path configs/qwen2.5-0.5b --batch 256 [--temperature 0.6]
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import os
+import pstats
+import random
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+
+
+class _Sink:
+    """Stands in for the detokenizer socket: the messages are built and encoded, then dropped."""
+
+    def send(self, data: bytes) -> None:
+        pass
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--model-path", required=True)
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--prompt-len", type=int, default=512)
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--disable-overlap-schedule", action="store_true")
+    args = p.parse_args()
+
+    import torch
+    import zmq
+
+    from engine.args import EngineArgs
+    from engine.ipc import Endpoints
+    from engine.protocol import GenerateBatch, GenerateRequest
+    from engine.sampling import SamplingParams
+    from scheduler_proc.scheduler import Scheduler
+
+    settings = EngineArgs(model_path=args.model_path, load_format="dummy", context_length=4096,
+                          cuda_graph_max_bs=max(args.batch, 8), disable_overlap_schedule=args.disable_overlap_schedule)
+    sched = Scheduler(settings.resolve(), Endpoints.in_dir(tempfile.mkdtemp()), zmq.Context())
+    sched.to_detokenizer = _Sink()
+    rng = random.Random(0)
+    params = SamplingParams(temperature=args.temperature, max_new_tokens=4000, ignore_eos=True)
+    reqs = [GenerateRequest(rid=str(i), input_ids=[rng.randint(0, 10000) for _ in range(args.prompt_len)],
+                            sampling=params) for i in range(args.batch)]  # fmt: skip
+    sched.handle(GenerateBatch(reqs=reqs))
+    while len(sched.running) < args.batch or any(r.prefilling for r in sched.running):
+        sched.iterate()
+    for _ in range(20):
+        sched.iterate()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        sched.iterate()
+    torch.cuda.synchronize()
+    print(f"wall per step: {(time.perf_counter() - start) / args.steps * 1e3:.2f} ms at batch {len(sched.running)}")
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(args.steps):
+        sched.iterate()
+    profiler.disable()
+    pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(args.steps):
+            sched.iterate()
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=20))
+
+
+if __name__ == "__main__":
+    main()
