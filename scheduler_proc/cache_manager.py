@@ -59,7 +59,8 @@ class CacheManager:
         """Give req a row holding its (locked) cached prefix; it computes from there on."""
         req.row = self.pool.alloc_row()
         n = len(match)
-        self.pool.req_to_token[req.row, :n] = match.slots.to(torch.int32)
+        if n:
+            self.pool.set_tokens(req.row, torch.arange(n, device=self.pool.device), match.slots)
         req.kv_len = req.shared_len = n
         req.cache_node = match.node
 
@@ -100,9 +101,10 @@ class CacheManager:
         n = tree_slots.numel()
         if n == 0:
             return
-        mine = slots[:n]
-        self.pool.free_slots(mine[mine != tree_slots])
-        self.pool.req_to_token[req.row, :n] = tree_slots.to(torch.int32)
+        changed = (slots[:n] != tree_slots).nonzero()[:, 0]
+        if changed.numel():  # only these entries change: a smaller journal under tensor parallelism
+            self.pool.free_slots(slots[changed])
+            self.pool.set_tokens(req.row, changed, tree_slots[changed])
         self.cache.lock(node)
         self.cache.unlock(req.cache_node)
         req.cache_node, req.shared_len = node, n

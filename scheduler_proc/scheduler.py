@@ -31,12 +31,14 @@ from engine.protocol import (
     TokenBatch,
 )
 from scheduler_proc.cache_manager import CacheManager
+from scheduler_proc.distributed import TPStepFailed
 from scheduler_proc.finish import FinishChecker
 from scheduler_proc.model_runner import ModelRunner
 from scheduler_proc.policy import NewTokenEstimate, order_waiting, waits_for_shared_prefix
 from scheduler_proc.radix_cache import create_prefix_cache
 from scheduler_proc.request import Request
 from scheduler_proc.step import Step, build_step, read_step_outputs
+from scheduler_proc.tp_processes import start_tensor_parallel
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +48,8 @@ _RETRACT_HEADROOM_STEPS = 4  # retract until the rest can decode this many steps
 class Scheduler:
     def __init__(self, args: EngineArgs, endpoints: Endpoints, context: zmq.Context) -> None:
         self.args = args
-        self.runner = ModelRunner(args)
+        tp, self.tp_workers = start_tensor_parallel(args, endpoints.dir)  # rank 0 of tp_size processes
+        self.runner = ModelRunner(args, tp)
         self.pool = self.runner.pool
         self.finish_checker = FinishChecker(args)
         self.waiting: deque[Request] = deque()
@@ -109,6 +112,7 @@ class Scheduler:
             "num_running": len(self.running),
             "num_waiting": len(self.waiting),
             "num_retractions": self.num_retractions,
+            "tp_worker_pids": self.tp_workers.pids if self.tp_workers is not None else [],
         }
 
     def flush_cache(self) -> dict[str, Any]:
@@ -302,7 +306,13 @@ class Scheduler:
 
 
 def run_scheduler(args: EngineArgs, endpoints: Endpoints, context: zmq.Context) -> None:
-    Scheduler(args, endpoints, context).run_forever()
+    scheduler = Scheduler(args, endpoints, context)
+    try:
+        scheduler.run_forever()
+    except TPStepFailed:
+        if scheduler.tp_workers is not None:
+            scheduler.tp_workers.wait_for_exit(timeout=1.0)  # a dead worker is the cause to report
+        raise
 
 
 def _progress(req: Request) -> tuple[int, int]:

@@ -54,7 +54,7 @@ def build_step(entries: list[tuple[Request, int]], pool: KVPool, eos_ids: list[i
     device = pool.device
     out_cache_loc = pool.alloc_slots(len(input_ids))
     positions_t = torch.tensor(positions, dtype=torch.int64, device=device)
-    pool.req_to_token[torch.tensor(token_rows, device=device), positions_t] = out_cache_loc.to(torch.int32)
+    pool.set_tokens(torch.tensor(token_rows, device=device), positions_t, out_cache_loc)
     batch = ForwardBatch(
         input_ids=torch.tensor(input_ids, dtype=torch.int64, device=device),
         positions=positions_t,
