@@ -108,7 +108,11 @@ def join_group(rank: int, size: int, init_file: str, device: torch.device) -> TP
     import torch.distributed as dist
 
     os.environ.update(MULTICAST_OFF_ENV)  # read by NCCL when the communicator is made: before joining
+    # Every rank is on this host: gloo over loopback, whatever the host name resolves to.
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.set_device(device)  # NCCL binds this process to its GPU
     dist.init_process_group(
         "nccl" if cuda else "gloo",
         init_method=f"file://{init_file}",
@@ -125,7 +129,7 @@ def rank_device(args: EngineArgs, rank: int) -> torch.device:
     return torch.device("cuda", args.base_gpu_id + rank) if args.device == "cuda" else torch.device(args.device)
 
 
-class TPStepFailed(BaseException):
-    """A step failed part-way under tensor parallelism: another rank may be waiting in a collective
-    this one never reached, so no later step can be trusted. A BaseException, so that the scheduler's
+class CollectiveFailed(BaseException):
+    """A collective failed on rank 0 under tensor parallelism (most often: another rank died), so the
+    ranks may be out of step and nothing after can be trusted. A BaseException, so that the scheduler's
     per-step recovery (which catches Exception) lets it end the process, whose report reaches the caller."""

@@ -37,7 +37,8 @@ def build_model(config: dict[str, Any], load_format: str, model_dir: str, dtype:
     loaded = model.load_weights(weights)
     missing = sorted({name for name, _ in model.named_parameters()} - loaded)
     if missing:
-        raise ValueError(f"checkpoint in {model_dir} lacks weights for {missing[:5]}{'...' if len(missing) > 5 else ''}")
+        more = "..." if len(missing) > 5 else ""
+        raise ValueError(f"checkpoint in {model_dir} lacks weights for {missing[:5]}{more}")
     return model.eval()
 
 
@@ -69,5 +70,6 @@ def random_weights(model: CausalLM, seed: int, device: torch.device) -> Iterator
         elif len(shape) == 1:
             yield name, torch.zeros(shape, device=device)
         else:
-            generator = torch.Generator(device=device).manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
+            name_seed = (seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63
+            generator = torch.Generator(device=device).manual_seed(name_seed)
             yield name, torch.empty(shape, device=device).normal_(0.0, shape[1] ** -0.5, generator=generator)

@@ -16,7 +16,7 @@ from engine.args import EngineArgs, read_model_config
 from scheduler_proc.attention import create_backend
 from scheduler_proc.batch import ForwardBatch
 from scheduler_proc.cuda_graph import CudaGraphRunner
-from scheduler_proc.distributed import TPGroup, TPStepFailed, rank_device
+from scheduler_proc.distributed import CollectiveFailed, TPGroup, rank_device
 from scheduler_proc.kv_pool import KVPool
 from scheduler_proc.loader import build_model
 from scheduler_proc.sampler import SamplingBatch, SamplingState
@@ -97,10 +97,14 @@ class ModelRunner:
     def info(self) -> dict[str, Any]:
         """Figures for server_info (rank 0; under tensor parallelism it asks the other ranks too)."""
         cuda = self.device.type == "cuda"
+        try:
+            figures = ask_memory(self)
+        except Exception as exc:
+            raise CollectiveFailed(f"asking the tensor-parallel ranks for memory figures failed: {exc}") from exc
         ranks = [
             {"rank": r, "device": f"cuda:{d}" if d >= 0 else "cpu", "peak_gpu_memory_bytes": peak,
              "gpu_memory_allocated_bytes": allocated, "gpu_memory_total_bytes": total}
-            for r, (d, peak, allocated, total) in enumerate(ask_memory(self))
+            for r, (d, peak, allocated, total) in enumerate(figures)
         ]  # fmt: skip
         return {
             "device_name": torch.cuda.get_device_name(self.device) if cuda else "cpu",
@@ -139,7 +143,7 @@ class ModelRunner:
             self.broadcasts += 1
             return self.run_forward(batch)
         except Exception as exc:
-            raise TPStepFailed(f"a tensor-parallel step failed on rank 0: {type(exc).__name__}: {exc}") from exc
+            raise CollectiveFailed(f"a tensor-parallel step failed on rank 0: {type(exc).__name__}: {exc}") from exc
 
     @torch.inference_mode()
     def run_forward(self, batch: ForwardBatch) -> tuple[torch.Tensor, Optional[torch.Tensor]]:

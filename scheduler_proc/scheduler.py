@@ -31,14 +31,14 @@ from engine.protocol import (
     TokenBatch,
 )
 from scheduler_proc.cache_manager import CacheManager
-from scheduler_proc.distributed import TPStepFailed
+from scheduler_proc.distributed import TPGroup
 from scheduler_proc.finish import FinishChecker
 from scheduler_proc.model_runner import ModelRunner
 from scheduler_proc.policy import NewTokenEstimate, order_waiting, waits_for_shared_prefix
 from scheduler_proc.radix_cache import create_prefix_cache
 from scheduler_proc.request import Request
 from scheduler_proc.step import Step, build_step, read_step_outputs
-from scheduler_proc.tp_processes import start_tensor_parallel
+from scheduler_proc.tp_processes import TPWorkers, start_tensor_parallel
 
 logger = logging.getLogger(__name__)
 
@@ -46,9 +46,10 @@ _RETRACT_HEADROOM_STEPS = 4  # retract until the rest can decode this many steps
 
 
 class Scheduler:
-    def __init__(self, args: EngineArgs, endpoints: Endpoints, context: zmq.Context) -> None:
+    def __init__(self, args: EngineArgs, endpoints: Endpoints, context: zmq.Context, tp: Optional[TPGroup] = None,
+                 tp_workers: Optional[TPWorkers] = None) -> None:  # fmt: skip
         self.args = args
-        tp, self.tp_workers = start_tensor_parallel(args, endpoints.dir)  # rank 0 of tp_size processes
+        self.tp_workers = tp_workers
         self.runner = ModelRunner(args, tp)
         self.pool = self.runner.pool
         self.finish_checker = FinishChecker(args)
@@ -306,12 +307,12 @@ class Scheduler:
 
 
 def run_scheduler(args: EngineArgs, endpoints: Endpoints, context: zmq.Context) -> None:
-    scheduler = Scheduler(args, endpoints, context)
+    tp, workers = start_tensor_parallel(args, endpoints.dir)  # rank 0 of tp_size processes
     try:
-        scheduler.run_forever()
-    except TPStepFailed:
-        if scheduler.tp_workers is not None:
-            scheduler.tp_workers.wait_for_exit(timeout=1.0)  # a dead worker is the cause to report
+        Scheduler(args, endpoints, context, tp, workers).run_forever()
+    except BaseException:
+        if workers is not None:  # a dead worker is the error to report: give its watcher time to do so
+            workers.wait_for_exit(timeout=1.0)
         raise
 
 

@@ -77,8 +77,8 @@ class TPWorkers:
         os._exit(1)
 
     def wait_for_exit(self, timeout: float) -> None:
-        """Give the watcher `timeout` seconds to notice a dead worker (and report it and exit): a
-        failed collective on rank 0 is most often a worker's death, which is the error to report."""
+        """Give the watcher `timeout` seconds to notice a dead worker (and report it and exit): rank 0
+        failing is most often a worker's death (a collective with it failed), the error to report."""
         time.sleep(timeout + 2 * _POLL_SECONDS)
 
 

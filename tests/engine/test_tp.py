@@ -25,14 +25,25 @@ LONG = {"temperature": 0, "max_new_tokens": 1000, "ignore_eos": True}  # a minut
 KV_LAYOUTS = {"qwen3": {"num_key_value_heads": 1}, "llama": {}}  # 1 KV head: replicated; 2: split
 
 
-@pytest.fixture(scope="module", params=sorted(KV_LAYOUTS))
-def model_dir(request, tmp_path_factory, default_model_path) -> str:
-    arch = request.param
-    return tiny_model_dir(tmp_path_factory.mktemp(arch), arch, default_model_path, **KV_LAYOUTS[arch])
+@pytest.fixture(scope="module")
+def tiny_dirs(tmp_path_factory, default_model_path) -> dict[str, str]:
+    return {arch: tiny_model_dir(tmp_path_factory.mktemp(arch), arch, default_model_path, **overrides)
+            for arch, overrides in KV_LAYOUTS.items()}  # fmt: skip
 
 
-def _run(model_dir: str, tp_size: int, prompts: list[list[int]]) -> tuple[list[dict], list[int]]:
-    """Outputs of a greedy batch with logprobs, and every process the engine ran (checked gone after)."""
+@pytest.fixture(params=sorted(KV_LAYOUTS))
+def model_dir(request, tiny_dirs) -> str:
+    return tiny_dirs[request.param]
+
+
+@pytest.fixture
+def llama_dir(tiny_dirs) -> str:
+    """The faults need one model: this one."""
+    return tiny_dirs["llama"]
+
+
+def _run(model_dir: str, tp_size: int, prompts: list[list[int]]) -> list[dict]:
+    """Outputs of a greedy batch with logprobs; every process the engine ran is gone after shutdown."""
     params = {"temperature": 0, "max_new_tokens": 24, "ignore_eos": True}
     with Engine(model_dir, tp_size=tp_size, **SMALL) as engine:
         outputs = engine.generate(input_ids=prompts, sampling_params=params, return_logprob=True, logprob_start_len=0)
@@ -41,15 +52,15 @@ def _run(model_dir: str, tp_size: int, prompts: list[list[int]]) -> tuple[list[d
         assert info["tp_size"] == tp_size and len(info["rank_memory"]) == tp_size
         assert len(pids) == 2 + tp_size - 1 and all(alive(pid) for pid in pids)
     assert not any(alive(pid) for pid in pids), "a process outlived shutdown()"
-    return outputs, pids
+    return outputs
 
 
 def test_tp2_equals_tp1_and_hf(model_dir):
     from transformers import AutoModelForCausalLM
 
     prompts = [[1, 2, 3, 4, 5, 6, 7], [100, 2000, 30], [4242] * 11, [9, 99, 999, 9999, 19, 29]]
-    one, _ = _run(model_dir, 1, prompts)
-    two, _ = _run(model_dir, 2, prompts)
+    one = _run(model_dir, 1, prompts)
+    two = _run(model_dir, 2, prompts)
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     for prompt, a, b in zip(prompts, one, two):
         assert b["output_ids"] == a["output_ids"] == hf_greedy(hf, prompt, 24)
@@ -95,10 +106,8 @@ def test_rank_shards_join_into_the_full_weights(model_dir, load_format):
         assert torch.equal(joined, param), name
 
 
-def test_a_killed_rank_fails_the_waiting_call_and_leaves_nothing(model_dir):
-    if "llama" not in model_dir:
-        pytest.skip("one model is enough")
-    with Engine(model_dir, tp_size=2, **SMALL) as engine:
+def test_a_killed_rank_fails_the_waiting_call_and_leaves_nothing(llama_dir):
+    with Engine(llama_dir, tp_size=2, **SMALL) as engine:
         worker = engine.server_info["tp_worker_pids"][0]
         pids = engine._processes.pids + [worker]
 
@@ -116,19 +125,17 @@ def test_a_killed_rank_fails_the_waiting_call_and_leaves_nothing(model_dir):
     wait_until(lambda: not any(alive(pid) for pid in pids), "every rank and child to exit", 5)
 
 
-def test_a_rank_failing_at_start_up_raises_its_error(model_dir, tmp_path):
+def test_a_rank_failing_at_start_up_raises_its_error(llama_dir, tmp_path):
     """A checkpoint whose embedding lacks the rows rank 1 holds: only rank 1 fails, and its error is
     the one the constructor raises."""
-    if "llama" not in model_dir:
-        pytest.skip("one model is enough")
     import shutil
 
     from safetensors.torch import load_file, save_file
 
-    for name in os.listdir(model_dir):
+    for name in os.listdir(llama_dir):
         if not name.endswith(".safetensors"):
-            shutil.copy(os.path.join(model_dir, name), tmp_path / name)
-    tensors = load_file(os.path.join(model_dir, "model.safetensors"))
+            shutil.copy(os.path.join(llama_dir, name), tmp_path / name)
+    tensors = load_file(os.path.join(llama_dir, "model.safetensors"))
     tensors["model.embed_tokens.weight"] = tensors["model.embed_tokens.weight"][:30000].clone()
     save_file(tensors, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
     before = live_children()
@@ -140,8 +147,8 @@ def test_a_rank_failing_at_start_up_raises_its_error(model_dir, tmp_path):
     assert live_children() == before
 
 
-def test_tp_size_is_validated(model_dir):
+def test_tp_size_is_validated(llama_dir):
     with pytest.raises(ValueError, match="tp_size"):
-        EngineArgs(model_path=model_dir, tp_size=0).validate()
-    with pytest.raises(ValueError, match="tp_size=3"):
-        EngineArgs(model_path=model_dir, tp_size=3, device="cpu").resolve()
+        EngineArgs(model_path=llama_dir, tp_size=0).validate()
+    with pytest.raises(ValueError, match="tp_size=3"):  # 4 query heads do not split 3 ways
+        EngineArgs(model_path=llama_dir, tp_size=3, device="cpu").resolve()
