@@ -1,12 +1,16 @@
 """Issue 11, tensor parallelism on CPU over gloo: tp_size=2 gives tp_size=1's tokens and logprobs (and
 HF's tokens), for a model whose one KV head is replicated (Qwen3) and one whose two are split (Llama);
-the ranks' shards join into the full weights; no rank outlives the engine, a dead rank fails the waiting
-call, and a rank that fails at start-up makes the constructor raise its error."""
+the ranks' shards join into the full weights; no rank outlives the engine (context manager, SIGKILL of
+the parent), a dead rank fails the waiting call, and a rank failing at start-up makes the constructor
+raise its error."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -18,7 +22,7 @@ from engine.errors import EngineError
 from reference import hf_greedy, tiny_model_dir
 from scheduler_proc.distributed import TPGroup
 from scheduler_proc.loader import build_model
-from test_lifecycle import alive, live_children, wait_until
+from test_lifecycle import PROJECT_ROOT, alive, live_children, wait_until
 
 SMALL = {"max_total_tokens": 4096, "max_running_requests": 8}  # a small KV pool starts fast
 LONG = {"temperature": 0, "max_new_tokens": 1000, "ignore_eos": True}  # a minute of decoding on a CPU
@@ -123,6 +127,25 @@ def test_a_killed_rank_fails_the_waiting_call_and_leaves_nothing(llama_dir):
             engine.generate(input_ids=[1, 2, 3], sampling_params=LONG)
         killer.join()
     wait_until(lambda: not any(alive(pid) for pid in pids), "every rank and child to exit", 5)
+
+
+def test_every_rank_exits_when_the_parent_is_sigkilled(llama_dir):
+    script = (
+        "import json, sys, time\n"
+        "from engine import Engine\n"
+        f"engine = Engine({llama_dir!r}, tp_size=2, max_total_tokens=4096, max_running_requests=8)\n"
+        "print(json.dumps(engine._processes.pids + engine.server_info['tp_worker_pids']), flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [PROJECT_ROOT, os.environ.get("PYTHONPATH")])))
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        pids = json.loads(parent.stdout.readline())  # the engine is up once its pids are printed
+        assert len(pids) == 3 and all(alive(pid) for pid in pids)
+    finally:
+        parent.kill()  # SIGKILL: nothing runs in the parent
+        parent.wait()
+    wait_until(lambda: not any(alive(pid) for pid in pids), "the scheduler, detokenizer and rank 1 to exit")
 
 
 def test_a_rank_failing_at_start_up_raises_its_error(llama_dir, tmp_path):
