@@ -73,14 +73,19 @@ def agreement(out: str) -> None:
         pairs = [(x[0], y[0]) for i, (x, y) in enumerate(zip(tops[a], tops[b])) if where(i)]
         return sum(x == y for x, y in pairs) / max(1, len(pairs))
 
-    # Positions whose fp32 top-2 gap is above bf16's noise: there, any faithful bf16 path agrees.
-    clear = lambda i: tops["tp1_fp32"][i][1] - tops["tp1_fp32"][i][2] > 0.05  # noqa: E731
-    record(out, {
-        "part": "agreement", "model": "llama-3.1-8b", "positions": len(tops["tp1"]),
-        "tp2_vs_tp1": agree("tp2", "tp1"), "tp1_vs_fp32 (bf16 bar)": agree("tp1", "tp1_fp32"),
-        "tp2_vs_fp32": agree("tp2", "tp1_fp32"), "clear_positions": sum(map(clear, range(len(tops["tp1"])))),
-        "tp2_vs_tp1_on_clear": agree("tp2", "tp1", clear), "target": ">= 0.99 tp2_vs_tp1",
-    })  # fmt: skip
+    # Any two bf16 paths that are not bit-identical (TP=2 sums its row-parallel partial products in
+    # another order) flip the top-1 at near-ties, which random-weight models have many of: the bar is
+    # TP=1's own bf16-vs-fp32 agreement, and TP=2 must match TP=1 where the fp32 top-2 gap is clear.
+    fp32 = tops["tp1_fp32"]
+    clear = {gap: (lambda i, gap=gap: fp32[i][1] - fp32[i][2] > gap) for gap in (0.05, 0.1, 0.2)}
+    row = {"part": "agreement", "model": "llama-3.1-8b", "positions": len(tops["tp1"]),
+           "tp2_vs_tp1": agree("tp2", "tp1"), "tp1_vs_fp32 (bf16 bar)": agree("tp1", "tp1_fp32"),
+           "tp2_vs_fp32": agree("tp2", "tp1_fp32"), "target": ">= 0.99 tp2_vs_tp1"}  # fmt: skip
+    for gap, where in clear.items():
+        row[f"positions_gap>{gap}"] = sum(map(where, range(len(fp32))))
+        row[f"tp2_vs_tp1_gap>{gap}"] = agree("tp2", "tp1", where)
+        row[f"tp1_vs_fp32_gap>{gap}"] = agree("tp1", "tp1_fp32", where)
+    record(out, row)
 
 
 # ---- decode step harness (a child process per run: rank 0 drives real tp workers) ----
