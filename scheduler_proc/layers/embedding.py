@@ -56,5 +56,7 @@ class ParallelLMHead(VocabParallelEmbedding):
 
     def forward(self, hidden: torch.Tensor) -> Optional[torch.Tensor]:
         """float32 logits [R, vocab] on rank 0; None on the other ranks (which take part in the gather)."""
+        if hidden.shape[0] == 0:  # a step that needs no logits (a prompt's middle chunk): on every rank alike
+            return hidden.new_zeros(0, self.vocab_size, dtype=torch.float32) if self.tp.is_first else None
         logits = self.tp.gather_last_dim(F.linear(hidden, self.weight))
         return logits[:, : self.vocab_size].float() if logits is not None else None

@@ -46,11 +46,13 @@ def llama_dir(tiny_dirs) -> str:
     return tiny_dirs["llama"]
 
 
-def _run(model_dir: str, tp_size: int, prompts: list[list[int]]) -> list[dict]:
-    """Outputs of a greedy batch with logprobs; every process the engine ran is gone after shutdown."""
+def _run(model_dir: str, tp_size: int, prompts: list[list[int]], long_prompt: list[int]) -> list[dict]:
+    """Outputs of a greedy batch with logprobs, then of a prompt longer than a prefill chunk (a step
+    that needs no logits at all); every process the engine ran is gone after shutdown."""
     params = {"temperature": 0, "max_new_tokens": 24, "ignore_eos": True}
     with Engine(model_dir, tp_size=tp_size, **SMALL) as engine:
         outputs = engine.generate(input_ids=prompts, sampling_params=params, return_logprob=True, logprob_start_len=0)
+        outputs.append(engine.generate(input_ids=long_prompt, sampling_params=params))
         info = engine.get_server_info()
         pids = engine._processes.pids + info["tp_worker_pids"]
         assert info["tp_size"] == tp_size and len(info["rank_memory"]) == tp_size
@@ -63,11 +65,14 @@ def test_tp2_equals_tp1_and_hf(model_dir):
     from transformers import AutoModelForCausalLM
 
     prompts = [[1, 2, 3, 4, 5, 6, 7], [100, 2000, 30], [4242] * 11, [9, 99, 999, 9999, 19, 29]]
-    one = _run(model_dir, 1, prompts)
-    two = _run(model_dir, 2, prompts)
+    long_prompt = [(37 * i) % 20000 for i in range(700)]  # CPU prefill chunks are 512 tokens
+    one = _run(model_dir, 1, prompts, long_prompt)
+    two = _run(model_dir, 2, prompts, long_prompt)
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    for prompt, a, b in zip(prompts, one, two):
+    for prompt, a, b in zip(prompts + [long_prompt], one, two):
         assert b["output_ids"] == a["output_ids"] == hf_greedy(hf, prompt, 24)
+        if prompt is long_prompt:
+            continue
         for key in ("input_token_logprobs", "output_token_logprobs"):
             xs, ys = a["meta_info"][key], b["meta_info"][key]
             assert len(xs) == len(ys) and [x[1] for x in xs] == [y[1] for y in ys]
