@@ -100,6 +100,8 @@ class ModelRunner:
         try:
             figures = ask_memory(self)
         except Exception as exc:
+            if self.tp.size == 1:
+                raise
             raise CollectiveFailed(f"asking the tensor-parallel ranks for memory figures failed: {exc}") from exc
         ranks = [
             {"rank": r, "device": f"cuda:{d}" if d >= 0 else "cpu", "peak_gpu_memory_bytes": peak,
