@@ -43,6 +43,8 @@ class EngineArgs:
     attention_backend: str = "auto"  # auto: flashinfer on GPU when installed, else torch
     return_hidden_states: bool = False  # default for requests that do not say
     random_seed: int = 0  # seeds dummy weights and unseeded sampling
+    tp_size: int = 1  # tensor parallelism: GPUs (or CPU processes) that share one model, one process each
+    base_gpu_id: int = 0  # rank r runs on cuda:(base_gpu_id + r)
     log_level: str = "warning"  # logging level of every process
     cache_dir: Optional[str] = None  # where converted models go; default ~/.cache/ferry
     startup_timeout: float = 600.0  # seconds to wait for the child processes to be ready
@@ -75,6 +77,10 @@ class EngineArgs:
             raise ValueError(f"disable_overlap_schedule must be a bool, got {self.disable_overlap_schedule!r}")
         if not isinstance(self.profile_steps, int) or self.profile_steps < 0:
             raise ValueError(f"profile_steps must be a non-negative int, got {self.profile_steps!r}")
+        if not isinstance(self.tp_size, int) or isinstance(self.tp_size, bool) or self.tp_size < 1:
+            raise ValueError(f"tp_size must be a positive int, got {self.tp_size!r}")
+        if not isinstance(self.base_gpu_id, int) or isinstance(self.base_gpu_id, bool) or self.base_gpu_id < 0:
+            raise ValueError(f"base_gpu_id must be a non-negative int, got {self.base_gpu_id!r}")
         if self.startup_timeout <= 0:
             raise ValueError(f"startup_timeout must be positive, got {self.startup_timeout!r}")
 
@@ -103,6 +109,9 @@ class EngineArgs:
         if resolved.context_length is None:
             resolved.context_length = model_max
         resolved.extra["architecture"] = (config.get("architectures") or ["?"])[0]
+        _check_tp_shape(resolved.tp_size, config)
+        if resolved.device == "cuda":
+            _check_gpu_count(resolved.base_gpu_id + resolved.tp_size)
         resolved.log_level = resolved.log_level.lower()
         return resolved
 
@@ -123,6 +132,32 @@ def read_model_config(model_dir: str) -> dict[str, Any]:
         config = json.load(f)
     # Multimodal configs nest the language model's settings.
     return config.get("text_config", config) | {"architectures": config.get("architectures")}
+
+
+def _check_tp_shape(tp_size: int, config: dict[str, Any]) -> None:
+    """tp_size must split the attention heads and the MLP evenly; KV heads are split when there are
+    at least tp_size of them and replicated (each rank keeps the one its query heads read) otherwise."""
+    if tp_size == 1:
+        return
+    heads = int(config.get("num_attention_heads", 0))
+    kv_heads = int(config.get("num_key_value_heads") or heads)
+    intermediate = int(config.get("intermediate_size", 0))
+    for name, value in (("num_attention_heads", heads), ("intermediate_size", intermediate)):
+        if value % tp_size:
+            raise ValueError(f"tp_size={tp_size} does not divide the model's {name}={value}")
+    if (kv_heads >= tp_size and kv_heads % tp_size) or (kv_heads < tp_size and tp_size % kv_heads):
+        raise ValueError(f"tp_size={tp_size} must divide, or be a multiple of, num_key_value_heads={kv_heads}")
+
+
+def _check_gpu_count(needed: int) -> None:
+    # Counted from the driver's device nodes, as _cuda_available does, to keep torch out of the frontend.
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        count = len([d for d in visible.split(",") if d.strip()])
+    else:
+        count = len([n for n in os.listdir("/dev") if n.startswith("nvidia") and n[6:].isdigit()])
+    if count and needed > count:  # 0: no device nodes to count (a container without them); torch will tell
+        raise ValueError(f"tp_size + base_gpu_id needs {needed} GPUs; {count} are visible")
 
 
 def _has_tokenizer(model_dir: str) -> bool:

@@ -1,5 +1,6 @@
 """Offline throughput benchmark (`python -m engine.bench` or scripts/bench_offline_throughput.py),
-modelled on SGLang's bench_offline_throughput: prints a table and appends one JSON line per run."""
+modelled on SGLang's bench_offline_throughput: prints a table and appends one JSON line per run.
+Every EngineArgs field passes through as a flag: `--tp-size 2`, `--mem-fraction-static 0.95`, ..."""
 
 from __future__ import annotations
 
@@ -104,6 +105,9 @@ def run_ferry(workload: Workload, settings: dict[str, Any], args: argparse.Names
         "output_tokens": out_tokens,
         "cached_tokens": sum(o["meta_info"]["cached_tokens"] for o in outputs),
         "peak_gpu_memory_gib": info.get("peak_gpu_memory_bytes", 0) / 2**30,
+        "tp_size": info.get("tp_size", 1),
+        "rank_peak_gpu_memory_gib": [r["peak_gpu_memory_bytes"] / 2**30 for r in info.get("rank_memory", [])],
+        "tp_step_broadcast_us": info.get("tp_step_broadcast_us", 0.0),
         "kv_pool_tokens": info["kv_pool_tokens"],
         "device": info.get("device_name", info.get("device")),
         **latency,
@@ -194,7 +198,7 @@ def print_table(result: dict[str, Any]) -> None:
             ("wall (s)", f"{ferry['wall_s']:.2f}"), ("requests/s", f"{ferry['requests_per_s']:.2f}"),
             ("input tok/s", f"{ferry['input_tok_s']:.0f}"), ("output tok/s", f"{ferry['output_tok_s']:.0f}"),
             ("total tok/s", f"{ferry['total_tok_s']:.0f}"), ("peak GPU mem (GiB)", f"{ferry['peak_gpu_memory_gib']:.1f}"),
-            ("KV pool (tokens)", ferry["kv_pool_tokens"])]  # fmt: skip
+            ("KV pool (tokens)", ferry["kv_pool_tokens"]), ("tp_size", ferry.get("tp_size", 1))]  # fmt: skip
     for key in ("ttft_p50_s", "ttft_p99_s", "itl_p50_s", "itl_p99_s"):
         if key in ferry:
             rows.append((key, f"{ferry[key] * 1000:.1f} ms"))

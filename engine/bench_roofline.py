@@ -1,5 +1,7 @@
 """The physical floor of a workload: weights read once per decode step, each cached KV token read once
-per generated token (at the measured copy bandwidth), prefill FLOPs at the measured matmul rate."""
+per generated token (at the measured copy bandwidth), prefill FLOPs at the measured matmul rate.
+With tensor parallelism over N GPUs each reads 1/N of the weights and KV, so the floor has N GPUs'
+bandwidth and FLOPs (the GPU measured is taken as typical of them)."""
 
 from __future__ import annotations
 
@@ -49,14 +51,16 @@ def roofline(model_path: Optional[str], workload: Workload, settings: dict[str, 
     params += vocab * hidden * (1 if config.get("tie_word_embeddings") else 2)
     weight_bytes, kv_bytes_per_token = 2 * params, 2 * 2 * layers * kv_heads * head_dim
     ceilings = measure_ceilings()
+    tp_size = int(settings.get("tp_size", 1))
     # Every request decodes at once (the engine's batch holds them all), so there are max(out) steps.
     steps = max(workload.output_lens)
     kv_read = sum(n * len(ids) + n * (n - 1) / 2 for ids, n in zip(workload.input_ids, workload.output_lens))
-    decode_s = (steps * weight_bytes + kv_read * kv_bytes_per_token) / ceilings["bandwidth_bytes_s"]
-    prefill_s = 2 * params * workload.input_tokens / ceilings["matmul_flops"]
+    decode_s = (steps * weight_bytes + kv_read * kv_bytes_per_token) / (tp_size * ceilings["bandwidth_bytes_s"])
+    prefill_s = 2 * params * workload.input_tokens / (tp_size * ceilings["matmul_flops"])
     floor = workload.output_tokens / (decode_s + prefill_s)
     return {
         **ceilings,
+        "tp_size": tp_size,
         "weight_bytes": weight_bytes,
         "decode_floor_s": decode_s,
         "prefill_floor_s": prefill_s,

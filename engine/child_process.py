@@ -10,7 +10,7 @@ import sys
 import threading
 import time
 import traceback
-from typing import Callable
+from typing import Callable, Optional
 
 import zmq
 
@@ -23,7 +23,13 @@ logger = logging.getLogger(__name__)
 
 def child_main(role: str, run: Callable[[EngineArgs, Endpoints, zmq.Context], None]) -> None:
     """Entry point of `python -m <role>_proc <ipc_dir> <parent_pid>`; never returns normally."""
-    ipc_dir, parent_pid = sys.argv[1], int(sys.argv[2])
+    run_child(role, sys.argv[1], int(sys.argv[2]), run, owns_ipc_dir=True)
+
+
+def run_child(role: str, ipc_dir: str, parent_pid: int, run: Callable[[EngineArgs, Endpoints, zmq.Context], None],
+              owns_ipc_dir: bool) -> None:  # fmt: skip
+    """Run a child process's main loop; never returns normally. owns_ipc_dir: a direct child of the
+    frontend, which removes the IPC directory if the frontend dies without doing so."""
     # Ctrl-C in a terminal reaches the whole process group; the frontend decides when children stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # SIGTERM (the frontend's stop) ends us at once, in the kernel. A Python handler would only run
@@ -31,7 +37,7 @@ def child_main(role: str, run: Callable[[EngineArgs, Endpoints, zmq.Context], No
     # for seconds (the signal may land on another thread). Set explicitly: a caller that ignores
     # SIGTERM would otherwise pass SIG_IGN on to us.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    _watch_parent(parent_pid, ipc_dir)
+    watch_parent(parent_pid, ipc_dir if owns_ipc_dir else None)
     context = zmq.Context()
     endpoints = Endpoints.in_dir(ipc_dir)
     try:
@@ -45,25 +51,27 @@ def child_main(role: str, run: Callable[[EngineArgs, Endpoints, zmq.Context], No
     except BaseException as exc:  # report anything, then die: the frontend turns it into an exception
         text = traceback.format_exc()
         logger.error("%s failed: %s", role, text)
-        _report_error(context, endpoints, role, f"{type(exc).__name__}: {exc}", text)
+        report_error(context, endpoints, role, f"{type(exc).__name__}: {exc}", text)
         os._exit(1)
     os._exit(0)
 
 
-def _report_error(context: zmq.Context, endpoints: Endpoints, role: str, message: str, text: str) -> None:
+def report_error(context: zmq.Context, endpoints: Endpoints, role: str, message: str, text: str) -> None:
+    """Send the frontend a ProcessError; destroys `context` (every socket on it) once it has left."""
     sock = push_socket(context, endpoints.frontend)
     sock.send(Codec(ProcessError).encode(ProcessError(role=role, message=message, traceback=text)))
     context.destroy(linger=2000)  # closes every socket, letting this message leave first
 
 
-def _watch_parent(parent_pid: int, ipc_dir: str) -> None:
-    """Exit when the frontend process is gone, even if it was SIGKILLed (no orphans holding a GPU),
-    removing the IPC directory that the frontend did not live to remove."""
+def watch_parent(parent_pid: int, ipc_dir: Optional[str]) -> None:
+    """Exit when the parent process is gone, even if it was SIGKILLed (no orphans holding a GPU),
+    removing the IPC directory (when given) that the frontend did not live to remove."""
 
     def watch() -> None:
         while True:
             if os.getppid() != parent_pid:
-                shutil.rmtree(ipc_dir, ignore_errors=True)
+                if ipc_dir is not None:
+                    shutil.rmtree(ipc_dir, ignore_errors=True)
                 os._exit(1)
             time.sleep(0.25)
 

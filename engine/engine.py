@@ -59,6 +59,7 @@ class Engine:
             self.shutdown()
             raise
         self.server_info = info
+        self._processes.worker_pids = info.get("tp_worker_pids", [])  # shutdown() waits for them too
         self._limits = Limits(info["vocab_size"], self.args.context_length, info["kv_pool_tokens"])
         atexit.register(_shutdown_ref, weakref.ref(self))
 

@@ -12,6 +12,7 @@ import zmq
 class Endpoints:
     """IPC addresses of one engine; each is bound by the process named and connected to by the others."""
 
+    dir: str  # the engine's private directory: args.json, the sockets, tensor parallelism's rendezvous file
     scheduler: str  # scheduler's PULL: requests, aborts, control calls
     detokenizer: str  # detokenizer's PULL: token batches
     frontend: str  # frontend's PULL: text batches, readiness, errors, control replies
@@ -19,6 +20,7 @@ class Endpoints:
     @classmethod
     def in_dir(cls, directory: str) -> "Endpoints":
         return cls(
+            dir=directory,
             scheduler=f"ipc://{os.path.join(directory, 'scheduler')}",
             detokenizer=f"ipc://{os.path.join(directory, 'detokenizer')}",
             frontend=f"ipc://{os.path.join(directory, 'frontend')}",

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from typing import Optional
 
 from engine.args import EngineArgs
@@ -18,6 +19,9 @@ logger = logging.getLogger(__name__)
 
 _ROLES = ("scheduler", "detokenizer")
 _PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# NVLink multicast stays off in every process (NCCL, torch's symmetric memory, NVSHMEM): on shared
+# multi-GPU hosts it can take the GPUs out of service. Set for the children, who pass it on.
+MULTICAST_OFF_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
 
 class ChildProcesses:
@@ -29,6 +33,7 @@ class ChildProcesses:
             f.write(args.to_json())
         self.endpoints = Endpoints.in_dir(self.dir)
         self.procs: dict[str, subprocess.Popen] = {}
+        self.worker_pids: list[int] = []  # tensor-parallel ranks 1.., the scheduler's children
         self.stopping = False
 
     def start(self) -> None:
@@ -36,6 +41,7 @@ class ChildProcesses:
         # Children import our packages by module name; make that work from a source checkout too.
         env["PYTHONPATH"] = os.pathsep.join(p for p in (_PROJECT_ROOT, env.get("PYTHONPATH")) if p)
         env.setdefault("TOKENIZERS_PARALLELISM", "false")
+        env.update(MULTICAST_OFF_ENV)
         for role in _ROLES:
             self.procs[role] = subprocess.Popen(
                 [sys.executable, "-m", f"{role}_proc", self.dir, str(os.getpid())],
@@ -69,8 +75,42 @@ class ChildProcesses:
                 logger.warning("%s process did not stop in %.0fs; killing it", role, timeout)
                 proc.kill()
                 proc.wait()
+        _wait_gone(self.worker_pids, timeout)
         shutil.rmtree(self.dir, ignore_errors=True)
 
     @property
     def pids(self) -> list[int]:
         return [p.pid for p in self.procs.values()]
+
+
+def _wait_gone(pids: list[int], timeout: float) -> None:
+    """Wait for processes that are not our children (tensor-parallel workers, which the kernel kills
+    when the scheduler exits) to be gone; SIGKILL any worker still there after timeout."""
+    deadline = time.monotonic() + timeout
+    for pid in pids:
+        while _running(pid):
+            if time.monotonic() > deadline:
+                _kill_worker(pid)
+                break
+            time.sleep(0.01)
+
+
+def _running(pid: int) -> bool:
+    """True while pid runs; an exited process awaiting its reaper (a zombie) holds nothing."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+def _kill_worker(pid: int) -> None:
+    # Only if pid is still a worker: a pid the system has given to another process since is not ours.
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            if b"scheduler_proc.tp_worker" not in f.read():
+                return
+        logger.warning("tensor-parallel worker %d still running; killing it", pid)
+        os.kill(pid, signal.SIGKILL)
+    except (FileNotFoundError, ProcessLookupError):
+        pass

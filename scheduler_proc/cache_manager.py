@@ -59,7 +59,8 @@ class CacheManager:
         """Give req a row holding its (locked) cached prefix; it computes from there on."""
         req.row = self.pool.alloc_row()
         n = len(match)
-        self.pool.req_to_token[req.row, :n] = match.slots.to(torch.int32)
+        if n:
+            self.pool.set_tokens(req.row, torch.arange(n, device=self.pool.device), match.slots)
         req.kv_len = req.shared_len = n
         req.cache_node = match.node
 
@@ -103,8 +104,10 @@ class CacheManager:
         # Below shared_len req's row already holds the tree's slots; from there to `existing` another
         # request cached the tokens first, so req's own slots there are duplicates. (Sizes known on
         # the host: no wait for the device, which matters while the next step is queued.)
-        self.pool.free_slots(slots[req.shared_len : existing])
-        self.pool.req_to_token[req.row, :n] = tree_slots.to(torch.int32)
+        if existing > req.shared_len:
+            self.pool.free_slots(slots[req.shared_len : existing])
+            changed = torch.arange(req.shared_len, existing, device=slots.device)
+            self.pool.set_tokens(req.row, changed, tree_slots[req.shared_len : existing])
         self.cache.lock(node)
         self.cache.unlock(req.cache_node)
         req.cache_node, req.shared_len = node, n

@@ -70,7 +70,9 @@ class CudaGraphRunner:
             self.model(batch)
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=pool):
+        # thread_local: another thread's CUDA call (NCCL's watchdog polling its events, under tensor
+        # parallelism) must not invalidate this thread's capture.
+        with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
             self.hidden[size] = self.model(batch)
         self.graphs[size] = graph
 

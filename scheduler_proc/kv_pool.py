@@ -1,9 +1,14 @@
 """The token-granular KV pool: per-layer K/V buffers, a free list of slots, and the request-to-token table.
 
 Slot 0 is never handed out: padded rows of a CUDA-graph batch write their KV there.
+
+Under tensor parallelism only rank 0 allocates, but every rank's attention reads req_to_token, so
+rank 0 keeps a journal of its writes to the table and ships it with the next step (step_broadcast.py).
 """
 
 from __future__ import annotations
+
+from typing import Optional, Union
 
 import torch
 
@@ -29,6 +34,29 @@ class KVPool:
         self._free_slots = torch.arange(1, num_slots, dtype=torch.int64, device=device)
         self._free_rows = list(range(max_requests - 1, -1, -1))
         self.max_requests = max_requests
+        self.journal: Optional[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = None
+
+    def keep_journal(self) -> None:
+        """Record every req_to_token write from now on, for take_journal()."""
+        self.journal = []
+
+    def set_tokens(self, rows: Union[int, torch.Tensor], positions: torch.Tensor, slots: torch.Tensor) -> None:
+        """req_to_token[rows, positions] = slots: the only way the table is written, so that a journal
+        can replay every write on another rank."""
+        if isinstance(rows, int):
+            rows = torch.full_like(positions, rows)
+        self.req_to_token[rows, positions] = slots.to(torch.int32)
+        if self.journal is not None:
+            self.journal.append((rows, positions, slots))
+
+    def take_journal(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(rows, positions, slots) of every write since the last call, as int64 tensors on the device."""
+        assert self.journal is not None
+        writes, self.journal = self.journal, []
+        if not writes:
+            empty = torch.zeros(0, dtype=torch.int64, device=self.device)
+            return empty, empty, empty
+        return tuple(torch.cat([w[i].to(torch.int64) for w in writes]) for i in range(3))  # type: ignore[return-value]
 
     @property
     def capacity(self) -> int:

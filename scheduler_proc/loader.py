@@ -1,49 +1,50 @@
-"""Building a model from a HF folder: safetensors (sharded or not) or random weights ("dummy")."""
+"""Building a model from a HF folder: safetensors (sharded or not) or random weights ("dummy").
+
+Under tensor parallelism each rank builds only its shard of every layer and reads only its slices
+of the checkpoint tensors (safetensors slices are read lazily, block by block).
+"""
 
 from __future__ import annotations
 
 import glob
 import logging
 import os
-from typing import Any, Iterator
+import zlib
+from typing import Any, Iterator, Optional
 
 import torch
 
+from scheduler_proc.distributed import TPGroup
 from scheduler_proc.models.decoder import ARCHITECTURES, CausalLM
 
 logger = logging.getLogger(__name__)
 
 
 def build_model(config: dict[str, Any], load_format: str, model_dir: str, dtype: torch.dtype,
-                device: torch.device, seed: int) -> CausalLM:
+                device: torch.device, seed: int, tp: Optional[TPGroup] = None) -> CausalLM:  # fmt: skip
     """Build on the meta device (no memory), materialise on `device`, then fill the weights."""
     arch = (config.get("architectures") or [""])[0]
     if arch not in ARCHITECTURES:
         raise ValueError(f"model architecture {arch!r} is not supported; supported: {sorted(ARCHITECTURES)}")
     with torch.device("meta"):
-        model = ARCHITECTURES[arch](config)
+        model = ARCHITECTURES[arch](config, tp=tp or TPGroup())
     model = model.to(dtype).to_empty(device=device)
     model.tie_weights()
     for module in model.modules():
         if hasattr(module, "reset_buffers"):
             module.reset_buffers()
-    if load_format == "dummy":
-        _random_weights(model, seed)
-    else:
-        _load_checkpoint(model, model_dir)
+    weights = random_weights(model, seed, device) if load_format == "dummy" else iter_safetensors(model_dir)
+    loaded = model.load_weights(weights)
+    missing = sorted({name for name, _ in model.named_parameters()} - loaded)
+    if missing:
+        more = "..." if len(missing) > 5 else ""
+        raise ValueError(f"checkpoint in {model_dir} lacks weights for {missing[:5]}{more}")
     return model.eval()
 
 
-def _load_checkpoint(model: CausalLM, model_dir: str) -> None:
-    loaded = model.load_weights(iter_safetensors(model_dir))
-    expected = {name for name, _ in model.named_parameters()}
-    missing = sorted(expected - loaded)
-    if missing:
-        raise ValueError(f"checkpoint in {model_dir} lacks weights for {missing[:5]}{'...' if len(missing) > 5 else ''}")
-
-
-def iter_safetensors(model_dir: str) -> Iterator[tuple[str, torch.Tensor]]:
-    """Stream (name, tensor) from every *.safetensors file; one tensor in host memory at a time."""
+def iter_safetensors(model_dir: str) -> Iterator[tuple[str, Any]]:
+    """Stream (name, lazy slice) from every *.safetensors file: a tensor is read only when (and as
+    far as) a layer indexes its slice."""
     from safetensors import safe_open
 
     files = sorted(glob.glob(os.path.join(model_dir, "*.safetensors")))
@@ -52,21 +53,23 @@ def iter_safetensors(model_dir: str) -> Iterator[tuple[str, torch.Tensor]]:
     for path in files:
         with safe_open(path, framework="pt", device="cpu") as f:
             for name in f.keys():
-                yield name, f.get_tensor(name)
+                yield name, f.get_slice(name)
 
 
-def _random_weights(model: CausalLM, seed: int) -> None:
-    """Random weights, the same for a given seed: for speed work without a checkpoint. Scaled by
-    1/sqrt(fan_in) so activations keep their size through every layer, as in a trained model: with a
-    fixed small std a deep, wide model's activations grow layer by layer and bf16 rounding decides its
-    outputs, which would make parity checks against HF measure chaos instead of kernels."""
-    generator = None
-    for name, param in model.named_parameters():
-        if generator is None:
-            generator = torch.Generator(device=param.device).manual_seed(seed)
+def random_weights(model: CausalLM, seed: int, device: torch.device) -> Iterator[tuple[str, torch.Tensor]]:
+    """Random checkpoint tensors, for speed work without a checkpoint. Each full tensor comes from its
+    own generator, seeded by (seed, name), in float32, and loads through the checkpoint path: every
+    tp_size and dtype slices the same numbers, so TP=1 and TP=2 runs of one config hold one model.
+
+    Scaled by 1/sqrt(fan_in) so activations keep their size through every layer, as in a trained
+    model: with a fixed small std a deep, wide model's activations grow layer by layer and bf16
+    rounding decides its outputs, which would make parity checks measure chaos instead of kernels."""
+    for name, shape in model.checkpoint_shapes().items():
         if "norm" in name:
-            param.data.fill_(1.0)
-        elif param.dim() == 1:
-            param.data.zero_()
+            yield name, torch.ones(shape, device=device)
+        elif len(shape) == 1:
+            yield name, torch.zeros(shape, device=device)
         else:
-            param.data.normal_(0.0, param.shape[1] ** -0.5, generator=generator)
+            name_seed = (seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63
+            generator = torch.Generator(device=device).manual_seed(name_seed)
+            yield name, torch.empty(shape, device=device).normal_(0.0, shape[1] ** -0.5, generator=generator)

@@ -1,4 +1,8 @@
-"""ModelRunner: loads the model, sizes the KV pool, runs a forward step and samples."""
+"""ModelRunner: loads the model, sizes the KV pool, runs a forward step and samples.
+
+Under tensor parallelism every rank has a ModelRunner over its shard; rank 0's forward() first hands
+the step to the others (step_broadcast.py), and every rank then runs the same run_forward().
+"""
 
 from __future__ import annotations
 
@@ -13,11 +17,13 @@ from engine.args import EngineArgs, read_model_config
 from scheduler_proc.attention import create_backend
 from scheduler_proc.batch import ForwardBatch, to_device
 from scheduler_proc.cuda_graph import CudaGraphRunner
+from scheduler_proc.distributed import CollectiveFailed, TPGroup, rank_device
 from scheduler_proc.kv_pool import KVPool
 from scheduler_proc.loader import build_model
 from scheduler_proc.sampler import SamplingBatch, SamplingState
 from scheduler_proc.step import Step, sample_step
 from scheduler_proc.step_profile import StepProfiler
+from scheduler_proc.step_broadcast import ask_memory, pack_step
 
 logger = logging.getLogger(__name__)
 
@@ -35,24 +41,30 @@ class SampledIds:
 
 
 class ModelRunner:
-    def __init__(self, args: EngineArgs) -> None:
+    def __init__(self, args: EngineArgs, tp: Optional[TPGroup] = None) -> None:
         self.args = args
-        self.device = torch.device("cuda", 0) if args.device == "cuda" else torch.device(args.device)
+        self.tp = tp or TPGroup()
+        assert self.tp.size == args.tp_size, (self.tp.size, args.tp_size)
+        self.device = rank_device(args, self.tp.rank)
         self.dtype = getattr(torch, args.dtype)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         self.config = read_model_config(args.model_path)
         start = time.perf_counter()
-        self.model = build_model(
-            self.config, args.load_format, args.model_path, self.dtype, self.device, args.random_seed
-        )
+        self.model = build_model(self.config, args.load_format, args.model_path, self.dtype, self.device,
+                                 args.random_seed, self.tp)  # fmt: skip
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()  # loading's temporaries must not count as used when the pool is sized
         self.shape = self.model.shape
         logger.info("model loaded in %.1fs", time.perf_counter() - start)
         self.pool = self._make_pool()
-        self.attention = create_backend(args.attention_backend, self.pool, args.device, self.shape.num_heads,
-                                        self.shape.num_kv_heads, self.shape.head_dim)  # fmt: skip
+        if self.tp.size > 1 and self.tp.is_first:
+            self.pool.keep_journal()
+        self.attention = create_backend(args.attention_backend, self.pool, args.device, self.shape.num_heads_per_rank,
+                                        self.shape.num_kv_heads_per_rank, self.shape.head_dim)  # fmt: skip
         self.sampling = SamplingState(self.pool.max_requests, self.shape.vocab_size, self.device)
-        self.graphs = self._make_graphs()
+        self.graphs = self._make_graphs()  # every rank captures the same sizes in the same order: in lockstep
+        self.broadcast_seconds, self.broadcasts = 0.0, 0
 
     def _make_graphs(self) -> Optional[CudaGraphRunner]:
         if self.device.type != "cuda" or self.args.disable_cuda_graph:
@@ -68,34 +80,52 @@ class ModelRunner:
 
     def _make_pool(self) -> KVPool:
         shape, args = self.shape, self.args
-        per_token = KVPool.bytes_per_token(shape.num_layers, shape.num_kv_heads, shape.head_dim, self.dtype)
+        per_token = KVPool.bytes_per_token(shape.num_layers, shape.num_kv_heads_per_rank, shape.head_dim, self.dtype)
         if self.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(self.device)
             budget = int(total * args.mem_fraction_static) - (total - free) - _GPU_RESERVE_BYTES
-            if budget <= per_token * 16:
-                raise RuntimeError(
-                    f"not enough GPU memory for the KV cache: {free / 2**30:.1f} GiB free of "
-                    f"{total / 2**30:.1f} GiB after loading weights (mem_fraction_static={args.mem_fraction_static})"
-                )
         else:
             budget = _CPU_KV_BUDGET_BYTES
+        # Every rank holds the same slots: the pool is as large as the rank with the least room allows.
+        budget = self.tp.min_over_ranks(budget)
+        if self.device.type == "cuda" and budget <= per_token * 16:
+            raise RuntimeError(
+                f"not enough GPU memory for the KV cache on some rank: {budget / 2**30:.2f} GiB left after loading "
+                f"weights (mem_fraction_static={args.mem_fraction_static}); cuda:{self.device.index} has "
+                f"{free / 2**30:.1f} GiB free of {total / 2**30:.1f} GiB"
+            )
         num_tokens = budget // per_token
         if args.max_total_tokens is not None:
             num_tokens = min(num_tokens, args.max_total_tokens)
         max_requests = args.max_running_requests or (1024 if self.device.type == "cuda" else 64)
         max_requests = max(1, min(max_requests, num_tokens))
         pool = KVPool(
-            shape.num_layers, num_tokens + 1, shape.num_kv_heads, shape.head_dim, self.dtype, self.device,
+            shape.num_layers, num_tokens + 1, shape.num_kv_heads_per_rank, shape.head_dim, self.dtype, self.device,
             max_requests, args.context_length + 1,
         )  # fmt: skip
         logger.info("KV pool: %d tokens, %.2f GiB, %d request rows", pool.capacity, pool.bytes / 2**30, max_requests)
         return pool
 
     def info(self) -> dict[str, Any]:
+        """Figures for server_info (rank 0; under tensor parallelism it asks the other ranks too)."""
         cuda = self.device.type == "cuda"
+        try:
+            figures = ask_memory(self)
+        except Exception as exc:
+            if self.tp.size == 1:
+                raise
+            raise CollectiveFailed(f"asking the tensor-parallel ranks for memory figures failed: {exc}") from exc
+        ranks = [
+            {"rank": r, "device": f"cuda:{d}" if d >= 0 else "cpu", "peak_gpu_memory_bytes": peak,
+             "gpu_memory_allocated_bytes": allocated, "gpu_memory_total_bytes": total}
+            for r, (d, peak, allocated, total) in enumerate(figures)
+        ]  # fmt: skip
         return {
             "device_name": torch.cuda.get_device_name(self.device) if cuda else "cpu",
-            "peak_gpu_memory_bytes": torch.cuda.max_memory_allocated(self.device) if cuda else 0,
+            "peak_gpu_memory_bytes": ranks[0]["peak_gpu_memory_bytes"],
+            "tp_size": self.tp.size,
+            "rank_memory": ranks,
+            "tp_step_broadcast_us": 1e6 * self.broadcast_seconds / max(1, self.broadcasts),
             "kv_pool_tokens": self.pool.capacity,
             "kv_pool_bytes": self.pool.bytes,
             "max_running_requests": self.pool.max_requests,
@@ -106,9 +136,32 @@ class ModelRunner:
             "cuda_graph_batch_sizes": self.graphs.sizes if self.graphs is not None else [],
         }
 
+    def memory_figures(self) -> list[int]:
+        """[device index (-1: CPU), peak allocated, allocated, total] bytes of this rank."""
+        if self.device.type != "cuda":
+            return [-1, 0, 0, 0]
+        total = torch.cuda.get_device_properties(self.device).total_memory
+        return [self.device.index, torch.cuda.max_memory_allocated(self.device),
+                torch.cuda.memory_allocated(self.device), total]  # fmt: skip
+
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Run the model; returns (hidden states of every token [T, H], logits of batch.logit_rows [R, V])."""
+        """Run the model; returns (hidden states of every token [T, H], logits of batch.logit_rows [R, V]).
+        Under tensor parallelism (rank 0) the other ranks are handed the step first."""
+        if self.tp.size == 1:
+            return self.run_forward(batch)
+        try:
+            start = time.perf_counter()
+            self.tp.broadcast_ints(pack_step(batch, self.pool.take_journal()))
+            self.broadcast_seconds += time.perf_counter() - start
+            self.broadcasts += 1
+            return self.run_forward(batch)
+        except Exception as exc:
+            raise CollectiveFailed(f"a tensor-parallel step failed on rank 0: {type(exc).__name__}: {exc}") from exc
+
+    @torch.inference_mode()
+    def run_forward(self, batch: ForwardBatch) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """This rank's share of the step; the logits are None on ranks other than 0."""
         batch.attention = self.attention
         if self.graphs is not None and self.graphs.can_run(batch):
             hidden = self.graphs.run(batch)

@@ -31,6 +31,7 @@ from engine.protocol import (
     TokenBatch,
 )
 from scheduler_proc.cache_manager import CacheManager
+from scheduler_proc.distributed import TPGroup
 from scheduler_proc.finish import FinishChecker
 from scheduler_proc.model_runner import ModelRunner
 from scheduler_proc.policy import NewTokenEstimate, order_waiting, waits_for_shared_prefix
@@ -38,6 +39,7 @@ from scheduler_proc.radix_cache import create_prefix_cache
 from scheduler_proc.request import Request
 from scheduler_proc.step import Launched, Step, build_step, read_step_outputs
 from scheduler_proc.step_profile import StepProfiler
+from scheduler_proc.tp_processes import TPWorkers, start_tensor_parallel
 
 logger = logging.getLogger(__name__)
 
@@ -45,9 +47,11 @@ _RETRACT_HEADROOM_STEPS = 4  # retract until the rest can decode this many steps
 
 
 class Scheduler:
-    def __init__(self, args: EngineArgs, endpoints: Endpoints, context: zmq.Context) -> None:
+    def __init__(self, args: EngineArgs, endpoints: Endpoints, context: zmq.Context, tp: Optional[TPGroup] = None,
+                 tp_workers: Optional[TPWorkers] = None) -> None:  # fmt: skip
         self.args = args
-        self.runner = ModelRunner(args)
+        self.tp_workers = tp_workers
+        self.runner = ModelRunner(args, tp)
         self.pool = self.runner.pool
         self.finish_checker = FinishChecker(args)
         self.waiting: deque[Request] = deque()
@@ -124,6 +128,7 @@ class Scheduler:
             "num_waiting": len(self.waiting),
             "num_retractions": self.num_retractions,
             "overlap_schedule": self.overlap,
+            "tp_worker_pids": self.tp_workers.pids if self.tp_workers is not None else [],
         } | ({"step_profile": self.profiler.summary()} if self.args.profile_steps else {})
 
     def flush_cache(self) -> dict[str, Any]:
@@ -358,7 +363,13 @@ class Scheduler:
 
 
 def run_scheduler(args: EngineArgs, endpoints: Endpoints, context: zmq.Context) -> None:
-    Scheduler(args, endpoints, context).run_forever()
+    tp, workers = start_tensor_parallel(args, endpoints.dir)  # rank 0 of tp_size processes
+    try:
+        Scheduler(args, endpoints, context, tp, workers).run_forever()
+    except BaseException:
+        if workers is not None:  # a dead worker is the error to report: give its watcher time to do so
+            workers.wait_for_exit(timeout=1.0)
+        raise
 
 
 def _progress(req: Request) -> tuple[int, int]:

@@ -74,7 +74,7 @@ def build_step(entries: list[tuple[Request, int]], pool: KVPool, eos_ids: list[i
     device = pool.device
     out_cache_loc = pool.alloc_slots(len(input_ids))
     positions_t = to_device(positions, torch.int64, device)
-    pool.req_to_token[to_device(token_rows, torch.int64, device), positions_t] = out_cache_loc.to(torch.int32)
+    pool.set_tokens(to_device(token_rows, torch.int64, device), positions_t, out_cache_loc)
     batch = ForwardBatch(
         input_ids=to_device(input_ids, torch.int64, device),
         positions=positions_t,

@@ -2,6 +2,11 @@
 
 The three architectures differ only in switches read from config.json: q/k/v bias (Qwen2, or Llama's
 `attention_bias`), per-head q/k RMSNorm (Qwen3) and an explicit `head_dim` (Qwen3).
+
+Under tensor parallelism (Megatron) each rank holds its share of the attention heads and of the MLP:
+column-parallel q|k|v and gate|up, row-parallel o_proj and down_proj (one all-reduce each per layer),
+vocab-parallel embedding and LM head. KV heads are split when there are at least tp_size of them, else
+each rank keeps the one KV head its query heads read.
 """
 
 from __future__ import annotations
@@ -12,8 +17,10 @@ import torch
 from torch import nn
 
 from scheduler_proc.batch import ForwardBatch
+from scheduler_proc.distributed import TPGroup
 from scheduler_proc.layers.activation import SiluAndMul
-from scheduler_proc.layers.linear import MergedLinear
+from scheduler_proc.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from scheduler_proc.layers.linear import ColumnParallelLinear, Part, RowParallelLinear, load_whole
 from scheduler_proc.layers.norm import RMSNorm
 from scheduler_proc.layers.rotary import RotaryEmbedding, rope_parameters
 
@@ -21,7 +28,7 @@ from scheduler_proc.layers.rotary import RotaryEmbedding, rope_parameters
 class ModelShape:
     """The numbers of a decoder read once from config.json."""
 
-    def __init__(self, config: dict[str, Any], qkv_bias: bool, qk_norm: bool) -> None:
+    def __init__(self, config: dict[str, Any], qkv_bias: bool, qk_norm: bool, tp_size: int = 1) -> None:
         self.hidden_size = int(config["hidden_size"])
         self.num_layers = int(config["num_hidden_layers"])
         self.num_heads = int(config["num_attention_heads"])
@@ -36,20 +43,34 @@ class ModelShape:
         self.qkv_bias = qkv_bias or bool(config.get("attention_bias", False))
         self.qk_norm = qk_norm
         self.mlp_bias = bool(config.get("mlp_bias", False))
+        self.tp_size = tp_size
+        self.num_heads_per_rank = self.num_heads // tp_size
+        self.num_kv_heads_per_rank = max(1, self.num_kv_heads // tp_size)
+
+    def kv_shard(self, rank: int) -> tuple[int, int]:
+        """(number of KV-head blocks, the block this rank keeps): split, or replicated across the
+        tp_size / num_kv_heads ranks whose query heads read the same KV head."""
+        if self.num_kv_heads >= self.tp_size:
+            return self.tp_size, rank
+        return self.num_kv_heads, rank * self.num_kv_heads // self.tp_size
 
 
 class Attention(nn.Module):
-    def __init__(self, shape: ModelShape, layer_id: int, rotary: RotaryEmbedding) -> None:
+    def __init__(self, shape: ModelShape, layer_id: int, rotary: RotaryEmbedding, tp: TPGroup) -> None:
         super().__init__()
         self.layer_id = layer_id
-        self.num_heads, self.num_kv_heads, self.head_dim = shape.num_heads, shape.num_kv_heads, shape.head_dim
-        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        self.qkv_proj = MergedLinear(shape.hidden_size, [q_size, kv_size, kv_size], bias=shape.qkv_bias)
-        self.o_proj = nn.Linear(q_size, shape.hidden_size, bias=False)
+        self.num_heads, self.num_kv_heads = shape.num_heads_per_rank, shape.num_kv_heads_per_rank
+        self.head_dim = shape.head_dim
+        q_size, kv_size = shape.num_heads * self.head_dim, shape.num_kv_heads * self.head_dim
+        kv_shards, kv_shard = shape.kv_shard(tp.rank)
+        parts = [Part("q_proj", q_size, tp.size, tp.rank), Part("k_proj", kv_size, kv_shards, kv_shard),
+                 Part("v_proj", kv_size, kv_shards, kv_shard)]  # fmt: skip
+        self.qkv_proj = ColumnParallelLinear(shape.hidden_size, parts, bias=shape.qkv_bias)
+        self.o_proj = RowParallelLinear(q_size, shape.hidden_size, bias=False, tp=tp)
         self.q_norm = RMSNorm(self.head_dim, shape.rms_norm_eps) if shape.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, shape.rms_norm_eps) if shape.qk_norm else None
         self.rotary = rotary
-        self.split = [q_size, kv_size, kv_size]
+        self.split = [p.local_size for p in parts]
 
     def forward(self, hidden: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         q, k, v = self.qkv_proj(hidden).split(self.split, dim=-1)
@@ -67,11 +88,12 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, shape: ModelShape) -> None:
+    def __init__(self, shape: ModelShape, tp: TPGroup) -> None:
         super().__init__()
         size = shape.intermediate_size
-        self.gate_up_proj = MergedLinear(shape.hidden_size, [size, size], bias=shape.mlp_bias)
-        self.down_proj = nn.Linear(size, shape.hidden_size, bias=shape.mlp_bias)
+        parts = [Part("gate_proj", size, tp.size, tp.rank), Part("up_proj", size, tp.size, tp.rank)]
+        self.gate_up_proj = ColumnParallelLinear(shape.hidden_size, parts, bias=shape.mlp_bias)
+        self.down_proj = RowParallelLinear(size, shape.hidden_size, bias=shape.mlp_bias, tp=tp)
         self.act = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -79,12 +101,12 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, shape: ModelShape, layer_id: int, rotary: RotaryEmbedding) -> None:
+    def __init__(self, shape: ModelShape, layer_id: int, rotary: RotaryEmbedding, tp: TPGroup) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(shape.hidden_size, shape.rms_norm_eps)
-        self.self_attn = Attention(shape, layer_id, rotary)
+        self.self_attn = Attention(shape, layer_id, rotary, tp)
         self.post_attention_layernorm = RMSNorm(shape.hidden_size, shape.rms_norm_eps)
-        self.mlp = MLP(shape)
+        self.mlp = MLP(shape, tp)
 
     def forward(
         self, hidden: torch.Tensor, residual: Optional[torch.Tensor], batch: ForwardBatch
@@ -100,11 +122,11 @@ class DecoderLayer(nn.Module):
 
 
 class DecoderModel(nn.Module):
-    def __init__(self, shape: ModelShape) -> None:
+    def __init__(self, shape: ModelShape, tp: TPGroup) -> None:
         super().__init__()
         rotary = RotaryEmbedding(shape.head_dim, shape.max_positions, shape.rope_theta, shape.rope_scaling)
-        self.embed_tokens = nn.Embedding(shape.vocab_size, shape.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(shape, i, rotary) for i in range(shape.num_layers))
+        self.embed_tokens = VocabParallelEmbedding(shape.vocab_size, shape.hidden_size, tp)
+        self.layers = nn.ModuleList(DecoderLayer(shape, i, rotary, tp) for i in range(shape.num_layers))
         self.norm = RMSNorm(shape.hidden_size, shape.rms_norm_eps)
 
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
@@ -118,11 +140,13 @@ class DecoderModel(nn.Module):
 class CausalLM(nn.Module):
     """Decoder + LM head. forward() returns the final-normed hidden states of every input token."""
 
-    def __init__(self, config: dict[str, Any], qkv_bias: bool = False, qk_norm: bool = False) -> None:
+    def __init__(self, config: dict[str, Any], qkv_bias: bool = False, qk_norm: bool = False,
+                 tp: Optional[TPGroup] = None) -> None:  # fmt: skip
         super().__init__()
-        self.shape = ModelShape(config, qkv_bias, qk_norm)
-        self.model = DecoderModel(self.shape)
-        self.lm_head = nn.Linear(self.shape.hidden_size, self.shape.vocab_size, bias=False)
+        tp = tp or TPGroup()
+        self.shape = ModelShape(config, qkv_bias, qk_norm, tp.size)
+        self.model = DecoderModel(self.shape, tp)
+        self.lm_head = ParallelLMHead(self.shape.vocab_size, self.shape.hidden_size, tp)
         self.tie_weights()
 
     def tie_weights(self) -> None:
@@ -133,47 +157,75 @@ class CausalLM(nn.Module):
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
         return self.model(batch)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
+    def compute_logits(self, hidden: torch.Tensor) -> Optional[torch.Tensor]:
+        """float32 logits [R, vocab]; under tensor parallelism on rank 0 only (None elsewhere)."""
+        return self.lm_head(hidden)
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        """Copy HF-named tensors into the fused parameters; returns the names of parameters filled."""
+    def load_weights(self, weights: Iterable[tuple[str, Any]]) -> set[str]:
+        """Fill the parameters from checkpoint-named sources (safetensors slices or tensors), each
+        sharded layer reading only this rank's block; returns the names of the parameters filled."""
+        modules = dict(self.named_modules())
         params = dict(self.named_parameters())
+        fused = self._fused_parts()
         loaded: set[str] = set()
-        fused = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
-                 "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}  # fmt: skip
-        for name, tensor in weights:
-            if "rotary_emb" in name:
+        for name, source in weights:
+            if "rotary_emb" in name or (name == "lm_head.weight" and self.shape.tie_word_embeddings):
                 continue
-            if name == "lm_head.weight" and self.shape.tie_word_embeddings:
-                continue
-            *path, proj, kind = name.split(".")
-            if proj in fused:
-                target, index = fused[proj]
-                module = self.get_submodule(".".join(path + [target]))
-                module.load_shard(index, kind, tensor)
-                loaded.add(".".join(path + [target, kind]))
-                continue
-            if name not in params:
+            owner, kind = name.rsplit(".", 1)
+            if owner in fused:
+                module_name, index = fused[owner]
+                modules[module_name].load_part(index, kind, source, name)
+                loaded.add(f"{module_name}.{kind}")
+            elif isinstance(modules.get(owner), _SHARDED):
+                modules[owner].load(kind, source, name)
+                loaded.add(name)
+            elif name in params:
+                load_whole(params[name], source, name)
+                loaded.add(name)
+            else:
                 raise KeyError(f"checkpoint tensor {name!r} has no place in {type(self).__name__}")
-            params[name].data.copy_(tensor)
-            loaded.add(name)
         return loaded
+
+    def checkpoint_shapes(self) -> dict[str, list[int]]:
+        """Every checkpoint tensor the model reads, by its checkpoint name, with its full (unsharded) shape."""
+        shapes: dict[str, list[int]] = {}
+        for module_name, module in self.named_modules():
+            if module is self.lm_head and self.shape.tie_word_embeddings:
+                continue
+            if isinstance(module, (ColumnParallelLinear, *_SHARDED)):
+                shapes.update(module.checkpoint_shapes(module_name))
+                continue
+            for param_name, param in module.named_parameters(recurse=False):
+                shapes[f"{module_name}.{param_name}"] = list(param.shape)
+        return shapes
+
+    def _fused_parts(self) -> dict[str, tuple[str, int]]:
+        """Checkpoint module name (model.layers.0.self_attn.k_proj) -> (fused module name, part index)."""
+        parts = {}
+        for module_name, module in self.named_modules():
+            if isinstance(module, ColumnParallelLinear):
+                parent = module_name.rsplit(".", 1)[0]
+                for index, part in enumerate(module.parts):
+                    parts[f"{parent}.{part.name}"] = (module_name, index)
+        return parts
+
+
+_SHARDED = (RowParallelLinear, VocabParallelEmbedding)  # layers with their own `load`
 
 
 class LlamaForCausalLM(CausalLM):
-    def __init__(self, config: dict[str, Any]) -> None:
-        super().__init__(config)
+    def __init__(self, config: dict[str, Any], tp: Optional[TPGroup] = None) -> None:
+        super().__init__(config, tp=tp)
 
 
 class Qwen2ForCausalLM(CausalLM):
-    def __init__(self, config: dict[str, Any]) -> None:
-        super().__init__(config, qkv_bias=True)
+    def __init__(self, config: dict[str, Any], tp: Optional[TPGroup] = None) -> None:
+        super().__init__(config, qkv_bias=True, tp=tp)
 
 
 class Qwen3ForCausalLM(CausalLM):
-    def __init__(self, config: dict[str, Any]) -> None:
-        super().__init__(config, qk_norm=True)
+    def __init__(self, config: dict[str, Any], tp: Optional[TPGroup] = None) -> None:
+        super().__init__(config, qk_norm=True, tp=tp)
 
 
 ARCHITECTURES: dict[str, type[CausalLM]] = {

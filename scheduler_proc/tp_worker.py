@@ -1,0 +1,53 @@
+"""A tensor-parallel worker process, ranks 1..tp_size-1, started by the scheduler (rank 0):
+`python -m scheduler_proc.tp_worker <ipc_dir> <rank 0 pid> <rank>`. It loads its shard of the model,
+captures its CUDA graphs in step with rank 0, then runs every step rank 0 hands it.
+
+A failure here reaches the caller as this rank's error (ProcessError to the frontend), and the worker
+never outlives rank 0.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import sys
+
+import zmq
+
+from engine.args import EngineArgs
+from engine.child_process import run_child
+from engine.ipc import Endpoints
+
+_PR_SET_PDEATHSIG = 1
+
+
+def main() -> None:
+    ipc_dir, rank0_pid, rank = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    _die_with_parent(rank0_pid)
+
+    def run(args: EngineArgs, endpoints: Endpoints, context: zmq.Context) -> None:
+        from scheduler_proc.distributed import join_group, rank_device
+        from scheduler_proc.model_runner import ModelRunner
+        from scheduler_proc.step_broadcast import follow_rank0
+        from scheduler_proc.tp_processes import init_file
+
+        tp = join_group(rank, args.tp_size, init_file(ipc_dir), rank_device(args, rank))
+        follow_rank0(ModelRunner(args, tp))
+
+    # The IPC directory is the frontend's: rank 0's exit does not mean the frontend is gone.
+    run_child(f"tensor-parallel rank {rank}", ipc_dir, rank0_pid, run, owns_ipc_dir=False)
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Have the kernel SIGKILL this process the moment rank 0 exits, however it exits (the parent
+    watch thread would take up to its poll period, and shutdown() waits for every rank to be gone);
+    then make sure rank 0 did not exit before the request took hold."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL))
+    if os.getppid() != parent_pid:
+        os._exit(1)
+
+
+if __name__ == "__main__":
+    main()
