@@ -9,7 +9,8 @@ from typing import Any, Iterator
 
 import torch
 
-from scheduler_proc.models.decoder import ARCHITECTURES, CausalLM
+from scheduler_proc.models.decoder import CausalLM
+from scheduler_proc.models.registry import ARCHITECTURES
 
 logger = logging.getLogger(__name__)
 
