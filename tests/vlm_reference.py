@@ -92,3 +92,46 @@ def hf_vlm_greedy(model, tokenizer, prompt: str, images: list, num_tokens: int) 
         generated.append(token)
         out = model(torch.tensor([[token]]), past_key_values=out.past_key_values, use_cache=True)
     return generated
+
+
+def png_bytes(image) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")  # lossless: every form of the image decodes to the same pixels
+    return buffer.getvalue()
+
+
+class ImageServer:
+    """A loopback HTTP server in a thread: GET /<name> answers files[name]; /slow answers after 3 s; else 404."""
+
+    def __init__(self, files: dict[str, bytes]) -> None:
+        import http.server
+        import threading
+        import time
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                if self.path == "/slow":
+                    time.sleep(3)
+                data = files.get(self.path.lstrip("/"))
+                if data is None:
+                    self.send_error(404)
+                    return
+                self.send_response(200)
+                self.send_header("Content-Type", "image/png")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
