@@ -49,7 +49,7 @@ class Engine:
         from transformers import AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(self.args.tokenizer_path)
-        self._image_processor = image_processor_for(self.args.model_path)  # None: a text-only model
+        self._image_processor = image_processor_for(self.args.model_path, self.args.dtype)  # None: a text-only model
         self._shutdown_done = False  # from here on there is something to shut down
         self._loop = LoopThread(name="ferry-frontend")
         self._closed = False

@@ -40,7 +40,7 @@ class FinishReason(msgspec.Struct, omit_defaults=True):
 class ImageInput(msgspec.Struct, array_like=True):
     """One preprocessed image of a prompt: the vision tower's patches and where its tokens sit."""
 
-    pixel_values: Array  # [num_patches, channels * temporal_patch * patch * patch] float32
+    pixel_values: Array  # [num_patches, channels * temporal_patch * patch * patch], float32 or float16
     grid_thw: list[int]  # patches along time, height, width
     merge_size: int  # patches merged per side into one language-model token
     offset: int  # index in input_ids of the image's first token

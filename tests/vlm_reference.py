@@ -22,11 +22,9 @@ MERGE = 2
 def tiny_vlm_dir(out, tokenizer_dir: str) -> str:
     """A Qwen2.5-VL folder: 2 decoder layers, a 3-block vision tower (block 1 full attention, windows of
     2x2 merged patches elsewhere), the default model's tokenizer with Qwen's vision tokens added."""
-    from transformers import AutoTokenizer, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    tokenizer.add_tokens(VISION_TOKENS, special_tokens=True)
-    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer = vlm_tokenizer(tokenizer_dir)
     ids = tokenizer.convert_tokens_to_ids(VISION_TOKENS)
     config = Qwen2_5_VLConfig(
         text_config=dict(vocab_size=49160, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -48,6 +46,16 @@ def tiny_vlm_dir(out, tokenizer_dir: str) -> str:
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return str(out)
+
+
+def vlm_tokenizer(tokenizer_dir: str):
+    """The default model's tokenizer with Qwen's vision tokens added and a chat template that places images."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tokenizer.add_tokens(VISION_TOKENS, special_tokens=True)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
 
 
 def image_processor():

@@ -29,7 +29,7 @@ _PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
 
 @dataclass
 class ProcessedImage:
-    pixel_values: np.ndarray  # [num_patches, patch_dim] float32
+    pixel_values: np.ndarray  # [num_patches, patch_dim], float32 or float16
     grid_thw: list[int]
     num_tokens: int
     content_hash: int
@@ -39,8 +39,9 @@ class ImageProcessor:
     """Turns caller images into the vision tower's patches, with the model's preprocessing settings
     (preprocessor_config.json when the folder has one, else the vision config's patch sizes)."""
 
-    def __init__(self, model_path: str, config: dict[str, Any]) -> None:
+    def __init__(self, model_path: str, config: dict[str, Any], pixel_dtype: str = "float32") -> None:
         vision = config["vision_config"]
+        self.pixel_dtype = np.dtype(pixel_dtype)
         self.image_token_id = int(config["image_token_id"])
         self.merge_size = int(vision.get("spatial_merge_size", 2))
         processor_class = _processor_class()
@@ -62,7 +63,7 @@ class ImageProcessor:
             out = self.hf(images=[pil], return_tensors="np")
         except ValueError as exc:  # e.g. an extreme aspect ratio
             raise ValueError(f"{where} cannot be preprocessed: {exc}") from exc
-        pixels = np.ascontiguousarray(out["pixel_values"], dtype=np.float32)
+        pixels = np.ascontiguousarray(out["pixel_values"], dtype=self.pixel_dtype)
         grid = [int(x) for x in out["image_grid_thw"][0]]
         digest = hashlib.blake2b(pixels.tobytes(), digest_size=8, person=b"ferry-img")
         digest.update(np.asarray(grid, dtype=np.int64).tobytes())
@@ -91,8 +92,10 @@ class ImageProcessor:
         return out + ids[last:], inputs
 
 
-def image_processor_for(model_path: str) -> Optional[ImageProcessor]:
-    """The image processor of a vision-language model folder, None for a text-only model."""
+def image_processor_for(model_path: str, model_dtype: str) -> Optional[ImageProcessor]:
+    """The image processor of a vision-language model folder, None for a text-only model. A model in half
+    precision gets float16 pixels: its tower computes in 16 bits anyway, and they cross to the
+    scheduler in half the bytes."""
     path = os.path.join(model_path, "config.json")
     if not os.path.exists(path):
         return None
@@ -100,7 +103,7 @@ def image_processor_for(model_path: str) -> Optional[ImageProcessor]:
         config = json.load(f)
     if "vision_config" not in config or "image_token_id" not in config:
         return None
-    return ImageProcessor(model_path, config)
+    return ImageProcessor(model_path, config, "float32" if model_dtype == "float32" else "float16")
 
 
 def load_image(where: str, image: Any) -> Any:
