@@ -118,7 +118,8 @@ def read_model_config(model_dir: str) -> dict[str, Any]:
     # Multimodal configs nest the language model's settings, beside the vision tower's and the image
     # token ids (kept, for the model); the text settings win where both levels have a key.
     text = config.get("text_config", config)
-    return {k: v for k, v in config.items() if k != "text_config"} | text | {"architectures": config.get("architectures")}
+    outer = {k: v for k, v in config.items() if k != "text_config"}
+    return outer | text | {"architectures": config.get("architectures")}
 
 
 def _has_tokenizer(model_dir: str) -> bool:

@@ -164,7 +164,8 @@ class Engine:
         return prompt, images
 
     def _prepare(self, prompt, input_ids, sampling_params, rid, stream, return_logprob, logprob_start_len,
-                 top_logprobs_num, return_text_in_logprobs, return_hidden_states, image_data) -> PreparedBatch:  # fmt: skip
+                 top_logprobs_num, return_text_in_logprobs, return_hidden_states,
+                 image_data) -> PreparedBatch:  # fmt: skip
         self._check_open()
         if return_hidden_states is None:
             return_hidden_states = self.args.return_hidden_states

@@ -80,7 +80,8 @@ def build_7b_dir(out: str) -> str:
     tokenizer = vlm_tokenizer(tokenizer_dir())
     start, pad, end, video = tokenizer.convert_tokens_to_ids(VISION_TOKENS)
     config = dict(QWEN2_5_VL_7B, vision_start_token_id=start, image_token_id=pad, vision_end_token_id=end,
-                  video_token_id=video, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)  # fmt: skip
+                  video_token_id=video, bos_token_id=tokenizer.bos_token_id,
+                  eos_token_id=tokenizer.eos_token_id)  # fmt: skip
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "config.json"), "w") as f:
         json.dump(config, f, indent=1)
@@ -96,7 +97,7 @@ def device_checks(work: str) -> dict[str, Any]:
     from engine import Engine
     from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
-    tiny = tiny_vlm_dir(os.path.join(work, "tiny"), tokenizer_dir())
+    tiny = tiny_vlm_dir(os.path.join(work, "tiny"), tokenizer_dir(), head_dim=64)  # flashinfer's smallest
     a, b, c = random_image(56, 56, 1), random_image(84, 112, 2), random_image(112, 84, 3)
     cases = [(f"What is in {PLACEHOLDER}?", [a]), (f"Compare {PLACEHOLDER} with {PLACEHOLDER}.", [a, b]),
              (f"{PLACEHOLDER} Describe it.", [c]), ("Tell me about the sea.", [])]  # fmt: skip
@@ -158,16 +159,16 @@ def run_hf(model_dir: str, prompts: list[str], images: list[Any], output_len: in
            smoke: bool) -> dict[str, Any]:  # fmt: skip
     import inspect
 
-    from transformers import AutoConfig, AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoTokenizer
 
     cuda = torch.cuda.is_available()
     device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
     if smoke:
-        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir, dtype=dtype).to(device)
+        model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=dtype).to(device)
     else:
         with torch.device(device):
-            model = Qwen2_5_VLForConditionalGeneration._from_config(
-                AutoConfig.from_pretrained(model_dir), dtype=dtype, attn_implementation="sdpa")  # fmt: skip
+            model = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(model_dir), dtype=dtype,
+                                                            attn_implementation="sdpa")  # fmt: skip
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     takes_types = "mm_token_type_ids" in inspect.signature(model.forward).parameters
@@ -215,7 +216,8 @@ def report(args: argparse.Namespace, checks: dict[str, Any], ferry: dict[str, An
         print(f"| {name} | {value:.2%} |" if isinstance(value, float) else f"| {name} | {value} |")
     model = "tiny Qwen2.5-VL (smoke run)" if args.smoke else "Qwen2.5-VL-7B (dummy bf16 weights)"
     print(f"\n{model} on {ferry['device_name']}: {args.image_size}x{args.image_size} images "
-          f"({ferry['prompt_tokens']} prompt tokens each), {args.output_len} new tokens, ignore_eos, greedy")  # fmt: skip
+          f"({ferry['prompt_tokens']} prompt tokens each), {args.output_len} new tokens, ignore_eos, "
+          "greedy")  # fmt: skip
     print("\n| system | prompts | output tokens | wall s | output tok/s |\n|---|---|---|---|---|")
     for name, r in (("ferry", ferry), (f"HF generate (batch {hf['batch_size']})", hf)):
         print(f"| {name} | {r['prompts']} | {r['output_tokens']} | {r['wall_s']:.1f} | {r['output_tok_s']:,.0f} |")

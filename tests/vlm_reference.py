@@ -19,19 +19,23 @@ CHAT_TEMPLATE = (
 MERGE = 2
 
 
-def tiny_vlm_dir(out, tokenizer_dir: str) -> str:
-    """A Qwen2.5-VL folder: 2 decoder layers, a 3-block vision tower (block 1 full attention, windows of
-    2x2 merged patches elsewhere), the default model's tokenizer with Qwen's vision tokens added."""
+def tiny_vlm_dir(out, tokenizer_dir: str, head_dim: int = 16) -> str:
+    """A Qwen2.5-VL folder: 2 decoder layers of 4 heads of head_dim (flashinfer needs 64 or more), a 3-block
+    vision tower (block 1 full attention, windows of 2x2 merged patches elsewhere), the default model's
+    tokenizer with Qwen's vision tokens added."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     tokenizer = vlm_tokenizer(tokenizer_dir)
     ids = tokenizer.convert_tokens_to_ids(VISION_TOKENS)
+    unit = head_dim // 16  # time, height, width bands of the head_dim / 2 frequencies: 1/4, 3/8, 3/8, as Qwen's
+    section = [2 * unit, 3 * unit, 3 * unit]
     config = Qwen2_5_VLConfig(
-        text_config=dict(vocab_size=49160, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}),
-        vision_config=dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+        text_config=dict(vocab_size=49160, hidden_size=4 * head_dim, intermediate_size=8 * head_dim,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=2048, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id,
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": section}),
+        vision_config=dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=4 * head_dim,
                            patch_size=14, spatial_merge_size=MERGE, temporal_patch_size=2, window_size=56,
                            fullatt_block_indexes=[1]),
         vision_start_token_id=ids[0], image_token_id=ids[1], vision_end_token_id=ids[2], video_token_id=ids[3],
@@ -59,9 +63,9 @@ def vlm_tokenizer(tokenizer_dir: str):
 
 
 def image_processor():
-    from tokenizer_proc.images import _processor_class
+    from tokenizer_proc.images import hf_processor_class
 
-    return _processor_class()(patch_size=14, merge_size=MERGE, temporal_patch_size=2)
+    return hf_processor_class()(patch_size=14, merge_size=MERGE, temporal_patch_size=2)
 
 
 def random_image(height: int, width: int, seed: int):

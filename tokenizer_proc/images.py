@@ -44,7 +44,7 @@ class ImageProcessor:
         self.pixel_dtype = np.dtype(pixel_dtype)
         self.image_token_id = int(config["image_token_id"])
         self.merge_size = int(vision.get("spatial_merge_size", 2))
-        processor_class = _processor_class()
+        processor_class = hf_processor_class()
         if os.path.exists(os.path.join(model_path, "preprocessor_config.json")):
             self.hf = processor_class.from_pretrained(model_path)
         else:
@@ -163,7 +163,7 @@ def _open(where: str, data: bytes) -> Any:
     return pil
 
 
-def _processor_class() -> Any:
+def hf_processor_class() -> Any:
     # The PIL backend needs no torchvision (which cannot be imported beside some torch builds);
     # transformers versions before it have the numpy/PIL one under the plain name.
     try:
@@ -223,7 +223,7 @@ def chat_images(conversations: list[list[dict]]) -> list[list[Any]]:
                 else:
                     continue
                 if url is None:
-                    where = f"messages[{c}][{m}]['content'][{k}]" if len(conversations) > 1 else f"messages[{m}]['content'][{k}]"
+                    where = (f"messages[{c}]" if len(conversations) > 1 else "messages") + f"[{m}]['content'][{k}]"
                     raise ValueError(f"{where} is an image part without its image (image_url.url)")
                 images.append(url)
         out.append(images)

@@ -44,12 +44,14 @@ def prepare(
     top_logprobs_num: Union[int, list[int], None],
     return_text_in_logprobs: bool,
     return_hidden_states: bool,
-    image_data: Any = None,
-    image_processor: Optional[ImageProcessor] = None,
+    image_data: Any = None,  # see images.images_per_prompt
+    image_processor: Optional[ImageProcessor] = None,  # None: a text-only model
 ) -> PreparedBatch:
+    """The caller's arguments, checked, as GenerateRequests (n > 1: one per sample); images loaded,
+    preprocessed and their placeholders expanded."""
     prompts_ids, single = _token_ids(tokenizer, prompt, input_ids, limits.vocab_size)
-    count = len(prompts_ids)
     prompts_ids, prompts_images = _expand_images(image_processor, image_data, prompts_ids, single)
+    count = len(prompts_ids)
     raw_params = _per_prompt("sampling_params", sampling_params, count, dict)
     params = [parse_sampling_params(p, limits.vocab_size) for p in raw_params]
     rids = _per_prompt("rid", rid, count, str)

@@ -192,7 +192,8 @@ def test_openai_server_chat_with_image_url(engine, references, image_server):
     service = Service(ServerSettings(), {})
     service.engine, service.model_name = engine, "tiny-vl"  # the module's engine, no second one
     client = TestClient(build_app(service))
-    parts = [{"type": "text", "text": "What is in "}, {"type": "image_url", "image_url": {"url": f"{image_server.url}/a.png"}},
+    parts = [{"type": "text", "text": "What is in "},
+             {"type": "image_url", "image_url": {"url": f"{image_server.url}/a.png"}},
              {"type": "text", "text": "?"}]  # fmt: skip
     body = {"model": "tiny-vl", "messages": [{"role": "user", "content": parts}], "temperature": 0, "max_tokens": 16,
             "ignore_eos": True}  # fmt: skip
