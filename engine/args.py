@@ -130,8 +130,11 @@ def field_names() -> list[str]:
 def read_model_config(model_dir: str) -> dict[str, Any]:
     with open(os.path.join(model_dir, "config.json")) as f:
         config = json.load(f)
-    # Multimodal configs nest the language model's settings.
-    return config.get("text_config", config) | {"architectures": config.get("architectures")}
+    # Multimodal configs nest the language model's settings, beside the vision tower's and the image
+    # token ids (kept, for the model); the text settings win where both levels have a key.
+    text = config.get("text_config", config)
+    outer = {k: v for k, v in config.items() if k != "text_config"}
+    return outer | text | {"architectures": config.get("architectures")}
 
 
 def _check_tp_shape(tp_size: int, config: dict[str, Any]) -> None:

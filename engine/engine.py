@@ -3,6 +3,7 @@ bridges sync and async callers (any thread, any event loop) to the engine's own 
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import logging
 import weakref
@@ -12,7 +13,8 @@ from engine.args import EngineArgs, field_names
 from engine.errors import EngineError
 from engine.loop_thread import LoopThread
 from engine.processes import ChildProcesses
-from tokenizer_proc.inputs import Limits, PreparedBatch, chat_prompts, prepare
+from tokenizer_proc.images import image_processor_for
+from tokenizer_proc.inputs import Limits, PreparedBatch, chat_image_data, chat_prompts, prepare
 from tokenizer_proc.manager import TokenizerManager
 
 logger = logging.getLogger(__name__)
@@ -47,6 +49,7 @@ class Engine:
         from transformers import AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(self.args.tokenizer_path)
+        self._image_processor = image_processor_for(self.args.model_path, self.args.dtype)  # None: a text-only model
         self._shutdown_done = False  # from here on there is something to shut down
         self._loop = LoopThread(name="ferry-frontend")
         self._closed = False
@@ -84,6 +87,7 @@ class Engine:
         top_logprobs_num: Union[int, list[int], None] = None,
         return_text_in_logprobs: bool = False,
         return_hidden_states: Optional[bool] = None,
+        image_data: Any = None,
         use_tqdm: bool = False,
     ) -> Union[dict[str, Any], list[dict[str, Any]], Iterator[dict[str, Any]]]:
         """Generate for one prompt (returns a dict) or a list (returns a list, in order).
@@ -96,9 +100,14 @@ class Engine:
         log-softmax over raw logits, before temperature, penalties and filtering; entries are
         (logprob, token_id, token_text or None). Hidden states are the final-normed states: first
         [prompt_len, hidden], then one [hidden] per decode step.
+
+        Vision-language models take `image_data`: for one prompt an image or a list of images, for a
+        list of prompts one entry per prompt (an image, a list of images or None). An image is a file
+        path, bytes, a PIL image, a `data:image/...;base64,` URL or an http(s) URL. The prompt holds one
+        `<|vision_start|><|image_pad|><|vision_end|>` per image, as the chat template writes it.
         """
-        batch = self._prepare(prompt, input_ids, sampling_params, rid, stream, return_logprob,
-                              logprob_start_len, top_logprobs_num, return_text_in_logprobs, return_hidden_states)  # fmt: skip
+        batch = self._prepare(prompt, input_ids, sampling_params, rid, stream, return_logprob, logprob_start_len,
+                              top_logprobs_num, return_text_in_logprobs, return_hidden_states, image_data)  # fmt: skip
         if stream:
             return self._loop.iterate(self._manager.stream(batch.reqs, with_index=not batch.single))
         outputs = self._loop.run(self._generate(batch, use_tqdm))
@@ -117,11 +126,16 @@ class Engine:
         top_logprobs_num: Union[int, list[int], None] = None,
         return_text_in_logprobs: bool = False,
         return_hidden_states: Optional[bool] = None,
+        image_data: Any = None,
     ) -> Union[dict[str, Any], list[dict[str, Any]], AsyncIterator[dict[str, Any]]]:
         """The awaitable form of `generate`, from any event loop. With stream=True it returns an async
         iterator of chunks; cancelling the awaiting task or leaving the iteration aborts the request."""
-        batch = self._prepare(prompt, input_ids, sampling_params, rid, stream, return_logprob,
-                              logprob_start_len, top_logprobs_num, return_text_in_logprobs, return_hidden_states)  # fmt: skip
+        prepare_args = (prompt, input_ids, sampling_params, rid, stream, return_logprob, logprob_start_len,
+                        top_logprobs_num, return_text_in_logprobs, return_hidden_states, image_data)  # fmt: skip
+        if image_data is None:
+            batch = self._prepare(*prepare_args)
+        else:  # fetching and preprocessing images must not block the caller's event loop (a server's)
+            batch = await asyncio.to_thread(self._prepare, *prepare_args)
         if stream:
             return self._loop.iterate_async(self._manager.stream(batch.reqs, with_index=not batch.single))
         outputs = await self._loop.run_async(self._generate(batch, use_tqdm=False))
@@ -130,26 +144,35 @@ class Engine:
     def chat(self, messages: Union[list[dict], list[list[dict]]], sampling_params: SamplingArg = None,
              **kwargs: Any) -> Any:  # fmt: skip
         """Generate a reply to one conversation (a list of {"role", "content"} messages) or to a list of
-        them, with the model's chat template; takes generate()'s keyword arguments (stream, ...)."""
-        return self.generate(self._chat_prompt(messages), sampling_params, **kwargs)
+        them, with the model's chat template; takes generate()'s keyword arguments (stream, ...). A
+        content may be a list of OpenAI parts: {"type": "text", "text"} and, for vision-language models,
+        {"type": "image_url", "image_url": {"url"}} (any image form generate() takes)."""
+        prompt, images = self._chat_prompt(messages, kwargs)
+        return self.generate(prompt, sampling_params, image_data=images, **kwargs)
 
     async def async_chat(self, messages: Union[list[dict], list[list[dict]]], sampling_params: SamplingArg = None,
                          **kwargs: Any) -> Any:  # fmt: skip
         """The awaitable form of `chat`."""
-        return await self.async_generate(self._chat_prompt(messages), sampling_params, **kwargs)
+        prompt, images = self._chat_prompt(messages, kwargs)
+        return await self.async_generate(prompt, sampling_params, image_data=images, **kwargs)
 
-    def _chat_prompt(self, messages: Any) -> Union[str, list[str]]:
+    def _chat_prompt(self, messages: Any, kwargs: dict[str, Any]) -> tuple[Union[str, list[str]], Any]:
         self._check_open()
-        return chat_prompts(self.tokenizer, messages)
+        prompt = chat_prompts(self.tokenizer, messages)
+        images = chat_image_data(messages)
+        if kwargs.pop("image_data", None) is not None:
+            raise TypeError("chat() takes its images in the messages' image_url content parts, not image_data")
+        return prompt, images
 
     def _prepare(self, prompt, input_ids, sampling_params, rid, stream, return_logprob, logprob_start_len,
-                 top_logprobs_num, return_text_in_logprobs, return_hidden_states) -> PreparedBatch:  # fmt: skip
+                 top_logprobs_num, return_text_in_logprobs, return_hidden_states,
+                 image_data) -> PreparedBatch:  # fmt: skip
         self._check_open()
         if return_hidden_states is None:
             return_hidden_states = self.args.return_hidden_states
         return prepare(self.tokenizer, self._limits, prompt, input_ids, sampling_params, rid, stream,
                        return_logprob, logprob_start_len, top_logprobs_num, return_text_in_logprobs,
-                       return_hidden_states)  # fmt: skip
+                       return_hidden_states, image_data, self._image_processor)  # fmt: skip
 
     async def _generate(self, batch: PreparedBatch, use_tqdm: bool) -> list[dict[str, Any]]:
         progress = None

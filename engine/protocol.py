@@ -37,6 +37,17 @@ class FinishReason(msgspec.Struct, omit_defaults=True):
 # ---- frontend -> scheduler ----
 
 
+class ImageInput(msgspec.Struct, array_like=True):
+    """One preprocessed image of a prompt: the vision tower's patches and where its tokens sit."""
+
+    pixel_values: Array  # [num_patches, channels * temporal_patch * patch * patch], float32 or float16
+    grid_thw: list[int]  # patches along time, height, width
+    merge_size: int  # patches merged per side into one language-model token
+    offset: int  # index in input_ids of the image's first token
+    num_tokens: int  # its tokens: t * h * w / merge_size**2
+    content_hash: int  # of the pixels: keys the image's tokens in the prefix cache
+
+
 class GenerateRequest(msgspec.Struct):
     rid: str
     input_ids: list[int]
@@ -47,6 +58,7 @@ class GenerateRequest(msgspec.Struct):
     top_logprobs_num: int = 0
     return_text_in_logprobs: bool = False
     return_hidden_states: bool = False
+    images: list[ImageInput] = []  # in prompt order; their tokens are already expanded in input_ids
 
 
 class GenerateBatch(msgspec.Struct, tag="generate"):

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Optional
 
 import torch
 
 if TYPE_CHECKING:
     from scheduler_proc.attention.base import AttentionBackend
+    from scheduler_proc.multimodal import ImagePart
 
 
 def to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -36,6 +37,10 @@ class ForwardBatch:
     logit_rows: torch.Tensor  # [R] int64: rows of the packed tokens whose logits are needed
     is_decode: bool  # every sequence adds exactly one token
     attention: Optional["AttentionBackend"] = None
+    # Vision-language models (multimodal.py): positions for RoPE where they differ from the KV positions,
+    # [T] or M-RoPE's [3, T]; and the image embeddings that replace image tokens' rows.
+    rope_positions: Optional[torch.Tensor] = None
+    image_parts: list["ImagePart"] = field(default_factory=list)
 
     @property
     def batch_size(self) -> int:

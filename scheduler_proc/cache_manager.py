@@ -45,7 +45,7 @@ class CacheManager:
         return self.cache.evictable_size()
 
     def match(self, req: Request) -> PrefixMatch:
-        slots, node = self.cache.match_prefix(req.tokens(0, req.max_prefix_len()))
+        slots, node = self.cache.match_prefix(req.cache_tokens(0, req.max_prefix_len()))
         return PrefixMatch(slots, node)
 
     def lock(self, match: PrefixMatch) -> None:
@@ -97,7 +97,7 @@ class CacheManager:
         """Insert req's computed tokens; its row then points at the tree's slots (a token another
         request inserted first keeps that request's slot, and req's duplicate is freed)."""
         slots = self.pool.req_to_token[req.row, : req.kv_len].to(torch.int64)
-        tree_slots, node, existing = self.cache.insert(req.tokens(0, req.kv_len), slots)
+        tree_slots, node, existing = self.cache.insert(req.cache_tokens(0, req.kv_len), slots)
         n = tree_slots.numel()
         if n == 0:
             return

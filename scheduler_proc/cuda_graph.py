@@ -48,7 +48,10 @@ class CudaGraphRunner:
         return self.sizes[-1]
 
     def can_run(self, batch: ForwardBatch) -> bool:
-        return batch.is_decode and batch.batch_size <= self.max_batch_size
+        # A vision-language model's decode replays too (its rope positions are [T], shifted); a one-token
+        # step on an image token (M-RoPE's [3, T], an embedding to place) runs eagerly.
+        plain_rope = batch.rope_positions is None or batch.rope_positions.dim() == 1
+        return batch.is_decode and batch.batch_size <= self.max_batch_size and plain_rope and not batch.image_parts
 
     def _static_batch(self, size: int) -> ForwardBatch:
         return ForwardBatch(
@@ -81,7 +84,8 @@ class CudaGraphRunner:
         n = batch.batch_size
         size = self.sizes[bisect.bisect_left(self.sizes, n)]
         self.input_ids[:n].copy_(batch.input_ids)
-        self.positions[:n].copy_(batch.positions)
+        # Inside the graph positions only rotate q and k (the KV slots are planned apart).
+        self.positions[:n].copy_(batch.positions if batch.rope_positions is None else batch.rope_positions)
         self.out_cache_loc[:n].copy_(batch.out_cache_loc)
         if size > n:
             self.input_ids[n:size].zero_()

@@ -15,7 +15,8 @@ from typing import Any, Iterator, Optional
 import torch
 
 from scheduler_proc.distributed import TPGroup
-from scheduler_proc.models.decoder import ARCHITECTURES, CausalLM
+from scheduler_proc.models.decoder import CausalLM
+from scheduler_proc.models.registry import ARCHITECTURES
 
 logger = logging.getLogger(__name__)
 

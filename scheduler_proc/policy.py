@@ -45,9 +45,9 @@ def waits_for_shared_prefix(req: Request, matched: int, prefilling: list[Request
     limit = req.max_prefix_len()
     if limit <= matched or not prefilling:
         return False
-    ids = req.tokens(0, limit)
+    ids = req.cache_tokens(0, limit)  # as the cache keys them: two images of one size share no prefix
     for other in prefilling:
-        gain = common_prefix_len(other.tokens(0, other.num_tokens), ids) - matched
+        gain = common_prefix_len(other.cache_tokens(0, other.num_tokens), ids) - matched
         if gain > 0 and gain >= min(_SHARED_PREFIX_MIN, limit - matched):
             return True
     return False

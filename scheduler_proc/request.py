@@ -7,6 +7,7 @@ from typing import Any, Optional
 import numpy as np
 
 from engine.protocol import Array, DetokenizeSpec, FinishReason, GenerateRequest, ReqExtras
+from scheduler_proc.multimodal import RequestImages
 
 
 class Request:
@@ -15,6 +16,7 @@ class Request:
         self.msg = msg
         self.sampling = msg.sampling
         self.input_ids = msg.input_ids
+        self.images = RequestImages(msg.images, msg.input_ids) if msg.images else None
         self.output_ids: list[int] = []
         self.seed = seed
         self.row: Optional[int] = None  # row of req_to_token while admitted
@@ -69,6 +71,15 @@ class Request:
         if end <= n:
             return self.input_ids[start:end]
         return self.input_ids[start:] + self.output_ids[max(0, start - n) : end - n]
+
+    def cache_tokens(self, start: int, end: int) -> list[int]:
+        """The prefix cache's keys of tokens [start, end): the tokens, with image tokens keyed by their image."""
+        if self.images is None:
+            return self.tokens(start, end)
+        keys, n = self.images.cache_ids, len(self.input_ids)
+        if end <= n:
+            return keys[start:end]
+        return keys[start:] + self.output_ids[max(0, start - n) : end - n]
 
     def max_kv_tokens(self) -> int:
         """KV slots this request holds at most: prompt + max_new_tokens."""

@@ -11,6 +11,7 @@ import torch
 
 from scheduler_proc.batch import ForwardBatch, to_device
 from scheduler_proc.kv_pool import KVPool
+from scheduler_proc.multimodal import attach_images
 from scheduler_proc.request import Request
 from scheduler_proc.sampler import SamplingBatch
 
@@ -85,6 +86,7 @@ def build_step(entries: list[tuple[Request, int]], pool: KVPool, eos_ids: list[i
         logit_rows=to_device(logit_rows, torch.int64, device),
         is_decode=all(n == 1 for _, n in entries),
     )
+    attach_images(batch, entries)
     return Step(entries, batch, _sampling_batch(entries, sample_entries, eos_ids, device), sample_entries,
                 logit_spans, input_starts, [r.kv_len for r, _ in entries], futures)  # fmt: skip
 

@@ -11,5 +11,5 @@ get() {
     --platform any -d .whl "$@"
 }
 get flashinfer-python==0.5.3 apache-tvm-ffi nvidia-cudnn-frontend
-get pyzmq msgspec uvloop gguf tqdm
+get pyzmq msgspec uvloop gguf tqdm pillow
 ls -la .whl

@@ -9,8 +9,9 @@ from typing import Any, Optional, Union
 
 import msgspec
 
-from engine.protocol import GenerateRequest
+from engine.protocol import GenerateRequest, ImageInput
 from engine.sampling import SamplingParams, parse_sampling_params
+from tokenizer_proc.images import ImageProcessor, chat_images, images_per_prompt
 
 _SEED_STRIDE = 0x9E3779B1  # spreads the seeds of the n samples of one prompt
 
@@ -43,8 +44,13 @@ def prepare(
     top_logprobs_num: Union[int, list[int], None],
     return_text_in_logprobs: bool,
     return_hidden_states: bool,
+    image_data: Any = None,  # see images.images_per_prompt
+    image_processor: Optional[ImageProcessor] = None,  # None: a text-only model
 ) -> PreparedBatch:
+    """The caller's arguments, checked, as GenerateRequests (n > 1: one per sample); images loaded,
+    preprocessed and their placeholders expanded."""
     prompts_ids, single = _token_ids(tokenizer, prompt, input_ids, limits.vocab_size)
+    prompts_ids, prompts_images = _expand_images(image_processor, image_data, prompts_ids, single)
     count = len(prompts_ids)
     raw_params = _per_prompt("sampling_params", sampling_params, count, dict)
     params = [parse_sampling_params(p, limits.vocab_size) for p in raw_params]
@@ -61,7 +67,7 @@ def prepare(
     reqs: list[GenerateRequest] = []
     for i, ids in enumerate(prompts_ids):
         p = params[i]
-        _check_length(ids, p, limits, i if not single else None)
+        _check_length(ids, p, limits, i if not single else None, bool(prompts_images[i]))
         start = -1 if starts[i] is None else starts[i]
         top = 0 if tops[i] is None else tops[i]
         if start < -1 or start > len(ids):
@@ -82,11 +88,31 @@ def prepare(
                     top_logprobs_num=top,
                     return_text_in_logprobs=return_text_in_logprobs,
                     return_hidden_states=return_hidden_states,
+                    images=prompts_images[i],
                 )
             )
     if len({r.rid for r in reqs}) != len(reqs):
         raise ValueError("rid values must be unique within one call")
     return PreparedBatch(reqs=reqs, single=single and params[0].n == 1)
+
+
+def _expand_images(processor: Optional[ImageProcessor], image_data: Any, prompts_ids: list[list[int]],
+                   single: bool) -> tuple[list[list[int]], list[list[ImageInput]]]:  # fmt: skip
+    """Load and preprocess every prompt's images (all of them at once, in a small thread pool) and expand
+    each prompt's placeholders to its images' tokens."""
+    per_prompt = images_per_prompt(image_data, len(prompts_ids), single)
+    if processor is None:
+        if any(per_prompt):
+            raise ValueError("image_data was given, but this model takes no images (not a vision-language model)")
+        return prompts_ids, [[] for _ in prompts_ids]
+    processed = iter(processor.process_all([pair for pairs in per_prompt for pair in pairs]))
+    expanded, images = [], []
+    for p, (ids, pairs) in enumerate(zip(prompts_ids, per_prompt)):
+        where = "image_data" if single else f"image_data[{p}]"
+        new_ids, inputs = processor.expand(ids, [next(processed) for _ in pairs], where)
+        expanded.append(new_ids)
+        images.append(inputs)
+    return expanded, images
 
 
 def chat_prompts(tokenizer: Any, messages: Any) -> Union[str, list[str]]:
@@ -113,6 +139,16 @@ def chat_prompts(tokenizer: Any, messages: Any) -> Union[str, list[str]]:
             where = "messages" if single else f"messages[{c}]"
             raise ValueError(f"{where} does not fit the model's chat template: {type(exc).__name__}: {exc}") from exc
     return prompts[0] if single else prompts
+
+
+def chat_image_data(messages: Any) -> Any:
+    """The images in the content parts of checked conversation(s), as generate()'s image_data (None when
+    there are none): a list for one conversation, one list per conversation for several."""
+    single = isinstance(messages[0], dict)
+    per_conversation = chat_images([messages] if single else messages)
+    if not any(per_conversation):
+        return None
+    return per_conversation[0] if single else per_conversation
 
 
 def _check_message(where: str, message: Any) -> None:
@@ -165,8 +201,8 @@ def _per_prompt(name: str, value: Any, count: int, kind: type) -> list[Any]:
     return values
 
 
-def _check_length(ids: list[int], p: SamplingParams, limits: Limits, index: Optional[int]) -> None:
-    where = "" if index is None else f" (prompt {index})"
+def _check_length(ids: list[int], p: SamplingParams, limits: Limits, index: Optional[int], images: bool) -> None:
+    where = ("" if index is None else f" (prompt {index})") + (" with its image tokens (image_data)" if images else "")
     if not ids:
         raise ValueError(f"prompt{where} is empty after tokenization")
     total = len(ids) + p.max_new_tokens

@@ -10,13 +10,14 @@ import time
 from typing import Any, AsyncIterator, Optional, Union
 
 from fastapi import FastAPI, Request
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, field_validator
 from starlette.exceptions import HTTPException
 from starlette.responses import PlainTextResponse, Response
 
 from engine.server.errors import ApiError, api_error_for, engine_errors, parse_body
 from engine.server.middleware import RequestContext, engine_rids
 from engine.server.openai_api import openai_router
+from engine.server.openai_protocol import check_image_url
 from engine.server.service import Service
 from engine.server.streaming import ClientGone, EventStream, JSONBody, collect, sse_stream, until_disconnect
 
@@ -39,6 +40,16 @@ class GenerateRequest(BaseModel):
     top_logprobs_num: Union[int, list[int], None] = None
     return_text_in_logprobs: bool = False
     return_hidden_states: Optional[bool] = None
+    image_data: Union[str, list[Union[str, list[str], None]], None] = None  # data: or http(s) URLs
+
+    @field_validator("image_data")
+    @classmethod
+    def _check_image_data(cls, value: Any) -> Any:
+        for entry in value if isinstance(value, list) else [value]:
+            for url in entry if isinstance(entry, list) else [entry]:
+                if url is not None:
+                    check_image_url(url)
+        return value
 
 
 def build_app(service: Service) -> FastAPI:

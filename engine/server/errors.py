@@ -49,7 +49,8 @@ def from_validation_errors(errors: list[dict[str, Any]]) -> ApiError:
     """A 400 naming the first bad field of a pydantic/FastAPI validation failure."""
     if not errors:
         return ApiError(400, "invalid request body")
-    error = errors[0]
+    # A validator's own complaint (a bad image URL) says more than the other union members' type errors.
+    error = next((e for e in errors if e.get("type") == "value_error"), errors[0])
     loc = tuple(error.get("loc", ()))
     if loc and loc[0] == "body":
         loc = loc[1:]
@@ -71,7 +72,14 @@ def from_validation_errors(errors: list[dict[str, Any]]) -> ApiError:
 def location_name(loc: Iterable[Any]) -> Optional[str]:
     """("messages", 0, "content", "str") -> "messages[0].content"."""
     name = ""
+    tag_next = False  # a tagged union's member is named by its tag (an image part's "image_url") after the index
     for part in loc:
+        if isinstance(part, str) and "tagged-union[" in part:
+            tag_next = True
+            continue
+        if tag_next and isinstance(part, str):
+            tag_next = False
+            continue
         if isinstance(part, int):
             name += f"[{part}]"
         elif isinstance(part, str) and part.isidentifier() and part not in _UNION_TAGS:

@@ -68,7 +68,8 @@ def openai_router(service: Service) -> APIRouter:
         engine = _engine_for(service, body)
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         answer = ChatAnswer(body, service.model_name, request_rid(request))
-        fields, renames = set(ChatCompletionRequest.model_fields), {**ENGINE_TO_OPENAI, "prompt": "messages"}
+        fields = set(ChatCompletionRequest.model_fields)
+        renames = {**ENGINE_TO_OPENAI, "prompt": "messages", "image_data": "messages"}  # images come in messages
         with engine_errors(fields, renames):
             stream = await engine.async_chat(
                 [m.as_template_input() for m in body.messages], body.sampling_params(max_tokens), stream=True,

@@ -5,9 +5,9 @@ and logprobs in the API's two shapes."""
 from __future__ import annotations
 
 import time
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 # Engine names -> OpenAI names, for error messages about a request.
 ENGINE_TO_OPENAI = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens"}
@@ -83,14 +83,38 @@ class TextPart(_Strict):
     text: str
 
 
+def check_image_url(url: str) -> str:
+    """Images reach the server as data: or http(s) URLs only: a file path would read the server's disk."""
+    if not url.startswith(("data:", "http://", "https://")):
+        raise ValueError("an image must be a data: URL or an http(s) URL")
+    return url
+
+
+class ImageUrl(_Strict):
+    url: str
+    detail: Optional[str] = None  # accepted for OpenAI compatibility; the model's own preprocessing decides
+
+    _check_url = field_validator("url")(check_image_url)
+
+
+class ImageUrlPart(_Strict):
+    type: Literal["image_url"]
+    image_url: ImageUrl
+
+
+ContentPart = Annotated[Union[TextPart, ImageUrlPart], Field(discriminator="type")]
+
+
 class ChatMessage(_Strict):
     role: str
-    content: Union[str, list[TextPart], None] = None
+    content: Union[str, list[ContentPart], None] = None
     name: Optional[str] = None
 
     def as_template_input(self) -> dict[str, Any]:
-        content = self.content
-        if isinstance(content, list):
+        content: Any = self.content
+        if isinstance(content, list) and any(isinstance(part, ImageUrlPart) for part in content):
+            content = [part.model_dump(exclude_none=True) for part in content]  # the chat template places images
+        elif isinstance(content, list):
             content = "".join(part.text for part in content)
         message: dict[str, Any] = {"role": self.role, "content": content or ""}
         if self.name is not None:

@@ -1,0 +1,109 @@
+"""Bad images are the caller's error: a ValueError (TypeError for a wrong kind of value) naming image_data,
+raised to that caller alone; the engine serves the next request as before."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+import tokenizer_proc.images
+from engine import Engine
+from reference import assert_pool_free
+from vlm_reference import PLACEHOLDER, ImageServer, hf_vlm_greedy, png_bytes, random_image, tiny_vlm_dir
+
+GREEDY = {"temperature": 0, "max_new_tokens": 8, "ignore_eos": True}
+IMAGE = random_image(56, 56, seed=1)
+GOOD = f"<|im_start|>user\nWhat is in {PLACEHOLDER}?<|im_end|>\n<|im_start|>assistant\n"
+
+
+@pytest.fixture(scope="module")
+def vlm_dir(tmp_path_factory, default_model_path):
+    return tiny_vlm_dir(tmp_path_factory.mktemp("vlm") / "qwen2_5_vl", default_model_path)
+
+
+@pytest.fixture(scope="module")
+def good_ids(vlm_dir):
+    import torch
+    from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(vlm_dir, dtype=torch.float32).eval()
+    return hf_vlm_greedy(model, AutoTokenizer.from_pretrained(vlm_dir), GOOD, [IMAGE], 8)
+
+
+@pytest.fixture(scope="module")
+def engine(vlm_dir):
+    with Engine(vlm_dir, max_total_tokens=16384) as e:
+        yield e
+
+
+@pytest.fixture(scope="module")
+def image_server():
+    server = ImageServer({"a.png": png_bytes(IMAGE)})
+    yield server
+    server.close()
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def not_an_image(tmp_path):
+    path = tmp_path / "notes.png"
+    path.write_text("these are words, not pixels")
+    return str(path)
+
+
+BAD = {
+    "missing file": (GOOD, lambda ctx: "/nonexistent/dir/cat.png", "no image file"),
+    "unreadable file": (GOOD, lambda ctx: ctx["not_an_image"], "not a readable image"),
+    "truncated bytes": (GOOD, lambda ctx: png_bytes(IMAGE)[:60], "not a readable image"),
+    "bad base64": (GOOD, lambda ctx: "data:image/png;base64,@@not*base64@@", "invalid base64"),
+    "data url without base64": (GOOD, lambda ctx: "data:image/png,rawbytes", "base64"),
+    "url answering 404": (GOOD, lambda ctx: f"{ctx['server']}/missing.png", "404"),
+    "url refusing connection": (GOOD, lambda ctx: f"http://127.0.0.1:{_closed_port()}/a.png", "fetching"),
+    "url too slow": (GOOD, lambda ctx: f"{ctx['server']}/slow", "timed out"),
+    "more images than placeholders": (GOOD, lambda ctx: [IMAGE, IMAGE], "2 image(s) but the prompt has 1"),
+    "fewer images than placeholders": (GOOD + PLACEHOLDER, lambda ctx: IMAGE, "1 image(s) but the prompt has 2"),
+    "placeholder without image_data": (GOOD, lambda ctx: None, "0 image(s) but the prompt has 1"),
+    "image too large for the context": (GOOD, lambda ctx: random_image(1200, 1200, seed=5), "context length"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_image_data_is_a_value_error_and_the_engine_keeps_serving(case, engine, good_ids, image_server,
+                                                                     not_an_image, monkeypatch):  # fmt: skip
+    prompt, make, words = BAD[case]
+    monkeypatch.setattr(tokenizer_proc.images, "FETCH_TIMEOUT_S", 1.0)  # the slow URL answers after 3 s
+    image = make({"server": image_server.url, "not_an_image": not_an_image})
+    params = dict(GREEDY, max_new_tokens=1500) if case.startswith("image too large") else GREEDY
+    with pytest.raises(ValueError, match="image_data") as error:
+        engine.generate(prompt, params, image_data=image)
+    assert words in str(error.value)
+    assert engine.generate(GOOD, GREEDY, image_data=IMAGE)["output_ids"] == good_ids
+    assert_pool_free(engine)
+
+
+def test_bad_image_in_a_batch_fails_the_call_before_anything_runs(engine, good_ids):
+    with pytest.raises(ValueError, match=r"image_data\[1\]"):
+        engine.generate([GOOD, GOOD], GREEDY, image_data=[IMAGE, "/nonexistent.png"])
+    with pytest.raises(ValueError, match="one entry .* per prompt"):
+        engine.generate([GOOD, GOOD], GREEDY, image_data=[IMAGE])
+    with pytest.raises(TypeError, match="image_data"):
+        engine.generate(GOOD, GREEDY, image_data=12345)
+    assert engine.get_server_info()["num_running"] == 0
+    outs = engine.generate([GOOD, GOOD], GREEDY, image_data=[IMAGE, IMAGE])
+    assert [o["output_ids"] for o in outs] == [good_ids, good_ids]
+
+
+def test_image_data_for_a_text_model_is_a_value_error(default_model_path):
+    from tokenizer_proc.inputs import Limits, prepare
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(default_model_path)
+    with pytest.raises(ValueError, match="image_data .* takes no images"):
+        prepare(tokenizer, Limits(49152, 2048, 4096), "Hi", None, None, None, False, False, None, None, False,
+                False, image_data=IMAGE, image_processor=None)  # fmt: skip
