@@ -28,6 +28,8 @@ def load() -> list[dict]:
             for line in f:
                 if line.strip():
                     row = json.loads(line)
+                    if "workload" not in row:  # other benchmarks' lines (bench_vlm) have their own section
+                        continue
                     row["_file"] = os.path.relpath(path, ROOT)
                     rows.append(row)
     return rows
