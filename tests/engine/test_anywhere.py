@@ -62,7 +62,8 @@ def wait_until_running(engine: Engine, n: int = 1) -> None:
 
 def assert_freed_and_serving(engine: Engine, alone: dict[str, dict]) -> None:
     """The abandoned request's KV slots come back within a few steps, and the next request is right."""
-    wait_until(lambda: is_idle(engine), "all KV slots free and nothing running")
+    # Within a few steps; the limit is loose because a loaded 2-core CI machine runs a step in seconds.
+    wait_until(lambda: is_idle(engine), "all KV slots free and nothing running", timeout=60)
     assert engine.generate(PROMPTS[1], GREEDY)["output_ids"] == alone[PROMPTS[1]]["output_ids"]
 
 
