@@ -1,12 +1,26 @@
-"""Linear layers whose weight is several HF weights stacked (q|k|v, gate|up), loaded shard by shard."""
+"""Linear layers: plain, and with a weight of several HF weights stacked (q|k|v, gate|up), loaded
+shard by shard. Both take oneDNN's packed-weight matmul on CPU (kernels.PackedCpuLinear)."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from scheduler_proc.layers.kernels import PackedCpuLinear
 
-class MergedLinear(nn.Linear):
+
+class Linear(nn.Linear):
+    def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
+        super().__init__(in_features, out_features, bias=bias)
+        self.cpu_linear = PackedCpuLinear()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if PackedCpuLinear.applies(x, self.weight):
+            return self.cpu_linear(x, self.weight, self.bias)
+        return super().forward(x)
+
+
+class MergedLinear(Linear):
     """One matmul for several projections of the same input; `load_shard` fills one part."""
 
     def __init__(self, in_features: int, out_sizes: list[int], bias: bool) -> None:

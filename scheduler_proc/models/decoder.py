@@ -13,7 +13,7 @@ from torch import nn
 
 from scheduler_proc.batch import ForwardBatch
 from scheduler_proc.layers.activation import SiluAndMul
-from scheduler_proc.layers.linear import MergedLinear
+from scheduler_proc.layers.linear import Linear, MergedLinear
 from scheduler_proc.layers.norm import RMSNorm
 from scheduler_proc.layers.rotary import RotaryEmbedding, rope_parameters
 
@@ -45,7 +45,7 @@ class Attention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = shape.num_heads, shape.num_kv_heads, shape.head_dim
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         self.qkv_proj = MergedLinear(shape.hidden_size, [q_size, kv_size, kv_size], bias=shape.qkv_bias)
-        self.o_proj = nn.Linear(q_size, shape.hidden_size, bias=False)
+        self.o_proj = Linear(q_size, shape.hidden_size, bias=False)
         self.q_norm = RMSNorm(self.head_dim, shape.rms_norm_eps) if shape.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, shape.rms_norm_eps) if shape.qk_norm else None
         self.rotary = rotary
@@ -71,7 +71,7 @@ class MLP(nn.Module):
         super().__init__()
         size = shape.intermediate_size
         self.gate_up_proj = MergedLinear(shape.hidden_size, [size, size], bias=shape.mlp_bias)
-        self.down_proj = nn.Linear(size, shape.hidden_size, bias=shape.mlp_bias)
+        self.down_proj = Linear(size, shape.hidden_size, bias=shape.mlp_bias)
         self.act = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -122,7 +122,7 @@ class CausalLM(nn.Module):
         super().__init__()
         self.shape = ModelShape(config, qkv_bias, qk_norm)
         self.model = DecoderModel(self.shape)
-        self.lm_head = nn.Linear(self.shape.hidden_size, self.shape.vocab_size, bias=False)
+        self.lm_head = Linear(self.shape.hidden_size, self.shape.vocab_size, bias=False)
         self.tie_weights()
 
     def tie_weights(self) -> None:
