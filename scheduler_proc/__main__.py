@@ -1,12 +1,15 @@
 import os
 
 # Before torch loads (OpenMP and torch's CPU allocator read these once), unless the caller set them:
-# - OpenMP threads that finish early wait on a futex instead of spinning for milliseconds. Spinning
-#   takes the cores that the detokenizer, the frontend and any other process need, and once the
-#   machine is oversubscribed a step can take several times longer (measured on 2 shared cores).
-# - Buffers of 2 MiB and more (weights, KV pool) get transparent huge pages: every decode step
-#   streams all weights and gathers KV rows, which costs fewer TLB misses on huge pages.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# - OpenMP threads that finish early spin only briefly (about 0.1 ms, not libgomp's default of
+#   several ms) before sleeping. Long spinning keeps both cores busy between kernels; once other
+#   processes want them too, every parallel kernel waits for a preempted thread and a step took up to
+#   ten times longer on 2 shared cores. Not spinning at all costs a wake-up per kernel (+40% on an
+#   idle machine); this count was as fast as the default there.
+# - Buffers of 2 MiB and more (weights, KV pool) get transparent huge pages: fewer TLB misses when
+#   every decode step streams all weights and gathers KV rows.
+if "OMP_WAIT_POLICY" not in os.environ:
+    os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 from engine.child_process import child_main  # noqa: E402
