@@ -9,6 +9,7 @@ from types import ModuleType
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 logger = logging.getLogger(__name__)
 
@@ -29,33 +30,37 @@ def flashinfer_for(x: torch.Tensor) -> Optional[ModuleType]:
     return _flashinfer()
 
 
-class PackedCpuLinear:
-    """F.linear on CPU through oneDNN, with the weight reordered once into oneDNN's blocked layout.
+class LinearKernel:
+    """A drop-in for F.linear(x, weight, bias), one per layer: on CPU in float32 it runs oneDNN's
+    matmul over a copy of the weight reordered once into oneDNN's blocked layout.
 
     torch's CPU F.linear goes to MKL's sgemm, which at decode shapes (a few rows against a large
-    weight) ran at half of oneDNN's speed on a packed weight on our AMD machines, and is less
-    batch-invariant too. The packed copy is remade whenever the weight is replaced or written in
-    place, so loading or editing weights after the first forward is safe.
+    weight) ran at about half of oneDNN's packed speed on our AMD machines, and is less
+    batch-invariant. The packed copy is remade when the weight gets new storage or is written in
+    place through the parameter itself (writes through `.data` are not seen: load before the first
+    forward, as the loader does).
     """
 
     def __init__(self) -> None:
         self._packed: Optional[torch.Tensor] = None
         self._key: Optional[tuple[int, int]] = None
 
-    @staticmethod
-    def applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
-        """float32 on CPU, no autograd needed, and oneDNN present."""
-        return (
-            x.device.type == "cpu"
-            and x.dtype == torch.float32
-            and weight.dtype == torch.float32
-            and not torch.is_grad_enabled()
-            and torch.backends.mkldnn.is_available()
-        )
-
-    def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if not _packed_cpu_applies(x, weight):
+            return F.linear(x, weight, bias)
         key = (weight.data_ptr(), 0 if weight.is_inference() else weight._version)
         if key != self._key:
             self._packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach())
             self._key = key
         return torch.ops.mkldnn._linear_pointwise(x, self._packed, bias, "none", [], "")
+
+
+def _packed_cpu_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """float32 on CPU, no autograd needed (oneDNN's op has none), and oneDNN built in."""
+    return (
+        x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and weight.dtype == torch.float32
+        and not torch.is_grad_enabled()
+        and torch.backends.mkldnn.is_available()
+    )

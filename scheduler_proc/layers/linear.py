@@ -1,23 +1,21 @@
 """Linear layers: plain, and with a weight of several HF weights stacked (q|k|v, gate|up), loaded
-shard by shard. Both take oneDNN's packed-weight matmul on CPU (kernels.PackedCpuLinear)."""
+shard by shard. Both multiply through kernels.LinearKernel (oneDNN on a packed weight on CPU)."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from scheduler_proc.layers.kernels import PackedCpuLinear
+from scheduler_proc.layers.kernels import LinearKernel
 
 
 class Linear(nn.Linear):
     def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
         super().__init__(in_features, out_features, bias=bias)
-        self.cpu_linear = PackedCpuLinear()
+        self.matmul = LinearKernel()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if PackedCpuLinear.applies(x, self.weight):
-            return self.cpu_linear(x, self.weight, self.bias)
-        return super().forward(x)
+        return self.matmul(x, self.weight, self.bias)
 
 
 class MergedLinear(Linear):
