@@ -1,10 +1,14 @@
 """Attention in plain torch: gather each sequence's KV from the pool into a padded batch, then SDPA.
 
 The reference backend (CPU, or GPU without flashinfer). One gather index and one mask are built per
-step and shared by every layer.
+step and shared by every layer. Rows move with index_select / index_copy_ (whole [Hkv, D] rows at a
+time), not advanced indexing, which on CPU copies element by element; a decode step (one query per
+sequence) needs no query padding at all.
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -16,39 +20,58 @@ from scheduler_proc.batch import ForwardBatch
 class TorchBackend(AttentionBackend):
     def plan(self, batch: ForwardBatch) -> None:
         device = self.pool.device
-        prefix = torch.tensor(batch.prefix_lens_cpu, dtype=torch.int64)
-        extend = torch.tensor(batch.extend_lens_cpu, dtype=torch.int64)
-        total = prefix + extend
-        max_q, max_kv = int(extend.max()), int(total.max())
+        prefix, extend = batch.prefix_lens_cpu, batch.extend_lens_cpu
+        total = [p + e for p, e in zip(prefix, extend)]
+        batch_size, max_q, max_kv = len(extend), max(extend), max(total)
         self.out_cache_loc = batch.out_cache_loc
-        # Packed token t of sequence b sits at padded row (b, t - start_b).
-        seq_of_token = torch.repeat_interleave(torch.arange(len(extend)), extend)
-        starts = torch.cumsum(extend, 0) - extend
-        self.q_rows = seq_of_token.to(device)
-        self.q_cols = (torch.arange(int(extend.sum())) - starts[seq_of_token]).to(device)
-        rows = self.pool.req_to_token[batch.req_pool_indices, :max_kv].to(torch.int64)
+        self.shape = (batch_size, max_q, max_kv)
+        # Packed token t of sequence b sits at row b * max_q + t of the padded queries; None when
+        # every sequence has max_q new tokens (decode), so the packed queries are the padded ones.
+        self.q_index: Optional[torch.Tensor] = None
+        if any(e != max_q for e in extend):
+            flat = [b * max_q + t for b, e in enumerate(extend) for t in range(e)]
+            self.q_index = torch.tensor(flat, dtype=torch.int64, device=device)
+        total_t = torch.tensor(total, dtype=torch.int64)
         key_pos = torch.arange(max_kv)
-        valid = key_pos[None, :] < total[:, None]
-        self.kv_index = torch.where(valid.to(device), rows, torch.zeros_like(rows))
-        query_pos = prefix[:, None] + torch.arange(max_q)[None, :]  # [B, Qmax] absolute positions
+        valid = key_pos[None, :] < total_t[:, None]  # [B, Lmax]
+        rows = self.pool.req_to_token[batch.req_pool_indices, :max_kv]
+        # Keys past a sequence's end read slot 0 (never handed out) and are masked.
+        self.kv_index = torch.where(valid.to(device), rows, torch.zeros_like(rows)).view(-1)
+        self.mask = self._mask(prefix, total, valid, max_q, device)
+
+    @staticmethod
+    def _mask(prefix: list[int], total: list[int], valid: torch.Tensor, max_q: int,
+              device: torch.device) -> Optional[torch.Tensor]:  # fmt: skip
+        """[B, 1, Qmax, Lmax] bool, True where a query may attend; None when every query sees every key."""
+        if max_q == 1:  # one query per sequence, the last position: it sees all of its own keys
+            return None if min(total) == max(total) else valid[:, None, None, :].to(device)
+        prefix_t = torch.tensor(prefix, dtype=torch.int64)
+        query_pos = prefix_t[:, None] + torch.arange(max_q)[None, :]  # [B, Qmax] absolute positions
+        key_pos = torch.arange(valid.shape[1])
         mask = (key_pos[None, None, :] <= query_pos[:, :, None]) & valid[:, None, :]
         mask[:, :, 0] |= ~mask.any(-1)  # padded query rows see one key, so no row is all -inf
-        self.mask = mask[:, None].to(device)
-        self.shape = (len(extend), max_q)
+        return mask[:, None].to(device)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int) -> torch.Tensor:
         k_buf, v_buf = self.pool.k_buffer[layer_id], self.pool.v_buffer[layer_id]
-        k_buf[self.out_cache_loc] = k
-        v_buf[self.out_cache_loc] = v
-        batch_size, max_q = self.shape
-        q_pad = q.new_zeros(batch_size, max_q, q.shape[1], q.shape[2])
-        q_pad[self.q_rows, self.q_cols] = q
-        keys, values = k_buf[self.kv_index], v_buf[self.kv_index]  # [B, Lmax, Hkv, D]
+        k_buf.index_copy_(0, self.out_cache_loc, k)
+        v_buf.index_copy_(0, self.out_cache_loc, v)
+        batch_size, max_q, max_kv = self.shape
+        num_heads, head_dim = q.shape[1], q.shape[2]
+        if self.q_index is None:
+            q_pad = q.view(batch_size, max_q, num_heads, head_dim)
+        else:
+            q_pad = q.new_zeros(batch_size * max_q, num_heads, head_dim).index_copy_(0, self.q_index, q)
+            q_pad = q_pad.view(batch_size, max_q, num_heads, head_dim)
+        kv_shape = (batch_size, max_kv, k.shape[1], head_dim)
+        keys = k_buf.index_select(0, self.kv_index).view(kv_shape)
+        values = v_buf.index_select(0, self.kv_index).view(kv_shape)
         out = F.scaled_dot_product_attention(
             q_pad.transpose(1, 2),
             keys.transpose(1, 2),
             values.transpose(1, 2),
             attn_mask=self.mask,
-            enable_gqa=q.shape[1] != k.shape[1],
+            enable_gqa=num_heads != k.shape[1],
         )
-        return out.transpose(1, 2)[self.q_rows, self.q_cols].reshape(q.shape[0], -1)
+        out = out.transpose(1, 2).reshape(batch_size * max_q, num_heads * head_dim)
+        return out if self.q_index is None else out.index_select(0, self.q_index)

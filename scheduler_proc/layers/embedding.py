@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from scheduler_proc.distributed import TPGroup
+from scheduler_proc.layers.kernels import LinearKernel
 from scheduler_proc.layers.linear import read_block
 
 
@@ -54,9 +55,13 @@ class ParallelLMHead(VocabParallelEmbedding):
     small beside the weights a step reads.
     """
 
+    def __init__(self, vocab_size: int, hidden_size: int, tp: TPGroup) -> None:
+        super().__init__(vocab_size, hidden_size, tp)
+        self.matmul = LinearKernel()
+
     def forward(self, hidden: torch.Tensor) -> Optional[torch.Tensor]:
         """float32 logits [R, vocab] on rank 0; None on the other ranks (which take part in the gather)."""
         if hidden.shape[0] == 0:  # a step that needs no logits (a prompt's middle chunk): on every rank alike
             return hidden.new_zeros(0, self.vocab_size, dtype=torch.float32) if self.tp.is_first else None
-        logits = self.tp.gather_last_dim(F.linear(hidden, self.weight))
+        logits = self.tp.gather_last_dim(self.matmul(hidden, self.weight))
         return logits[:, : self.vocab_size].float() if logits is not None else None

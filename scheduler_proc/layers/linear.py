@@ -1,6 +1,7 @@
 """Linear layers split over the tensor-parallel ranks (Megatron): a column-parallel layer keeps a slice
 of the output features, so its input is whole and its output sharded; a row-parallel layer keeps the
-matching slice of the input features and sums its partial products with one all-reduce.
+matching slice of the input features and sums its partial products with one all-reduce. Both multiply
+through kernels.LinearKernel (oneDNN on a packed weight on CPU, F.linear elsewhere).
 
 Weights load from "sources": a checkpoint tensor not read yet (a safetensors slice) or an in-memory
 tensor. Each rank indexes only its own rows or columns, so no rank reads the whole model.
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from scheduler_proc.distributed import TPGroup
+from scheduler_proc.layers.kernels import LinearKernel
 
 
 def source_shape(source: Any) -> list[int]:
@@ -67,6 +69,10 @@ class ColumnParallelLinear(nn.Linear):
         super().__init__(in_features, sum(p.local_size for p in parts), bias=bias)
         self.parts = parts
         self.offsets = [sum(p.local_size for p in parts[:i]) for i in range(len(parts) + 1)]
+        self.matmul = LinearKernel()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.matmul(x, self.weight, self.bias)
 
     def load_part(self, index: int, kind: str, source: Any, name: str) -> None:
         part = self.parts[index]
@@ -96,9 +102,10 @@ class RowParallelLinear(nn.Linear):
         super().__init__(in_features // tp.size, out_features, bias=bias)
         self.tp = tp
         self.full_in_features = in_features
+        self.matmul = LinearKernel()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.tp.all_reduce(F.linear(x, self.weight))
+        out = self.tp.all_reduce(self.matmul(x, self.weight))
         return out + self.bias if self.bias is not None else out
 
     def load(self, kind: str, source: Any, name: str) -> None:
