@@ -13,9 +13,11 @@ from engine.args import EngineArgs, field_names
 from engine.errors import EngineError
 from engine.loop_thread import LoopThread
 from engine.processes import ChildProcesses
+from engine.protocol import GenerateRequest
 from tokenizer_proc.images import image_processor_for
 from tokenizer_proc.inputs import Limits, PreparedBatch, chat_image_data, chat_prompts, prepare
 from tokenizer_proc.manager import TokenizerManager
+from tokenizer_proc.request_state import ReqState
 
 logger = logging.getLogger(__name__)
 
@@ -109,8 +111,15 @@ class Engine:
         batch = self._prepare(prompt, input_ids, sampling_params, rid, stream, return_logprob, logprob_start_len,
                               top_logprobs_num, return_text_in_logprobs, return_hidden_states, image_data)  # fmt: skip
         if stream:
-            return self._loop.iterate(self._manager.stream(batch.reqs, with_index=not batch.single))
-        outputs = self._loop.run(self._generate(batch, use_tqdm))
+            return self._loop.iterate(self._manager.stream(batch.all(), with_index=not batch.single))
+        states: list[ReqState] = []
+        try:
+            for reqs in batch.slices:  # images are preprocessed here while earlier slices already run
+                states += self._loop.run(self._submit(reqs))
+        except BaseException:
+            self._loop.run(self._abort([s.rid for s in states]))  # a later image failed: nothing half-done
+            raise
+        outputs = self._loop.run(self._wait(states, batch.size, use_tqdm))
         return outputs[0] if batch.single else outputs
 
     async def async_generate(
@@ -132,13 +141,23 @@ class Engine:
         iterator of chunks; cancelling the awaiting task or leaving the iteration aborts the request."""
         prepare_args = (prompt, input_ids, sampling_params, rid, stream, return_logprob, logprob_start_len,
                         top_logprobs_num, return_text_in_logprobs, return_hidden_states, image_data)  # fmt: skip
-        if image_data is None:
-            batch = self._prepare(*prepare_args)
-        else:  # fetching and preprocessing images must not block the caller's event loop (a server's)
-            batch = await asyncio.to_thread(self._prepare, *prepare_args)
+        # Fetching and preprocessing images must not block the caller's event loop (a server's).
+        in_thread = image_data is not None
+        batch = await asyncio.to_thread(self._prepare, *prepare_args) if in_thread else self._prepare(*prepare_args)
         if stream:
-            return self._loop.iterate_async(self._manager.stream(batch.reqs, with_index=not batch.single))
-        outputs = await self._loop.run_async(self._generate(batch, use_tqdm=False))
+            reqs = await asyncio.to_thread(batch.all) if in_thread else batch.all()
+            return self._loop.iterate_async(self._manager.stream(reqs, with_index=not batch.single))
+        states: list[ReqState] = []
+        try:
+            while True:
+                reqs = await asyncio.to_thread(next, batch.slices, None) if in_thread else next(batch.slices, None)
+                if reqs is None:
+                    break
+                states += await self._loop.run_async(self._submit(reqs))
+        except BaseException:
+            await self._loop.run_async(self._abort([s.rid for s in states]))
+            raise
+        outputs = await self._loop.run_async(self._wait(states, batch.size, use_tqdm=False))
         return outputs[0] if batch.single else outputs
 
     def chat(self, messages: Union[list[dict], list[list[dict]]], sampling_params: SamplingArg = None,
@@ -174,14 +193,17 @@ class Engine:
                        return_logprob, logprob_start_len, top_logprobs_num, return_text_in_logprobs,
                        return_hidden_states, image_data, self._image_processor)  # fmt: skip
 
-    async def _generate(self, batch: PreparedBatch, use_tqdm: bool) -> list[dict[str, Any]]:
+    async def _submit(self, reqs: list[GenerateRequest]) -> list[ReqState]:
+        return self._manager.submit(reqs)
+
+    async def _wait(self, states: list[ReqState], size: int, use_tqdm: bool) -> list[dict[str, Any]]:
         progress = None
         if use_tqdm:
             from tqdm.auto import tqdm
 
-            progress = tqdm(total=len(batch.reqs), desc="generate", unit="req")
+            progress = tqdm(total=size, desc="generate", unit="req")
         try:
-            return await self._manager.generate(batch.reqs, progress)
+            return await self._manager.wait_all(states, progress)
         finally:
             if progress is not None:
                 progress.close()

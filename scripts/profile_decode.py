@@ -3,6 +3,9 @@
 (host ops and device kernels). Prints the top entries of each.
 
     python scripts/profile_decode.py --model-path configs/qwen2.5-0.5b --batch 256 [--temperature 0.6]
+
+On a CPU machine, a tiny config (one layer, hidden 64) makes the forward cheap, so that what is left
+per step is the scheduler's host work: the part of a GPU step that CPU tests can measure.
 """
 
 from __future__ import annotations
@@ -46,23 +49,25 @@ def main() -> None:
     from scheduler_proc.scheduler import Scheduler
 
     settings = EngineArgs(model_path=args.model_path, load_format="dummy", context_length=4096,
-                          cuda_graph_max_bs=max(args.batch, 8), disable_overlap_schedule=args.disable_overlap_schedule)
+                          cuda_graph_max_bs=max(args.batch, 8), max_running_requests=args.batch,
+                          disable_overlap_schedule=args.disable_overlap_schedule)
     sched = Scheduler(settings.resolve(), Endpoints.in_dir(tempfile.mkdtemp()), zmq.Context())
     sched.to_detokenizer = _Sink()
     rng = random.Random(0)
     params = SamplingParams(temperature=args.temperature, max_new_tokens=4000, ignore_eos=True)
-    reqs = [GenerateRequest(rid=str(i), input_ids=[rng.randint(0, 10000) for _ in range(args.prompt_len)],
+    reqs = [GenerateRequest(rid=str(i), input_ids=[rng.randint(0, min(10000, sched.runner.shape.vocab_size - 1)) for _ in range(args.prompt_len)],
                             sampling=params) for i in range(args.batch)]  # fmt: skip
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     sched.handle(GenerateBatch(reqs=reqs))
     while len(sched.running) < args.batch or any(r.prefilling for r in sched.running):
         sched.iterate()
     for _ in range(20):
         sched.iterate()
-    torch.cuda.synchronize()
+    sync()
     start = time.perf_counter()
     for _ in range(args.steps):
         sched.iterate()
-    torch.cuda.synchronize()
+    sync()
     print(f"wall per step: {(time.perf_counter() - start) / args.steps * 1e3:.2f} ms at batch {len(sched.running)}")
 
     profiler = cProfile.Profile()
@@ -74,12 +79,14 @@ def main() -> None:
 
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as prof:
         for _ in range(args.steps):
             sched.iterate()
-        torch.cuda.synchronize()
+        sync()
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
-    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=20))
+    if torch.cuda.is_available():
+        print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=20))
 
 
 if __name__ == "__main__":

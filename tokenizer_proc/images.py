@@ -15,7 +15,7 @@ import json
 import os
 import urllib.request
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import numpy as np
 
@@ -51,11 +51,13 @@ class ImageProcessor:
             self.hf = processor_class(patch_size=int(vision.get("patch_size", 14)), merge_size=self.merge_size,
                                       temporal_patch_size=int(vision.get("temporal_patch_size", 2)))  # fmt: skip
 
-    def process_all(self, images: list[tuple[str, Any]]) -> list[ProcessedImage]:
-        """(where, image) pairs to processed images, in order; the first bad one raises its error."""
+    def process_iter(self, images: list[tuple[str, Any]]) -> Iterator[ProcessedImage]:
+        """(where, image) pairs to processed images, in order, each as soon as it and those before it
+        are done (all start at once in a small thread pool); the first bad one raises its error when
+        reached. Closing the iterator early cancels the images not started yet."""
         if len(images) <= 1:
-            return [self.process(where, image) for where, image in images]
-        return list(_executor().map(lambda pair: self.process(*pair), images))
+            return (self.process(where, image) for where, image in images)
+        return _executor().map(lambda pair: self.process(*pair), images)
 
     def process(self, where: str, image: Any) -> ProcessedImage:
         pil = load_image(where, image)

@@ -1,11 +1,12 @@
 """Turning a caller's generate() arguments into checked GenerateRequests, in the caller's thread,
-so that every mistake raises there (ValueError/TypeError naming the field) before anything is sent."""
+so that every mistake raises there (ValueError/TypeError naming the field) before anything is sent;
+a bad image found after earlier slices went out raises too, and the caller aborts those slices."""
 
 from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
-from typing import Any, Optional, Union
+from typing import Any, Callable, Iterator, Optional, Union
 
 import msgspec
 
@@ -14,6 +15,9 @@ from engine.sampling import SamplingParams, parse_sampling_params
 from tokenizer_proc.images import ImageProcessor, chat_images, images_per_prompt
 
 _SEED_STRIDE = 0x9E3779B1  # spreads the seeds of the n samples of one prompt
+# Requests per slice of an image batch: enough for a first prefill step's worth of work, small enough
+# that the scheduler starts while most images are still being preprocessed.
+_SLICE_REQUESTS = 16
 
 
 @dataclass
@@ -27,8 +31,17 @@ class Limits:
 
 @dataclass
 class PreparedBatch:
-    reqs: list[GenerateRequest]
+    """A call's requests, in slices to send one after another: one slice when no prompt has images.
+    With images, each slice comes as its prompts' images finish preprocessing, so the scheduler starts
+    on the first prompts while later images are still being processed; an image that fails raises from
+    the iteration (the caller then aborts what it sent)."""
+
+    slices: Iterator[list[GenerateRequest]]
+    size: int  # requests in all slices together
     single: bool  # the caller passed one prompt with n=1 (returns one output, not a list)
+
+    def all(self) -> list[GenerateRequest]:
+        return [req for part in self.slices for req in part]
 
 
 def prepare(
@@ -47,72 +60,81 @@ def prepare(
     image_data: Any = None,  # see images.images_per_prompt
     image_processor: Optional[ImageProcessor] = None,  # None: a text-only model
 ) -> PreparedBatch:
-    """The caller's arguments, checked, as GenerateRequests (n > 1: one per sample); images loaded,
-    preprocessed and their placeholders expanded."""
+    """The caller's arguments, checked, as GenerateRequests (n > 1: one per sample). Everything but the
+    images is checked here; images are loaded, preprocessed and their placeholders expanded as the
+    slices are taken."""
     prompts_ids, single = _token_ids(tokenizer, prompt, input_ids, limits.vocab_size)
-    prompts_ids, prompts_images = _expand_images(image_processor, image_data, prompts_ids, single)
     count = len(prompts_ids)
+    per_prompt = images_per_prompt(image_data, count, single)
+    if image_processor is None and any(per_prompt):
+        raise ValueError("image_data was given, but this model takes no images (not a vision-language model)")
     raw_params = _per_prompt("sampling_params", sampling_params, count, dict)
     params = [parse_sampling_params(p, limits.vocab_size) for p in raw_params]
     rids = _per_prompt("rid", rid, count, str)
     logprob_flags = _per_prompt("return_logprob", return_logprob, count, bool)
-    starts = _per_prompt("logprob_start_len", logprob_start_len, count, int)
-    tops = _per_prompt("top_logprobs_num", top_logprobs_num, count, int)
+    starts = [-1 if s is None else s for s in _per_prompt("logprob_start_len", logprob_start_len, count, int)]
+    tops = [0 if t is None else t for t in _per_prompt("top_logprobs_num", top_logprobs_num, count, int)]
     if not isinstance(stream, bool):
         raise TypeError(f"stream must be a bool, got {stream!r}")
     if not isinstance(return_text_in_logprobs, bool):
         raise TypeError(f"return_text_in_logprobs must be a bool, got {_short(return_text_in_logprobs)}")
     if not isinstance(return_hidden_states, bool):
         raise TypeError(f"return_hidden_states must be a bool, got {_short(return_hidden_states)}")
-    reqs: list[GenerateRequest] = []
-    for i, ids in enumerate(prompts_ids):
-        p = params[i]
-        _check_length(ids, p, limits, i if not single else None, bool(prompts_images[i]))
-        start = -1 if starts[i] is None else starts[i]
-        top = 0 if tops[i] is None else tops[i]
-        if start < -1 or start > len(ids):
-            raise ValueError(f"logprob_start_len must be in [-1, {len(ids)}] for this prompt, got {start!r}")
+    for top in tops:
         if not 0 <= top <= limits.vocab_size:
             raise ValueError(f"top_logprobs_num must be in [0, {limits.vocab_size}], got {top!r}")
-        base_rid = rids[i] if rids[i] is not None else uuid.uuid4().hex
-        for k in range(p.n):
-            sample = p if p.n == 1 else _nth_sample(p, k)
-            reqs.append(
-                GenerateRequest(
-                    rid=base_rid if p.n == 1 else f"{base_rid}-{k}",
-                    input_ids=ids,
-                    sampling=sample,
-                    stream=stream,
-                    return_logprob=bool(logprob_flags[i]),
-                    logprob_start_len=start,
-                    top_logprobs_num=top,
-                    return_text_in_logprobs=return_text_in_logprobs,
-                    return_hidden_states=return_hidden_states,
-                    images=prompts_images[i],
-                )
-            )
-    if len({r.rid for r in reqs}) != len(reqs):
+    base_rids = [r if r is not None else uuid.uuid4().hex for r in rids]
+    all_rids = [base if p.n == 1 else f"{base}-{k}" for base, p in zip(base_rids, params) for k in range(p.n)]
+    if len(set(all_rids)) != len(all_rids):
         raise ValueError("rid values must be unique within one call")
-    return PreparedBatch(reqs=reqs, single=single and params[0].n == 1)
+
+    def build(i: int, ids: list[int], images: list[ImageInput]) -> list[GenerateRequest]:
+        """Prompt i's requests, once its image tokens are in ids."""
+        p, start = params[i], starts[i]
+        _check_length(ids, p, limits, i if not single else None, bool(images))
+        if start < -1 or start > len(ids):
+            raise ValueError(f"logprob_start_len must be in [-1, {len(ids)}] for this prompt, got {start!r}")
+        return [
+            GenerateRequest(
+                rid=base_rids[i] if p.n == 1 else f"{base_rids[i]}-{k}",
+                input_ids=ids,
+                sampling=p if p.n == 1 else _nth_sample(p, k),
+                stream=stream,
+                return_logprob=bool(logprob_flags[i]),
+                logprob_start_len=start,
+                top_logprobs_num=tops[i],
+                return_text_in_logprobs=return_text_in_logprobs,
+                return_hidden_states=return_hidden_states,
+                images=images,
+            )
+            for k in range(p.n)
+        ]
+
+    size, one = len(all_rids), single and params[0].n == 1
+    if image_processor is None:
+        reqs = [req for i, ids in enumerate(prompts_ids) for req in build(i, ids, [])]
+        return PreparedBatch(slices=iter([reqs]), size=size, single=one)
+    # A vision-language model: even a prompt without images is checked for stray placeholders.
+    return PreparedBatch(slices=_image_slices(image_processor, prompts_ids, per_prompt, single, build),
+                         size=size, single=one)  # fmt: skip
 
 
-def _expand_images(processor: Optional[ImageProcessor], image_data: Any, prompts_ids: list[list[int]],
-                   single: bool) -> tuple[list[list[int]], list[list[ImageInput]]]:  # fmt: skip
-    """Load and preprocess every prompt's images (all of them at once, in a small thread pool) and expand
-    each prompt's placeholders to its images' tokens."""
-    per_prompt = images_per_prompt(image_data, len(prompts_ids), single)
-    if processor is None:
-        if any(per_prompt):
-            raise ValueError("image_data was given, but this model takes no images (not a vision-language model)")
-        return prompts_ids, [[] for _ in prompts_ids]
-    processed = iter(processor.process_all([pair for pairs in per_prompt for pair in pairs]))
-    expanded, images = [], []
+def _image_slices(processor: ImageProcessor, prompts_ids: list[list[int]], per_prompt: list[list[tuple[str, Any]]],
+                  single: bool, build: Callable[[int, list[int], list[ImageInput]], list[GenerateRequest]],
+                  ) -> Iterator[list[GenerateRequest]]:  # fmt: skip
+    """Requests in slices of about _SLICE_REQUESTS, each as soon as its prompts' images are preprocessed
+    (all images go to a small thread pool at once and come back in order)."""
+    processed = processor.process_iter([pair for pairs in per_prompt for pair in pairs])
+    part: list[GenerateRequest] = []
     for p, (ids, pairs) in enumerate(zip(prompts_ids, per_prompt)):
         where = "image_data" if single else f"image_data[{p}]"
         new_ids, inputs = processor.expand(ids, [next(processed) for _ in pairs], where)
-        expanded.append(new_ids)
-        images.append(inputs)
-    return expanded, images
+        part += build(p, new_ids, inputs)
+        if len(part) >= _SLICE_REQUESTS:
+            yield part
+            part = []
+    if part:
+        yield part
 
 
 def chat_prompts(tokenizer: Any, messages: Any) -> Union[str, list[str]]:

@@ -152,9 +152,8 @@ class TokenizerManager:
         if live and self.error is None:
             self.to_scheduler.send(self.out_codec.encode(AbortRequest(rids=live)))
 
-    async def generate(self, reqs: list[GenerateRequest], progress: Any = None) -> list[dict[str, Any]]:
-        """Submit and wait for every request; cancelling this coroutine aborts the unfinished ones."""
-        states = self.submit(reqs)
+    async def wait_all(self, states: list[ReqState], progress: Any = None) -> list[dict[str, Any]]:
+        """Wait for submitted requests, in order; cancelling this coroutine aborts the unfinished ones."""
         try:
             for state in states:
                 await state.wait_finished()

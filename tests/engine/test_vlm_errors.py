@@ -107,3 +107,39 @@ def test_image_data_for_a_text_model_is_a_value_error(default_model_path):
     with pytest.raises(ValueError, match="image_data .* takes no images"):
         prepare(tokenizer, Limits(49152, 2048, 4096), "Hi", None, None, None, False, False, None, None, False,
                 False, image_data=IMAGE, image_processor=None)  # fmt: skip
+
+
+def test_a_long_image_batch_runs_while_later_images_load_and_a_late_bad_one_aborts_it(engine, good_ids,
+                                                                                      image_server):  # fmt: skip
+    """Image batches go out in slices as their images are ready: the scheduler works on the first
+    prompts while a slow image (3 s, then 404) loads; when it fails, the call raises naming it and
+    the requests already sent are aborted at once (each would otherwise decode 1,900 tokens)."""
+    import threading
+    import time
+
+    images = [IMAGE] * 17 + [f"{image_server.url}/slow"] + [IMAGE] * 2
+    params = dict(GREEDY, max_new_tokens=1900)
+    seen, done = [], threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            info = engine.get_server_info()
+            seen.append(info["num_running"] + info["num_waiting"])
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        with pytest.raises(ValueError, match=r"image_data\[17\]") as error:
+            engine.generate([GOOD] * len(images), params, image_data=images)
+    finally:
+        done.set()
+        watcher.join()
+    assert "404" in str(error.value)
+    assert max(seen) >= 16  # the first slice was in the scheduler before the call failed
+    deadline = time.monotonic() + 5.0
+    while (info := engine.get_server_info())["num_running"] + info["num_waiting"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert info["num_running"] + info["num_waiting"] == 0  # aborted, not decoding on
+    assert engine.generate(GOOD, GREEDY, image_data=IMAGE)["output_ids"] == good_ids
+    assert_pool_free(engine)
