@@ -47,48 +47,55 @@ class Launched:
 
 def build_step(entries: list[tuple[Request, int]], pool: KVPool, eos_ids: list[int]) -> Step:
     """The batch of one step. An entry may start at a token the step in flight is still sampling
-    (req.pending): its input id is filled on the device from that step's output (`futures`)."""
+    (req.pending): its input id is filled on the device from that step's output (`futures`).
+    Runs once per step over every running request, so it reads request fields directly."""
     input_ids: list[int] = []
     positions: list[int] = []
     token_rows: list[int] = []
     logit_rows: list[int] = []
     logit_spans, input_starts, sample_entries, futures = [], [], [], []
+    starts = [req.kv_len for req, _ in entries]
     for i, (req, n) in enumerate(entries):
-        start, t0 = req.kv_len, len(input_ids)
-        if start == req.num_tokens:  # decoding the pending token
+        start, t0 = starts[i], len(input_ids)
+        num_tokens = len(req.input_ids) + len(req.output_ids)
+        if start == num_tokens:  # decoding the pending token
             futures.append((t0, req.future_index))
             input_ids.append(0)
         else:
             input_ids += req.tokens(start, start + n)
-        positions += range(start, start + n)
-        token_rows += [req.row] * n
-        samples = start + n == req.total_tokens and req.sampling.max_new_tokens > 0
-        span = _input_logprob_span(req, start, n)
-        first_q = span[0] if span else None
-        rows = list(range(t0 + span[0] - start, t0 + span[1] - start)) if span else []
-        if samples:
-            rows.append(t0 + n - 1)
+        if n == 1:
+            positions.append(start)
+            token_rows.append(req.row)
+        else:
+            positions += range(start, start + n)
+            token_rows += [req.row] * n
+        first_row = len(logit_rows)
+        span = _input_logprob_span(req, start, n) if req.msg.return_logprob else None
+        if span:
+            logit_rows += range(t0 + span[0] - start, t0 + span[1] - start)
+        if start + n == num_tokens + req.pending and req.sampling.max_new_tokens > 0:  # reaches its next token
+            logit_rows.append(t0 + n - 1)
             sample_entries.append(i)
-        logit_spans.append((len(logit_rows), len(rows)))
-        input_starts.append(first_q)
-        logit_rows += rows
+        logit_spans.append((first_row, len(logit_rows) - first_row))
+        input_starts.append(span[0] if span else None)
     device = pool.device
     out_cache_loc = pool.alloc_slots(len(input_ids))
     positions_t = to_device(positions, torch.int64, device)
     pool.set_tokens(to_device(token_rows, torch.int64, device), positions_t, out_cache_loc)
+    extend_lens = [n for _, n in entries]
     batch = ForwardBatch(
         input_ids=to_device(input_ids, torch.int64, device),
         positions=positions_t,
         out_cache_loc=out_cache_loc,
         req_pool_indices=to_device([r.row for r, _ in entries], torch.int64, device),
-        prefix_lens_cpu=[r.kv_len for r, _ in entries],
-        extend_lens_cpu=[n for _, n in entries],
+        prefix_lens_cpu=starts,
+        extend_lens_cpu=extend_lens,
         logit_rows=to_device(logit_rows, torch.int64, device),
-        is_decode=all(n == 1 for _, n in entries),
+        is_decode=len(input_ids) == len(entries),  # every entry adds one token
     )
     attach_images(batch, entries)
     return Step(entries, batch, _sampling_batch(entries, sample_entries, eos_ids, device), sample_entries,
-                logit_spans, input_starts, [r.kv_len for r, _ in entries], futures)  # fmt: skip
+                logit_spans, input_starts, starts, futures)  # fmt: skip
 
 
 def _input_logprob_span(req: Request, start: int, n: int) -> Optional[tuple[int, int]]:
@@ -105,21 +112,27 @@ def _input_logprob_span(req: Request, start: int, n: int) -> Optional[tuple[int,
 def _sampling_batch(entries, sample_entries, eos_ids, device) -> Optional[SamplingBatch]:
     if not sample_entries:
         return None
-    reqs = [entries[i][0] for i in sample_entries]
-    bias, banned = [], []
-    for s, req in enumerate(reqs):
+    rows, positions, bias, banned = [], [], [], []
+    all_greedy, any_penalty, any_filter = True, False, False
+    for s, i in enumerate(sample_entries):  # one pass: this runs every step for every sampling request
+        req = entries[i][0]
         params = req.sampling
-        for token, value in (params.logit_bias or {}).items():
-            bias.append((s, token, value))
-        if req.num_generated < params.min_new_tokens:
+        rows.append(req.row)
+        positions.append(req.total_tokens)
+        all_greedy = all_greedy and params.is_greedy
+        any_penalty = any_penalty or params.uses_penalties
+        any_filter = any_filter or params.top_k > 0 or params.top_p < 1.0 or params.min_p > 0.0
+        if params.logit_bias:
+            bias += [(s, token, value) for token, value in params.logit_bias.items()]
+        if params.min_new_tokens and req.num_generated < params.min_new_tokens:
             held = list(params.stop_token_ids) + ([] if params.ignore_eos else eos_ids)
             banned += [(s, token) for token in held]
     return SamplingBatch(
-        rows=to_device([r.row for r in reqs], torch.int64, device),
-        positions=to_device([r.total_tokens for r in reqs], torch.int64, device),
-        all_greedy=all(r.sampling.is_greedy for r in reqs),
-        any_penalty=any(r.sampling.uses_penalties for r in reqs),
-        any_filter=any(r.sampling.top_k > 0 or r.sampling.top_p < 1.0 or r.sampling.min_p > 0.0 for r in reqs),
+        rows=to_device(rows, torch.int64, device),
+        positions=to_device(positions, torch.int64, device),
+        all_greedy=all_greedy,
+        any_penalty=any_penalty,
+        any_filter=any_filter,
         bias=bias,
         banned=banned,
     )
