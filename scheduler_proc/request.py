@@ -57,13 +57,15 @@ class Request:
 
     def surely_done(self, context_length: int) -> bool:
         """Whether the pending token ends the request by length alone, so no step needs it again."""
-        return self.num_generated >= self.sampling.max_new_tokens or self.total_tokens >= context_length
+        generated = len(self.output_ids) + self.pending
+        return generated >= self.sampling.max_new_tokens or len(self.input_ids) + generated >= context_length
 
     @property
     def prefilling(self) -> bool:
         """Computing tokens it already has (its prompt; prompt + output after a retraction), as
         opposed to decoding its last sampled token."""
-        return self.kv_len < self.num_tokens - (1 if self.output_ids else 0)
+        generated = len(self.output_ids)  # read every step for every request: no nested properties
+        return self.kv_len < len(self.input_ids) + generated - (1 if generated else 0)
 
     def tokens(self, start: int, end: int) -> list[int]:
         """Tokens [start, end) of prompt + output."""
