@@ -83,8 +83,10 @@ def prepare(
     for top in tops:
         if not 0 <= top <= limits.vocab_size:
             raise ValueError(f"top_logprobs_num must be in [0, {limits.vocab_size}], got {top!r}")
-    base_rids = [r if r is not None else uuid.uuid4().hex for r in rids]
-    all_rids = [base if p.n == 1 else f"{base}-{k}" for base, p in zip(base_rids, params) for k in range(p.n)]
+    # Prompt i's requests' rids: the caller's (or a fresh) rid, suffixed with the sample index when n > 1.
+    prompt_rids = [[base] if p.n == 1 else [f"{base}-{k}" for k in range(p.n)]
+                   for base, p in zip((r if r is not None else uuid.uuid4().hex for r in rids), params)]  # fmt: skip
+    all_rids = [r for group in prompt_rids for r in group]
     if len(set(all_rids)) != len(all_rids):
         raise ValueError("rid values must be unique within one call")
 
@@ -96,7 +98,7 @@ def prepare(
             raise ValueError(f"logprob_start_len must be in [-1, {len(ids)}] for this prompt, got {start!r}")
         return [
             GenerateRequest(
-                rid=base_rids[i] if p.n == 1 else f"{base_rids[i]}-{k}",
+                rid=prompt_rids[i][k],
                 input_ids=ids,
                 sampling=p if p.n == 1 else _nth_sample(p, k),
                 stream=stream,
