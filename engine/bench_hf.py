@@ -43,15 +43,23 @@ def run_hf(model_path: Optional[str], workload: Workload, settings: dict[str, An
     return {"wall_s": wall, "output_tok_s": workload.output_tokens / wall, "batch_size": args.hf_batch_size}
 
 
+def left_pad(rows: list[list[int]]) -> tuple[Any, Any]:
+    """(input_ids, attention_mask) of rows padded on the left, as generate expects for decoder-only models."""
+    import torch
+
+    width = max(len(r) for r in rows)
+    ids = torch.zeros((len(rows), width), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row) :] = torch.tensor(row)
+        mask[i, width - len(row) :] = 1
+    return ids, mask
+
+
 def _generate_batch(model: Any, prompts: list[list[int]], max_new: int, temperature: float, device: str) -> None:
     import torch
 
-    width = max(len(p) for p in prompts)
-    ids = torch.zeros((len(prompts), width), dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, prompt in enumerate(prompts):  # left padding, as generate expects for decoder-only models
-        ids[row, width - len(prompt) :] = torch.tensor(prompt)
-        mask[row, width - len(prompt) :] = 1
+    ids, mask = left_pad(prompts)
     sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
     with torch.inference_mode():
         model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new,

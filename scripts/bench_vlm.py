@@ -191,15 +191,12 @@ def run_hf(model_dir: str, prompts: list[str], images: list[Any], output_len: in
 
 
 def _hf_batch(tokenizer, image_token_id: int, prompts: list[str], images: list[Any], takes_types: bool) -> dict:
+    from engine.bench_hf import left_pad
+
     processed = image_processor()(images=images, return_tensors="pt")
     grids = processed["image_grid_thw"].tolist()
     rows = [expand(tokenizer(p)["input_ids"], grids[i : i + 1], image_token_id) for i, p in enumerate(prompts)]
-    width = max(len(r) for r in rows)
-    ids = torch.zeros((len(rows), width), dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, row in enumerate(rows):  # left padding, as generate expects for decoder-only models
-        ids[i, width - len(row) :] = torch.tensor(row)
-        mask[i, width - len(row) :] = 1
+    ids, mask = left_pad(rows)
     batch = {"input_ids": ids, "attention_mask": mask, "pixel_values": processed["pixel_values"],
              "image_grid_thw": processed["image_grid_thw"]}  # fmt: skip
     if takes_types:  # transformers 5 places M-RoPE by these

@@ -6,10 +6,11 @@ import torch
 
 
 @torch.inference_mode()
-def hf_greedy(model, input_ids: list[int], num_tokens: int) -> list[int]:
-    """Greedy continuation, never stopping at EOS (compare with ignore_eos=True)."""
+def hf_greedy(model, input_ids: list[int], num_tokens: int, **prompt_kwargs) -> list[int]:
+    """Greedy continuation, never stopping at EOS (compare with ignore_eos=True); prompt_kwargs go
+    to the prompt's forward only (a VL model's pixels)."""
     ids = torch.tensor([input_ids])
-    out = model(ids, use_cache=True)
+    out = model(ids, use_cache=True, **prompt_kwargs)
     generated = []
     for _ in range(num_tokens):
         token = int(out.logits[0, -1].argmax())

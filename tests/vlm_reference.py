@@ -7,6 +7,8 @@ import inspect
 import numpy as np
 import torch
 
+from reference import hf_greedy
+
 VISION_TOKENS = ["<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>"]
 PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
 CHAT_TEMPLATE = (
@@ -97,13 +99,7 @@ def hf_vlm_greedy(model, tokenizer, prompt: str, images: list, num_tokens: int) 
     if images and "mm_token_type_ids" in inspect.signature(model.forward).parameters:
         kwargs["mm_token_type_ids"] = (input_ids == image_token_id).int()  # transformers 5 places M-RoPE by these
     model.model.rope_deltas = None  # HF keeps the last prompt's delta on the model
-    out = model(input_ids, use_cache=True, **kwargs)
-    generated = []
-    for _ in range(num_tokens):
-        token = int(out.logits[0, -1].argmax())
-        generated.append(token)
-        out = model(torch.tensor([[token]]), past_key_values=out.past_key_values, use_cache=True)
-    return generated
+    return hf_greedy(model, ids, num_tokens, **kwargs)
 
 
 def png_bytes(image) -> bytes:
