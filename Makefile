@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 model: install
-	$(PY) -m engine.model_files
+	$(PY) -m engine.shared.model_files
 
 demo: model
 	$(PY) scripts/demo.py

@@ -6,12 +6,12 @@ import logging
 
 import zmq
 
-from engine.args import EngineArgs
-from engine.ipc import Endpoints, pull_socket, push_socket
-from engine.protocol import Codec, ProcessReady, TextBatch, TokenBatch
+from engine.shared.args import EngineArgs
+from engine.shared.ipc import Endpoints, pull_socket, push_socket
+from engine.shared.protocol import Codec, ProcessReady, TextBatch, TokenBatch
 
 from detokenizer_proc.incremental import DecodeState
-from detokenizer_proc.text import TextDecoder
+from engine.shared.text import TextDecoder
 
 logger = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from engine.protocol import DetokenizeSpec
+from engine.shared.protocol import DetokenizeSpec
 
 # Decoding from a few tokens before the new ones lets the tokenizer merge spaces and byte pieces
 # exactly as it would in the full text.

@@ -14,11 +14,11 @@ def __getattr__(name: str) -> Any:
 
         return Engine
     if name == "EngineError":
-        from engine.errors import EngineError
+        from engine.shared.errors import EngineError
 
         return EngineError
     if name == "SamplingParams":
-        from engine.sampling import SamplingParams
+        from engine.shared.sampling import SamplingParams
 
         return SamplingParams
     raise AttributeError(f"module 'engine' has no attribute {name!r}")

@@ -15,7 +15,7 @@ def run_hf(model_path: Optional[str], workload: Workload, settings: dict[str, An
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from engine.model_files import resolve_model_path
+    from engine.shared.model_files import resolve_model_path
 
     path = resolve_model_path(model_path, settings.get("cache_dir"))
     cuda = torch.cuda.is_available() and settings.get("device", "auto") != "cpu"

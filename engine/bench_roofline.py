@@ -38,8 +38,8 @@ def measure_ceilings() -> dict[str, float]:
 
 
 def roofline(model_path: Optional[str], workload: Workload, settings: dict[str, Any], ferry: dict[str, Any]) -> dict[str, Any]:
-    from engine.args import read_model_config
-    from engine.model_files import resolve_model_path
+    from engine.shared.args import read_model_config
+    from engine.shared.model_files import resolve_model_path
 
     config = read_model_config(resolve_model_path(model_path, settings.get("cache_dir")))
     hidden, layers = config["hidden_size"], config["num_hidden_layers"]

@@ -9,11 +9,11 @@ import logging
 import weakref
 from typing import Any, AsyncIterator, Iterator, Optional, Union
 
-from engine.args import EngineArgs, field_names
-from engine.errors import EngineError
+from engine.shared.args import EngineArgs, field_names
+from engine.shared.errors import EngineError
 from engine.loop_thread import LoopThread
 from engine.processes import ChildProcesses
-from engine.protocol import GenerateRequest
+from engine.shared.protocol import GenerateRequest
 from tokenizer_proc.images import image_processor_for
 from tokenizer_proc.inputs import Limits, PreparedBatch, chat_image_data, chat_prompts, prepare
 from tokenizer_proc.manager import TokenizerManager
@@ -29,7 +29,7 @@ SamplingArg = Union[dict[str, Any], list[dict[str, Any]], None]
 class Engine:
     """An LLM engine in three processes: this frontend, a GPU (or CPU) scheduler and a detokenizer.
 
-    `Engine(model_path=None, **settings)`; settings are the fields of `engine.args.EngineArgs`
+    `Engine(model_path=None, **settings)`; settings are the fields of `engine.shared.args.EngineArgs`
     (dtype, device, context_length, max_running_requests, max_total_tokens, log_level, ...).
     With no model_path the default SmolLM2-135M-Instruct is used. Returns once the model is loaded;
     raises `EngineError` carrying a child's traceback if start-up fails. Use it as a context manager
@@ -95,7 +95,7 @@ class Engine:
         """Generate for one prompt (returns a dict) or a list (returns a list, in order).
 
         Give exactly one of `prompt` (str or list of str) and `input_ids` (list[int] or list[list[int]]).
-        `sampling_params` is a dict of `engine.sampling.SamplingParams` fields, or one dict per prompt.
+        `sampling_params` is a dict of `engine.shared.sampling.SamplingParams` fields, or one dict per prompt.
         `stream=True` returns an iterator of chunks whose "text" is the new text only; the last chunk
         has meta_info.finish_reason set (for a list, each chunk carries its prompt's "index").
         Stopping the iteration early aborts the request. Logprobs (`return_logprob`) are the model's

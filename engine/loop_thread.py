@@ -8,7 +8,7 @@ import concurrent.futures
 import threading
 from typing import Any, AsyncIterator, Coroutine, Iterator, TypeVar
 
-from engine.errors import EngineError
+from engine.shared.errors import EngineError
 
 T = TypeVar("T")
 

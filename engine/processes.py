@@ -12,16 +12,14 @@ import tempfile
 import time
 from typing import Optional
 
-from engine.args import EngineArgs
-from engine.ipc import Endpoints
+from engine.shared.args import EngineArgs
+from engine.shared.child_process import MULTICAST_OFF_ENV
+from engine.shared.ipc import Endpoints
 
 logger = logging.getLogger(__name__)
 
 _ROLES = ("scheduler", "detokenizer")
 _PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# NVLink multicast stays off in every process (NCCL, torch's symmetric memory, NVSHMEM): on shared
-# multi-GPU hosts it can take the GPUs out of service. Set for the children, who pass it on.
-MULTICAST_OFF_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
 
 class ChildProcesses:

@@ -1,7 +1,7 @@
 """ferry's HTTP server: `python -m engine.serve --model-path ... [--host 127.0.0.1] [--port 30000] [engine flags]`
 (also installed as `ferry-serve`). One Engine behind FastAPI on uvicorn (uvloop).
 
-Every field of `engine.args.EngineArgs` is a flag (`--context-length 4096`, `--disable-cuda-graph`), so new
+Every field of `engine.shared.args.EngineArgs` is a flag (`--context-length 4096`, `--disable-cuda-graph`), so new
 settings appear here by themselves. SIGTERM/SIGINT stop accepting connections, let running requests finish
 for up to --graceful-timeout seconds, shut the engine down and exit 0; an engine failure exits 1 so that
 a supervisor restarts the service. See docs/deploy.md for systemd and supervisord.
@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 import uvicorn
 
-from engine.args import EngineArgs, field_names
+from engine.shared.args import EngineArgs, field_names
 from engine.server.app import build_app
 from engine.server.middleware import RequestIdFilter
 from engine.server.service import ServerSettings, Service
@@ -51,7 +51,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> tuple[ServerSettings, di
     server.add_argument("--served-model-name", help="the model's id in the OpenAI API; None: its folder's name")
     server.add_argument("--no-access-log", dest="access_log", action="store_false",
                         help="no log line per request (they are on by default)")  # fmt: skip
-    _add_engine_flags(parser.add_argument_group("engine (engine.args.EngineArgs)"))
+    _add_engine_flags(parser.add_argument_group("engine (engine.shared.args.EngineArgs)"))
     ns = vars(parser.parse_args(argv))
     settings = ServerSettings(**{f.name: ns.pop(f.name) for f in dataclasses.fields(ServerSettings)})
     settings.api_key = settings.api_key or os.environ.get(_API_KEY_ENV) or None

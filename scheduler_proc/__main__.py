@@ -12,7 +12,7 @@ if "OMP_WAIT_POLICY" not in os.environ:
     os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
-from engine.child_process import child_main  # noqa: E402
+from engine.shared.child_process import child_main  # noqa: E402
 from scheduler_proc.scheduler import run_scheduler  # noqa: E402
 
 child_main("scheduler", run_scheduler)

@@ -14,8 +14,8 @@ from typing import Optional
 
 import torch
 
-from engine.args import EngineArgs
-from engine.processes import MULTICAST_OFF_ENV
+from engine.shared.args import EngineArgs
+from engine.shared.child_process import MULTICAST_OFF_ENV
 
 # The workers wait in a host broadcast for as long as the engine is idle. A dead rank is found by the
 # process watchers (tp_processes.py) within a second, so this timeout only has to never fire.

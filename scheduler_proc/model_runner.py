@@ -13,7 +13,7 @@ from typing import Any, Optional
 
 import torch
 
-from engine.args import EngineArgs, read_model_config
+from engine.shared.args import EngineArgs, read_model_config
 from scheduler_proc.attention import create_backend
 from scheduler_proc.batch import ForwardBatch, to_device
 from scheduler_proc.cuda_graph import CudaGraphRunner

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from engine.protocol import ImageInput
+from engine.shared.protocol import ImageInput
 
 if TYPE_CHECKING:
     from scheduler_proc.batch import ForwardBatch

@@ -6,7 +6,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from engine.protocol import Array, DetokenizeSpec, FinishReason, GenerateRequest, ReqExtras
+from engine.shared.protocol import Array, DetokenizeSpec, FinishReason, GenerateRequest, ReqExtras
 from scheduler_proc.multimodal import RequestImages
 
 

@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from engine.sampling import SamplingParams
+from engine.shared.sampling import SamplingParams
 from scheduler_proc.batch import to_device
 
 _MASK53 = (1 << 53) - 1

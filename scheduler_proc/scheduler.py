@@ -17,9 +17,9 @@ from typing import Any, Optional
 
 import zmq
 
-from engine.args import EngineArgs
-from engine.ipc import Endpoints, pull_socket, push_socket
-from engine.protocol import (
+from engine.shared.args import EngineArgs
+from engine.shared.ipc import Endpoints, pull_socket, push_socket
+from engine.shared.protocol import (
     AbortRequest,
     Codec,
     ControlReply,

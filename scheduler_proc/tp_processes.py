@@ -19,10 +19,10 @@ from typing import Optional
 
 import zmq
 
-from engine.args import EngineArgs
-from engine.child_process import report_error
-from engine.ipc import Endpoints
-from engine.processes import MULTICAST_OFF_ENV
+from engine.shared.args import EngineArgs
+from engine.shared.child_process import report_error
+from engine.shared.ipc import Endpoints
+from engine.shared.child_process import MULTICAST_OFF_ENV
 from scheduler_proc.distributed import TPGroup, join_group, rank_device
 
 logger = logging.getLogger(__name__)

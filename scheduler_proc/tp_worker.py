@@ -15,9 +15,9 @@ import sys
 
 import zmq
 
-from engine.args import EngineArgs
-from engine.child_process import run_child
-from engine.ipc import Endpoints
+from engine.shared.args import EngineArgs
+from engine.shared.child_process import run_child
+from engine.shared.ipc import Endpoints
 
 _PR_SET_PDEATHSIG = 1
 

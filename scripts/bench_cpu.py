@@ -80,7 +80,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
 
     import torch
 
-    from engine.model_files import resolve_model_path
+    from engine.shared.model_files import resolve_model_path
 
     model_path = resolve_model_path(args.model_path)
     ferry_wall, ferry_tokens = run_ferry(model_path)

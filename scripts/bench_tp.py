@@ -27,7 +27,7 @@ from typing import Any
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from engine.processes import MULTICAST_OFF_ENV  # noqa: E402
+from engine.shared.child_process import MULTICAST_OFF_ENV  # noqa: E402
 
 os.environ.update(MULTICAST_OFF_ENV)
 MODEL_8B, MODEL_70B = os.path.join(ROOT, "configs/llama-3.1-8b"), os.path.join(ROOT, "configs/llama-3.1-70b")
@@ -105,7 +105,7 @@ def harness(spec: dict[str, Any]) -> dict[str, Any]:
     prefill `batch` prompts of `context` tokens, then time decode steps; optionally profile them."""
     import torch
 
-    from engine.args import EngineArgs
+    from engine.shared.args import EngineArgs
     from engine.bench_roofline import measure_ceilings
     from scheduler_proc.model_runner import ModelRunner
     from scheduler_proc.tp_processes import start_tensor_parallel
@@ -149,8 +149,8 @@ def harness(spec: dict[str, Any]) -> dict[str, Any]:
 
 def _decoder(runner, batch: int, context: int):
     """Prefill the batch (8 prompts a step), then return a function running one greedy decode step."""
-    from engine.protocol import GenerateRequest
-    from engine.sampling import SamplingParams
+    from engine.shared.protocol import GenerateRequest
+    from engine.shared.sampling import SamplingParams
     from scheduler_proc.request import Request
     from scheduler_proc.step import build_step
 

@@ -70,7 +70,7 @@ def parse_args() -> argparse.Namespace:
 
 
 def tokenizer_dir() -> str:
-    from engine.model_files import resolve_model_path
+    from engine.shared.model_files import resolve_model_path
 
     return resolve_model_path(None)
 

@@ -42,10 +42,10 @@ def main() -> None:
     import torch
     import zmq
 
-    from engine.args import EngineArgs
-    from engine.ipc import Endpoints
-    from engine.protocol import GenerateBatch, GenerateRequest
-    from engine.sampling import SamplingParams
+    from engine.shared.args import EngineArgs
+    from engine.shared.ipc import Endpoints
+    from engine.shared.protocol import GenerateBatch, GenerateRequest
+    from engine.shared.sampling import SamplingParams
     from scheduler_proc.scheduler import Scheduler
 
     settings = EngineArgs(model_path=args.model_path, load_format="dummy", context_length=4096,

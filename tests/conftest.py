@@ -12,7 +12,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 @pytest.fixture(scope="session")
 def default_model_path() -> str:
-    from engine.model_files import resolve_model_path
+    from engine.shared.model_files import resolve_model_path
 
     return resolve_model_path(None)
 

@@ -11,7 +11,7 @@ CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "config
 
 
 def runner_for(name: str, **settings):
-    from engine.args import EngineArgs
+    from engine.shared.args import EngineArgs
     from scheduler_proc.model_runner import ModelRunner
 
     settings = dict(load_format="dummy", device="cuda", context_length=4096, max_running_requests=64,
@@ -52,8 +52,8 @@ def peak_lm_head(runner):
 
 
 def prefill_logits(runner, prompts):
-    from engine.protocol import GenerateRequest
-    from engine.sampling import SamplingParams
+    from engine.shared.protocol import GenerateRequest
+    from engine.shared.sampling import SamplingParams
     from scheduler_proc.request import Request
     from scheduler_proc.step import build_step
 

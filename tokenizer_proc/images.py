@@ -19,7 +19,7 @@ from typing import Any, Iterator, Optional
 
 import numpy as np
 
-from engine.protocol import Array, ImageInput
+from engine.shared.protocol import Array, ImageInput
 
 FETCH_TIMEOUT_S = 10.0  # an http(s) image that takes longer is an error for its caller
 _MAX_FETCH_BYTES = 64 << 20

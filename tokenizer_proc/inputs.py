@@ -10,8 +10,8 @@ from typing import Any, Callable, Iterator, Optional, Union
 
 import msgspec
 
-from engine.protocol import GenerateRequest, ImageInput
-from engine.sampling import SamplingParams, parse_sampling_params
+from engine.shared.protocol import GenerateRequest, ImageInput
+from engine.shared.sampling import SamplingParams, parse_sampling_params
 from tokenizer_proc.images import ImageProcessor, chat_images, images_per_prompt
 
 _SEED_STRIDE = 0x9E3779B1  # spreads the seeds of the n samples of one prompt

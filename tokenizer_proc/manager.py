@@ -12,9 +12,9 @@ from typing import Any, AsyncIterator, Callable, Optional
 import zmq
 import zmq.asyncio
 
-from engine.errors import EngineError
-from engine.ipc import Endpoints, pull_socket, push_socket
-from engine.protocol import (
+from engine.shared.errors import EngineError
+from engine.shared.ipc import Endpoints, pull_socket, push_socket
+from engine.shared.protocol import (
     AbortRequest,
     Codec,
     ControlReply,

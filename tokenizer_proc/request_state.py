@@ -10,7 +10,7 @@ import asyncio
 import time
 from typing import Any, Callable, Optional
 
-from engine.protocol import Array, FinishReason, GenerateRequest, ReqExtras
+from engine.shared.protocol import Array, FinishReason, GenerateRequest, ReqExtras
 
 _LOGPROB_FIELDS = ("input_token_logprobs", "output_token_logprobs", "input_top_logprobs", "output_top_logprobs")
 

@@ -10,7 +10,7 @@ from typing import Any, Iterable, Iterator, Mapping, Optional, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from engine.errors import EngineError
+from engine.shared.errors import EngineError
 
 logger = logging.getLogger("engine.server")
 

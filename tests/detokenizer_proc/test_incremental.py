@@ -7,8 +7,8 @@ import pytest
 
 from detokenizer_proc.detokenizer import Detokenizer
 from detokenizer_proc.incremental import DecodeState
-from detokenizer_proc.text import TextDecoder
-from engine.protocol import DetokenizeSpec, FinishReason, TokenBatch
+from engine.shared.text import TextDecoder
+from engine.shared.protocol import DetokenizeSpec, FinishReason, TokenBatch
 
 
 def spec(rid: str = "r", stop: tuple[str, ...] = (), no_stop_trim: bool = False, skip: bool = True,

@@ -17,7 +17,7 @@ from typing import Callable
 import pytest
 
 from engine import Engine
-from engine.errors import EngineError
+from engine.shared.errors import EngineError
 
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 GREEDY = {"temperature": 0, "max_new_tokens": 8}

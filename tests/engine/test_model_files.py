@@ -1,4 +1,4 @@
-"""Tests for engine.model_files: default model fetch, GGUF conversion, errors.
+"""Tests for engine.shared.model_files: default model fetch, GGUF conversion, errors.
 
 The default-model tests use the real cache (~/.cache/ferry), which the Makefile
 prefetch fills, so that only the first run pays for the download/conversion.
@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from engine import model_files
-from engine.model_files import resolve_model_path
+from engine.shared import model_files
+from engine.shared.model_files import resolve_model_path
 
 @pytest.fixture(scope="module")
 def default_model() -> Path:
@@ -136,6 +136,6 @@ def test_folder_with_one_gguf_resolves(default_gguf: Path, gguf_cache: Path, tmp
 
 
 def test_import_does_not_load_torch() -> None:
-    code = "import sys, engine.model_files; assert 'torch' not in sys.modules and 'transformers' not in sys.modules"
+    code = "import sys, engine.shared.model_files; assert 'torch' not in sys.modules and 'transformers' not in sys.modules"
     root = Path(__file__).resolve().parents[2]
     subprocess.run([sys.executable, "-c", code], check=True, cwd=root)

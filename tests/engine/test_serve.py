@@ -460,7 +460,7 @@ def test_metrics_count_tokens_and_time_first_tokens(http, model_name):
 
 
 def test_every_engine_setting_is_a_flag():
-    from engine.args import EngineArgs, field_names
+    from engine.shared.args import EngineArgs, field_names
     from engine.serve import parse_args
 
     settings, engine_settings = parse_args(["--port", "31000", "--context-length", "4096", "--disable-cuda-graph",

@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from engine import Engine
-from engine.args import EngineArgs, read_model_config
-from engine.errors import EngineError
+from engine.shared.args import EngineArgs, read_model_config
+from engine.shared.errors import EngineError
 from reference import hf_greedy, tiny_model_dir
 from scheduler_proc.distributed import TPGroup
 from scheduler_proc.loader import build_model

@@ -204,8 +204,8 @@ def test_abort_of_an_unknown_rid_is_harmless(engine):
 def scheduler(tmp_path, default_model_path):
     import zmq
 
-    from engine.args import EngineArgs
-    from engine.ipc import Endpoints, pull_socket
+    from engine.shared.args import EngineArgs
+    from engine.shared.ipc import Endpoints, pull_socket
     from scheduler_proc.scheduler import Scheduler
 
     args = EngineArgs(model_path=default_model_path, device="cpu", max_total_tokens=2048).resolve()
@@ -223,7 +223,7 @@ def scheduler(tmp_path, default_model_path):
 
 def _run(sched, reqs) -> dict:
     """Submit reqs, run steps until every request is done; returns rid -> (output ids, finish reason)."""
-    from engine.protocol import Codec, GenerateBatch, TokenBatch
+    from engine.shared.protocol import Codec, GenerateBatch, TokenBatch
 
     sched.handle(GenerateBatch(reqs=reqs))
     for _ in range(100):
@@ -249,8 +249,8 @@ def _assert_pool_free(sched) -> None:
 
 
 def _request(rid: str, **kwargs):
-    from engine.protocol import GenerateRequest
-    from engine.sampling import SamplingParams
+    from engine.shared.protocol import GenerateRequest
+    from engine.shared.sampling import SamplingParams
 
     params = SamplingParams(temperature=0.0, max_new_tokens=6, ignore_eos=True, stop=kwargs.pop("stop", []))
     return GenerateRequest(rid=rid, input_ids=[504, 3575, 282, 4649, 314], sampling=params, **kwargs)

@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from engine.protocol import Array, GenerateRequest, ImageInput
-from engine.sampling import SamplingParams
+from engine.shared.protocol import Array, GenerateRequest, ImageInput
+from engine.shared.sampling import SamplingParams
 from scheduler_proc.batch import ForwardBatch
 from scheduler_proc.multimodal import attach_images, mrope_positions
 from scheduler_proc.policy import waits_for_shared_prefix

@@ -7,8 +7,8 @@ from collections import deque
 
 import torch
 
-from engine.protocol import GenerateRequest
-from engine.sampling import SamplingParams
+from engine.shared.protocol import GenerateRequest
+from engine.shared.sampling import SamplingParams
 from scheduler_proc.cache_manager import PrefixMatch
 from scheduler_proc.policy import NewTokenEstimate, order_waiting, waits_for_shared_prefix
 from scheduler_proc.request import Request

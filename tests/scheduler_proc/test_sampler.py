@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from engine.sampling import SamplingParams
+from engine.shared.sampling import SamplingParams
 from scheduler_proc.sampler import SamplingBatch, SamplingState
 
 

@@ -10,10 +10,10 @@ import msgspec
 import pytest
 import zmq
 
-from engine.args import EngineArgs
-from engine.ipc import Endpoints
-from engine.protocol import AbortRequest, GenerateBatch, GenerateRequest, TokenBatch
-from engine.sampling import SamplingParams
+from engine.shared.args import EngineArgs
+from engine.shared.ipc import Endpoints
+from engine.shared.protocol import AbortRequest, GenerateBatch, GenerateRequest, TokenBatch
+from engine.shared.sampling import SamplingParams
 from reference import tiny_model_dir
 from scheduler_proc.scheduler import Scheduler
 

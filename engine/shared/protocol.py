@@ -11,7 +11,7 @@ from typing import Any, Optional, Union
 
 import msgspec
 
-from engine.sampling import SamplingParams
+from engine.shared.sampling import SamplingParams
 
 
 class Array(msgspec.Struct, array_like=True):

@@ -231,7 +231,7 @@ def convert_gguf_to_hf(gguf_path: Path, out_dir: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """CLI: resolve a model (fetching/converting the default) and print its folder."""
-    parser = argparse.ArgumentParser(prog="python -m engine.model_files", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m engine.shared.model_files", description=__doc__)
     parser.add_argument("model_path", nargs="?", default=None, help="HF folder or .gguf; default SmolLM2")
     parser.add_argument("--cache-dir", default=None, help="cache folder (default ~/.cache/ferry)")
     args = parser.parse_args(argv)

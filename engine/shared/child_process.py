@@ -14,11 +14,15 @@ from typing import Callable, Optional
 
 import zmq
 
-from engine.args import EngineArgs
-from engine.ipc import Endpoints, push_socket
-from engine.protocol import Codec, ProcessError
+from engine.shared.args import EngineArgs
+from engine.shared.ipc import Endpoints, push_socket
+from engine.shared.protocol import Codec, ProcessError
 
 logger = logging.getLogger(__name__)
+
+# NVLink multicast stays off in every process (NCCL, torch's symmetric memory, NVSHMEM): on shared
+# multi-GPU hosts it can take the GPUs out of service. Set for the children, who pass it on.
+MULTICAST_OFF_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
 
 def child_main(role: str, run: Callable[[EngineArgs, Endpoints, zmq.Context], None]) -> None:

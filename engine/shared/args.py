@@ -86,7 +86,7 @@ class EngineArgs:
 
     def resolve(self) -> "EngineArgs":
         """Fill in what `auto` and None mean on this machine; returns a new, validated EngineArgs."""
-        from engine.model_files import resolve_model_path
+        from engine.shared.model_files import resolve_model_path
 
         self.validate()
         resolved = dataclasses.replace(self, extra=dict(self.extra))
