@@ -11,7 +11,7 @@ import sys
 import time
 from typing import Any, Optional
 
-from engine.args import EngineArgs, field_names
+from engine.shared.args import EngineArgs, field_names
 from engine.bench_workloads import NAMED, Workload, random_ids, shared_prefix
 
 
@@ -111,18 +111,32 @@ def run_ferry(workload: Workload, settings: dict[str, Any], args: argparse.Names
         "kv_pool_tokens": info["kv_pool_tokens"],
         "device": info.get("device_name", info.get("device")),
         **latency,
-        **_step_stats(info.get("step_profile")),
+        **_step_stats(info.get("step_profile"), start),
     }
 
 
-def _step_stats(profile: Optional[dict[str, list]]) -> dict[str, Any]:
-    """p50/p99 of the decode steps recorded with --profile-steps, over the steps run at (near) the
-    run's largest batch: device time, device idle time before the step, and host time per step."""
+def _step_stats(profile: Optional[dict[str, list]], since: float) -> dict[str, Any]:
+    """From the steps recorded with --profile-steps: p50/p99 of the decode steps run at (near) the run's
+    largest batch (device time, device idle time before the step, host time per step), and the totals of
+    device and idle time over decode-only and prefill/mixed steps. Only steps queued after `since` (the
+    timed run's start, on the clock the scheduler uses) count: the warm-up's first steps compile kernels."""
     if not profile or not profile["batch_size"]:
         return {}
-    peak = max(profile["batch_size"])
-    keep = [i for i, b in enumerate(profile["batch_size"]) if b >= 0.9 * peak]
-    stats: dict[str, Any] = {"profile_steps": len(keep), "profile_batch_size": peak}
+    timed = [i for i, clock in enumerate(profile["clock"]) if clock >= since]
+    profile = {key: [values[i] for i in timed] for key, values in profile.items()}
+    decode = profile["decode"]
+    stats: dict[str, Any] = {}
+    for kind, want in (("decode", True), ("prefill", False)):
+        steps = [i for i, d in enumerate(decode) if d == want]
+        stats[f"{kind}_steps"] = len(steps)
+        stats[f"{kind}_gpu_s"] = sum(profile["gpu_ms"][i] for i in steps) / 1e3
+        stats[f"{kind}_gap_s"] = sum(profile["gap_ms"][i] or 0.0 for i in steps) / 1e3
+    sizes = [b for b, d in zip(profile["batch_size"], decode) if d]
+    if not sizes:
+        return stats
+    peak = max(sizes)
+    keep = [i for i, (b, d) in enumerate(zip(profile["batch_size"], decode)) if d and b >= 0.9 * peak]
+    stats.update({"profile_steps": len(keep), "profile_batch_size": peak})
     for key in ("gpu_ms", "gap_ms", "host_ms"):
         values = sorted(v for i in keep if (v := profile[key][i]) is not None)
         if values:
@@ -202,6 +216,10 @@ def print_table(result: dict[str, Any]) -> None:
     for key in ("ttft_p50_s", "ttft_p99_s", "itl_p50_s", "itl_p99_s"):
         if key in ferry:
             rows.append((key, f"{ferry[key] * 1000:.1f} ms"))
+    for kind in ("prefill", "decode"):
+        if f"{kind}_steps" in ferry:
+            rows.append((f"{kind} steps: n, device s, idle s",
+                         f"{ferry[f'{kind}_steps']}, {ferry[f'{kind}_gpu_s']:.2f}, {ferry[f'{kind}_gap_s']:.2f}"))
     if "profile_steps" in ferry:
         rows.append(("profiled decode steps", f"{ferry['profile_steps']} at batch >= {0.9 * ferry['profile_batch_size']:.0f}"))
         for key in ("gpu_ms", "gap_ms", "host_ms"):

@@ -1,4 +1,4 @@
-"""Per-step timing of decode steps, for the benchmark harness (`--profile-steps`): how long the device
+"""Per-step timing of steps, for the benchmark harness (`--profile-steps`): how long the device
 worked on each step, how long it sat idle before it, and how much host time the loop spent per step.
 
 Device times come from CUDA events read once they have completed, so recording never waits for the
@@ -19,7 +19,7 @@ class StepProfiler:
     def __init__(self, max_steps: int, device: torch.device) -> None:
         self.max_steps = max_steps
         self.cuda = device.type == "cuda"
-        self.records: list[list[Any]] = []  # [is decode, batch size, start event, end event, host ms]
+        self.records: list[list[Any]] = []  # [is decode, batch size, start event, end event, host ms, clock]
         self._last_launch: Optional[float] = None
         self._waited = 0.0  # seconds blocked on the device since the last launch
 
@@ -38,7 +38,7 @@ class StepProfiler:
         self._last_launch, self._waited = now, 0.0
         if self.records:
             self.records[-1][4] = host_ms  # the host time between the previous launch and this one
-        self.records.append([batch.is_decode, batch.batch_size, self._event(), None, None])
+        self.records.append([batch.is_decode, batch.batch_size, self._event(), None, None, now])
 
     def end(self) -> None:
         """Just after the step (forward and sampling) is queued."""
@@ -56,10 +56,11 @@ class StepProfiler:
         return event
 
     def summary(self) -> dict[str, list]:
-        """Per recorded decode step: batch size, device ms, device idle ms before it, host ms."""
-        out: dict[str, list] = {"batch_size": [], "gpu_ms": [], "gap_ms": [], "host_ms": []}
+        """Per recorded step: whether it only decodes, batch size, device ms, device idle ms before it, host ms,
+        and the host clock (time.perf_counter, shared by the processes of one machine) when it was queued."""
+        out: dict[str, list] = {"decode": [], "batch_size": [], "gpu_ms": [], "gap_ms": [], "host_ms": [], "clock": []}
         previous_end = None
-        for is_decode, size, start, end, host_ms in self.records:
+        for is_decode, size, start, end, host_ms, clock in self.records:
             if end is None or host_ms is None or (self.cuda and not end.query()):
                 previous_end = None
                 continue
@@ -69,10 +70,10 @@ class StepProfiler:
             else:
                 gpu_ms, gap_ms = (end - start) * 1e3, None
             previous_end = end
-            if not is_decode:
-                continue
+            out["decode"].append(is_decode)
             out["batch_size"].append(size)
             out["gpu_ms"].append(gpu_ms)
             out["gap_ms"].append(gap_ms)
             out["host_ms"].append(host_ms)
+            out["clock"].append(clock)
         return out

@@ -1,0 +1,121 @@
+"""flashinfer attention kernels at the shapes of our benchmark steps, on the device: the prefill, mixed and
+decode calls one step makes per layer, with each kernel choice, plus the host time of plan().
+
+    python scripts/bench_attention.py [--heads 16 --kv-heads 8 --head-dim 128] [--out FILE]
+
+Prints one line per case (device µs per layer call, median of 50; plan() host µs); --out appends JSON lines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+
+import flashinfer
+import torch
+
+
+def _median_us(fn, reps: int = 50) -> float:
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def _layout(prefix: list[int], extend: list[int], page: int, num_pages: int):
+    """(qo_indptr, kv_indptr, kv_indices, last_page_len) of sequences laid out in shuffled pages."""
+    seq = [p + e for p, e in zip(prefix, extend)]
+    pages_per = [(s + page - 1) // page for s in seq]
+    order = list(range(1, num_pages))
+    random.Random(0).shuffle(order)
+    indices, at = [], 0
+    for n in pages_per:
+        indices += order[at : at + n]
+        at += n
+    qo = torch.tensor([0] + extend, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    kv = torch.tensor([0] + pages_per, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    last = torch.tensor([s - (n - 1) * page for s, n in zip(seq, pages_per)], dtype=torch.int32)
+    return qo, kv, torch.tensor(indices, dtype=torch.int32, device="cuda"), last
+
+
+def run_case(name: str, prefix: list[int], extend: list[int], args, kind: str, page: int, backend: str) -> dict:
+    hq, hkv, d = args.heads, args.kv_heads, args.head_dim
+    total_pages = (sum(p + e for p, e in zip(prefix, extend)) // page) + len(prefix) + 16
+    k = torch.randn(total_pages, page, hkv, d, dtype=torch.bfloat16, device="cuda")
+    v = torch.randn_like(k)
+    qo, kv_indptr, indices, last = _layout(prefix, extend, page, total_pages)
+    q = torch.randn(sum(extend), hq, d, dtype=torch.bfloat16, device="cuda")
+    workspace = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+    if kind == "prefill":
+        wrapper = flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace, "NHD", backend=backend)
+
+        def plan():
+            wrapper.plan(qo, kv_indptr, indices, last, hq, hkv, d, page, causal=True, q_data_type=torch.bfloat16,
+                         kv_data_type=torch.bfloat16)
+    else:
+        wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace, "NHD", use_tensor_cores=backend == "tc")
+
+        def plan():
+            wrapper.plan(kv_indptr, indices, last, hq, hkv, d, page, q_data_type=torch.bfloat16,
+                         kv_data_type=torch.bfloat16)
+    plan()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(20):
+        plan()
+    plan_us = (time.perf_counter() - start) / 20 * 1e6
+    torch.cuda.synchronize()
+    us = _median_us(lambda: wrapper.run(q, (k, v)))
+    kv_bytes = 2 * sum(p + e for p, e in zip(prefix, extend)) * hkv * d * 2
+    row = {"case": name, "kind": kind, "page": page, "backend": backend, "kernel_us": us, "plan_us": plan_us,
+           "kv_GBps": kv_bytes / us / 1e3, "heads": [hq, hkv, d]}
+    print(f"{name:<28}{kind:<8}{backend:<6}page {page:<4}{us:>9.1f} us  plan {plan_us:>7.1f} us  "
+          f"KV read {row['kv_GBps']:>6.0f} GB/s")
+    return row
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--kv-heads", type=int, default=8)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    rng = random.Random(0)
+    nano = [rng.randint(100, 1024) + rng.randint(0, 512) for _ in range(256)]
+    cases = [
+        ("prefill 16x512", [0] * 16, [512] * 16, "prefill"),
+        ("prefill 8x1024", [0] * 8, [1024] * 8, "prefill"),
+        ("mixed 16x512 + 240 dec@600", [0] * 16 + [600] * 240, [512] * 16 + [1] * 240, "prefill"),
+        ("decode 256@640", [639] * 256, [1] * 256, "decode"),
+        ("decode 256@nanovllm", [n - 1 for n in nano], [1] * 256, "decode"),
+        ("decode 512@1100", [1099] * 512, [1] * 512, "decode"),
+    ]
+    rows = []
+    for name, prefix, extend, kind in cases:
+        backends = ("fa2", "fa3") if kind == "prefill" else ("cuda", "tc")
+        pages = (1,) if kind == "prefill" else (1, 16)
+        for backend in backends:
+            for page in pages:
+                try:
+                    rows.append(run_case(name, prefix, extend, args, kind, page, backend))
+                except Exception as exc:  # a kernel flashinfer cannot build here: say so, go on
+                    print(f"{name:<28}{kind:<8}{backend:<6}page {page:<4} failed: {type(exc).__name__}: {exc}")
+    if args.out:
+        with open(args.out, "a") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main()
