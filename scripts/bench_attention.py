@@ -84,13 +84,68 @@ def run_case(name: str, prefix: list[int], extend: list[int], args, kind: str, p
     return row
 
 
+def _decode_layout(lengths: list[int], prompt: list[int], layout: str) -> list[list[int]]:
+    """KV slots of each sequence: "contiguous" (one run each), "decode" (the prompt in one run, then one
+    slot per step handed out to the batch in turn, as a token-granular pool does), "shuffled" (random)."""
+    batch, slots, at = len(lengths), [], 1
+    for n, p in zip(lengths, prompt):
+        slots.append(list(range(at, at + (n if layout == "contiguous" else p))))
+        at += n if layout == "contiguous" else p
+    if layout != "contiguous":
+        for step in range(max(n - p for n, p in zip(lengths, prompt))):
+            for i in range(batch):
+                if lengths[i] - prompt[i] > step:
+                    slots[i].append(at + step * batch + i)
+    if layout == "shuffled":
+        flat = sorted(s for row in slots for s in row)
+        perm = flat[:]
+        random.Random(1).shuffle(perm)
+        remap = dict(zip(flat, perm))
+        slots = [[remap[s] for s in row] for row in slots]
+    return slots
+
+
+def run_layouts(args, pool_tokens: int) -> list[dict]:
+    """Decode at nanovllm-like lengths (half prompt, half generated) over a pool of pool_tokens, each layout."""
+    hq, hkv, d = args.heads, args.kv_heads, args.head_dim
+    rng = random.Random(0)
+    prompt = [rng.randint(100, 1024) for _ in range(256)]
+    lengths = [p + rng.randint(0, 600) for p in prompt]
+    k = torch.randn(pool_tokens, 1, hkv, d, dtype=torch.bfloat16, device="cuda")
+    v = torch.randn_like(k)
+    q = torch.randn(len(lengths), hq, d, dtype=torch.bfloat16, device="cuda")
+    workspace = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+    rows = []
+    for tc in (False, True):
+        for layout in ("contiguous", "decode", "shuffled"):
+            slots = _decode_layout(lengths, prompt, layout)
+            indptr = torch.tensor([0] + [len(s) for s in slots], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+            indices = torch.tensor([x for s in slots for x in s], dtype=torch.int32, device="cuda")
+            last = torch.ones(len(slots), dtype=torch.int32)
+            wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace, "NHD", use_tensor_cores=tc)
+            wrapper.plan(indptr, indices, last, hq, hkv, d, 1, q_data_type=torch.bfloat16, kv_data_type=torch.bfloat16)
+            us = _median_us(lambda: wrapper.run(q, (k, v)))
+            gbps = 2 * sum(lengths) * hkv * d * 2 / us / 1e3
+            print(f"layout {layout:<11} {'tc' if tc else 'cuda':<5} pool {pool_tokens:>8} {us:>8.1f} us  {gbps:>6.0f} GB/s")
+            rows.append({"case": f"layout {layout}", "tc": tc, "pool_tokens": pool_tokens, "kernel_us": us,
+                         "kv_GBps": gbps, "heads": [hq, hkv, d]})
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--heads", type=int, default=16)
     p.add_argument("--kv-heads", type=int, default=8)
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--out", default=None)
+    p.add_argument("--layouts", type=int, default=0, help="pool tokens: time decode over KV slot layouts only")
     args = p.parse_args()
+    if args.layouts:
+        rows = run_layouts(args, args.layouts)
+        if args.out:
+            with open(args.out, "a") as f:
+                f.writelines(json.dumps(row) + "\n" for row in rows)
+        return
     rng = random.Random(0)
     nano = [rng.randint(100, 1024) + rng.randint(0, 512) for _ in range(256)]
     cases = [

@@ -31,7 +31,7 @@ class EngineArgs:
     max_running_requests: Optional[int] = None  # defaults from the KV pool size
     max_total_tokens: Optional[int] = None  # caps the KV pool size in tokens
     max_prefill_tokens: int = 16384  # token budget of one prefill step
-    chunked_prefill_size: Optional[int] = None  # None: 8192 on GPU, 512 on CPU; -1 disables chunking
+    chunked_prefill_size: Optional[int] = None  # None: 16384 on GPU, 512 on CPU; -1 disables chunking
     disable_radix_cache: bool = False  # no prefix cache: every request computes its whole prompt
     schedule_policy: str = "lpm"  # order of waiting requests: "lpm" (longest cached prefix first) or "fcfs"
     load_format: str = "auto"  # "dummy": random weights from config.json alone
@@ -103,7 +103,7 @@ class EngineArgs:
         if resolved.dtype == "auto":
             resolved.dtype = "bfloat16" if resolved.device == "cuda" else "float32"
         if resolved.chunked_prefill_size is None:
-            resolved.chunked_prefill_size = 8192 if resolved.device == "cuda" else 512
+            resolved.chunked_prefill_size = 16384 if resolved.device == "cuda" else 512
         config = read_model_config(resolved.model_path)
         model_max = int(config.get("max_position_embeddings", 4096))
         if resolved.context_length is None:

@@ -4,6 +4,10 @@ Each step is planned once (host-side index arrays) and every layer reuses the pl
 decodes uses the decode kernel; any step with prompt tokens uses the causal paged prefill kernel over
 prefix + new tokens (the new tokens' KV is written to the pool first), so cached prefixes need nothing
 special. CUDA-graph decode keeps one decode wrapper per captured batch size with fixed index buffers.
+
+Every host tensor a plan copies to the device is pinned: a copy from pageable memory waits for the stream
+to drain, which would hold the host behind the step in flight and leave the device idle while the next
+step is planned (overlap scheduling lost).
 """
 
 from __future__ import annotations
@@ -26,7 +30,9 @@ class FlashInferBackend(AttentionBackend):
         self.workspace = torch.empty(_WORKSPACE_BYTES, dtype=torch.uint8, device=device)
         # Tensor-core decode pays off once several query heads share a KV head.
         self.decode_tensor_cores = num_heads // num_kv_heads >= 4
-        self.prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD")
+        # fa2, not "auto" (fa3 on Hopper): over page-size-1 KV, fa3 ran mixed prefill+decode steps 1.2-2x slower
+        # (scripts/bench_attention.py on an H200).
+        self.prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD", backend="fa2")
         self.decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
             self.workspace, "NHD", use_tensor_cores=self.decode_tensor_cores
         )
@@ -34,7 +40,10 @@ class FlashInferBackend(AttentionBackend):
         self.graph_indices: torch.Tensor | None = None  # shared by every captured batch size
         self.active = self.decode
         self.out_cache_loc: torch.Tensor | None = None
-        self.ones = torch.ones(pool.max_requests + 1024, dtype=torch.int32)
+        self.ones = torch.ones(pool.max_requests + 1024, dtype=torch.int32, pin_memory=True)
+        # A plan writes flashinfer's pinned staging buffer and queues its copy to the device; the next plan
+        # must not rewrite that buffer before the copy has run.
+        self.planned = torch.cuda.Event()
 
     # ---- planning ----
 
@@ -63,25 +72,31 @@ class FlashInferBackend(AttentionBackend):
         self.out_cache_loc = batch.out_cache_loc
         indptr, indices = self.kv_indices(batch.req_pool_indices[: batch.batch_size], batch.seq_lens_cpu)
         pad = padded - batch.batch_size
-        if pad:
-            indptr = torch.cat([indptr, indptr[-1] + torch.arange(1, pad + 1, dtype=torch.int32)])
+        if pad:  # each padded row reads one KV slot, slot 0
+            padded_indptr = torch.empty(padded + 1, dtype=torch.int32, pin_memory=True)
+            padded_indptr[: len(indptr)] = indptr
+            torch.arange(1, pad + 1, dtype=torch.int32, out=padded_indptr[len(indptr) :]).add_(indptr[-1])
+            indptr = padded_indptr
             indices = torch.cat([indices, torch.zeros(pad, dtype=indices.dtype, device=indices.device)])
         self._plan_with(batch, indptr, indices, self.graph_decoders[padded])
 
     def _plan_with(self, batch: ForwardBatch, indptr: torch.Tensor, indices: torch.Tensor, decoder) -> None:
         dtype = self.pool.k_buffer.dtype
         last_page_len = self.ones[: len(indptr) - 1]
+        self.planned.synchronize()  # the previous plan's copy has run: its staging buffer may be rewritten
         if decoder is not None:
             decoder.plan(indptr, indices.to(torch.int32), last_page_len, self.num_heads, self.num_kv_heads,
                          self.head_dim, 1, q_data_type=dtype, kv_data_type=dtype)  # fmt: skip
             self.active = decoder
+            self.planned.record()
             return
-        qo_indptr = torch.zeros(batch.batch_size + 1, dtype=torch.int32)
+        qo_indptr = torch.zeros(batch.batch_size + 1, dtype=torch.int32, pin_memory=True)
         torch.cumsum(torch.tensor(batch.extend_lens_cpu, dtype=torch.int32), 0, out=qo_indptr[1:])
         self.prefill.plan(qo_indptr, indptr, indices.to(torch.int32), last_page_len, self.num_heads,
                           self.num_kv_heads, self.head_dim, 1, causal=True, q_data_type=dtype,
                           kv_data_type=dtype)  # fmt: skip
         self.active = self.prefill
+        self.planned.record()
 
     # ---- CUDA graphs ----
 
