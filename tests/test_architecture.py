@@ -100,7 +100,7 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 
 def forbidden(graph: dict[str, set[str]]) -> list[str]:
-    return [f"{m} -> {d}" for m, deps in graph.items() for d in sorted(deps) if layer(d) not in ALLOWED[layer(m)]]
+    return sorted(f"{m} -> {d}" for m, deps in graph.items() for d in deps if layer(d) not in ALLOWED[layer(m)])
 
 
 def test_no_import_cycles() -> None:
