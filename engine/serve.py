@@ -18,6 +18,7 @@ import logging
 import os
 import re
 import signal
+import socket
 import sys
 import typing
 from typing import Any, Callable, Iterator, Optional, Sequence
@@ -42,15 +43,15 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> tuple[ServerSettings, di
     server = parser.add_argument_group("server")
     defaults = ServerSettings()
     server.add_argument("--host", default=defaults.host, help="address to bind (loopback unless told otherwise)")
-    server.add_argument("--port", type=int, default=defaults.port)
+    server.add_argument("--port", type=int, default=defaults.port, help="TCP port to listen on (0: any free one)")
     server.add_argument("--api-key", default=None,
                         help=f"require 'Authorization: Bearer <key>' on every endpoint but /health; "
                              f"or set ${_API_KEY_ENV}")  # fmt: skip
     server.add_argument("--graceful-timeout", type=float, default=defaults.graceful_timeout,
                         help="seconds running requests get to finish after SIGTERM/SIGINT")  # fmt: skip
     server.add_argument("--served-model-name", help="the model's id in the OpenAI API; None: its folder's name")
-    server.add_argument("--no-access-log", dest="access_log", action="store_false",
-                        help="no log line per request (they are on by default)")  # fmt: skip
+    server.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=defaults.access_log,
+                        help="one log line per HTTP request")  # fmt: skip
     _add_engine_flags(parser.add_argument_group("engine (engine.shared.args.EngineArgs)"))
     ns = vars(parser.parse_args(argv))
     settings = ServerSettings(**{f.name: ns.pop(f.name) for f in dataclasses.fields(ServerSettings)})
@@ -101,9 +102,11 @@ def _field_comments() -> dict[str, str]:
 
 
 def configure_logging(log_level: str, access_log: bool) -> None:
-    """One stderr handler; every line carries the HTTP request id (or "-")."""
+    """One stderr handler; every line carries the HTTP request id (or "-"), and uvicorn's own lines the
+    server's logger name."""
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(RequestIdFilter())
+    handler.addFilter(_UvicornAsServer())
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
@@ -116,16 +119,41 @@ def configure_logging(log_level: str, access_log: bool) -> None:
     logging.getLogger("engine.server.access").setLevel(server_level if access_log else logging.WARNING)
 
 
+class _UvicornAsServer(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == "uvicorn.error":  # uvicorn's start/stop lines, not errors
+            record.name = "engine.server"
+        return True
+
+
+def listen_socket(host: str, port: int) -> socket.socket:
+    """The server's socket, bound before the model loads: a port in use is an error at once, not after."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # restart while old connections sit in TIME_WAIT
+    try:
+        sock.bind((host, port))
+    except OSError as error:
+        sock.close()
+        raise OSError(error.errno, f"cannot listen on {host}:{port}: {error.strerror}") from None
+    return sock
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     """Run the server until SIGTERM/SIGINT (exit 0) or an engine failure (exit 1)."""
     settings, engine_settings = parse_args(argv)
     configure_logging(engine_settings.get("log_level", EngineArgs.log_level), settings.access_log)
+    try:
+        sock = listen_socket(settings.host, settings.port)
+    except OSError as error:
+        logger.critical("%s; the model was not loaded", error.strerror)
+        sys.exit(1)
     service = Service(settings, engine_settings)
     config = uvicorn.Config(build_app(service), host=settings.host, port=settings.port, loop="uvloop", log_config=None,
                             access_log=False, timeout_graceful_shutdown=settings.graceful_timeout)  # fmt: skip
     server = _Server(config)
     service.request_exit = server.request_exit
-    server.run()
+    server.run(sockets=[sock])
     if not server.started:
         sys.exit(1)
     logger.info("server stopped (exit %d)", service.exit_code)

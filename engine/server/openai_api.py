@@ -34,14 +34,14 @@ def openai_router(service: Service) -> APIRouter:
     async def models() -> Response:
         engine = service.require_engine()
         card = {"id": service.model_name, "object": "model", "created": service.started_at, "owned_by": "ferry",
-                "max_model_len": engine.shared.args.context_length}  # fmt: skip
+                "max_model_len": engine.args.context_length}  # fmt: skip
         return JSONBody({"object": "list", "data": [card]})
 
     @router.post("/v1/completions")
     async def completions(request: Request) -> Response:
         started = time.perf_counter()
         body = await parse_body(request, CompletionRequest)
-        engine = _engine_for(service, body)
+        engine = service.require_engine()
         if body.suffix is not None:
             raise ApiError(400, "suffix is not supported", param="suffix")
         if body.best_of is not None and body.best_of != body.n:
@@ -65,7 +65,7 @@ def openai_router(service: Service) -> APIRouter:
     async def chat_completions(request: Request) -> Response:
         started = time.perf_counter()
         body = await parse_body(request, ChatCompletionRequest)
-        engine = _engine_for(service, body)
+        engine = service.require_engine()
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         answer = ChatAnswer(body, service.model_name, request_rid(request))
         fields = set(ChatCompletionRequest.model_fields)
@@ -78,14 +78,6 @@ def openai_router(service: Service) -> APIRouter:
         return await _respond(service, request, body, answer, stream, started, fields, renames)
 
     return router
-
-
-def _engine_for(service: Service, body: SamplingFields) -> Engine:
-    engine = service.require_engine()
-    if body.model not in service.model_names():
-        raise ApiError(404, f"the model {body.model!r} does not exist; this server serves {service.model_name!r}",
-                       param="model", code="model_not_found")  # fmt: skip
-    return engine
 
 
 def _echo_texts(engine: Engine, body: CompletionRequest) -> list[str]:

@@ -27,7 +27,7 @@ class StreamOptions(_Strict):
 class SamplingFields(_Strict):
     """Fields shared by completions and chat completions."""
 
-    model: str
+    model: Optional[str] = None  # any name or none: there is one model, answered under its served name (as SGLang)
     max_tokens: Optional[int] = None
     temperature: Optional[float] = Field(None, ge=0.0, le=2.0)
     top_p: Optional[float] = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import math
 from typing import Any, Optional
 
@@ -64,6 +65,15 @@ FIELDS = SamplingParams.__struct_fields__
 _INT_FIELDS = ("max_new_tokens", "min_new_tokens", "top_k", "n")
 _FLOAT_FIELDS = ("temperature", "top_p", "min_p", "frequency_penalty", "presence_penalty", "repetition_penalty")
 _BOOL_FIELDS = ("ignore_eos", "skip_special_tokens", "spaces_between_special_tokens", "no_stop_trim")
+# vLLM's and OpenAI's names for our keys: the first thing a user coming from them types.
+_OTHER_NAMES = {
+    "max_tokens": "max_new_tokens",
+    "max_completion_tokens": "max_new_tokens",
+    "min_tokens": "min_new_tokens",
+    "include_stop_str_in_output": "no_stop_trim",
+    "stop_sequences": "stop",
+    "random_seed": "seed",
+}
 
 
 def parse_sampling_params(raw: Any, vocab_size: int) -> SamplingParams:
@@ -74,9 +84,10 @@ def parse_sampling_params(raw: Any, vocab_size: int) -> SamplingParams:
         raw = msgspec.structs.asdict(raw)
     if not isinstance(raw, dict):
         raise TypeError(f"sampling_params must be a dict, got {type(raw).__name__}")
-    unknown = sorted(set(raw) - set(FIELDS))
+    unknown = sorted(set(raw) - set(FIELDS), key=str)
     if unknown:
-        raise ValueError(f"sampling_params has unknown key(s) {unknown}; valid keys are {sorted(FIELDS)}")
+        hints = "; ".join(_unknown_key(key) for key in unknown)
+        raise ValueError(f"sampling_params: {hints}; valid keys are {sorted(FIELDS)}")
     values: dict[str, Any] = {}
     for name, value in raw.items():
         if value is None and name not in ("seed", "logit_bias", "stop", "stop_token_ids"):
@@ -85,6 +96,13 @@ def parse_sampling_params(raw: Any, vocab_size: int) -> SamplingParams:
     params = SamplingParams(**values)
     _check_ranges(params, vocab_size)
     return params
+
+
+def _unknown_key(key: Any) -> str:
+    guess = _OTHER_NAMES.get(key) if isinstance(key, str) else None
+    if guess is None and isinstance(key, str):
+        guess = next(iter(difflib.get_close_matches(key, FIELDS, n=1, cutoff=0.6)), None)
+    return f"unknown key {key!r}" + (f" (did you mean {guess!r}?)" if guess else "")
 
 
 def _check_type(name: str, value: Any) -> Any:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -398,9 +399,37 @@ def test_bad_requests_get_400_naming_the_field(http, model_name, path, body, par
     assert good.status_code == 200 and good.json()["meta_info"]["completion_tokens"] == 2
 
 
-def test_unknown_model_is_404(client):
-    with pytest.raises(openai.NotFoundError):
-        client.completions.create(model="gpt-4o", prompt="hi", max_tokens=2)
+def test_any_model_name_or_none_is_the_served_model(client, http, model_name, server):
+    """As SGLang: one model behind the server, so curl examples naming another (or none) still work."""
+    out = client.completions.create(model="gpt-4o", prompt="hi", max_tokens=2)
+    assert out.model == model_name and out.usage.completion_tokens == 2
+    for path, body in (("/v1/completions", {"prompt": "hi"}), ("/v1/chat/completions", {"messages": CHAT})):
+        answer = http.post(path, json={**body, "max_tokens": 2})
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["model"] == model_name
+    assert "uvicorn.error" not in server.logs()  # uvicorn's lines carry the server's logger name
+
+
+def test_a_taken_port_fails_at_once_before_loading_the_model(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        start = time.monotonic()
+        done = subprocess.run([sys.executable, "-m", "engine.serve", "--port", str(port)], cwd=ROOT,
+                              capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in done.stderr and "in use" in done.stderr, done.stderr
+    assert "starting the engine" not in done.stderr
+    assert time.monotonic() - start < 60  # no model was loaded
+
+
+def test_help_shows_the_server_defaults():
+    text = subprocess.run([sys.executable, "-m", "engine.serve", "--help"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60, env={**os.environ, "COLUMNS": "200"}).stdout  # fmt: skip
+    options = {block.split()[0]: " ".join(block.split()) for block in re.split(r"\n(?=  --)", text)[1:]}
+    assert "(default: 30000)" in options["--port"]
+    assert "--no-access-log one log line per HTTP request (default: True)" in options["--access-log,"]
 
 
 def test_api_key_is_required_except_on_health(server, model_name):
