@@ -1,0 +1,79 @@
+"""Temperature sampling of many rows in one GPU kernel (Triton), reading each row's logits about once.
+
+The same draw as the sampler's torch path: softmax(logits / T), then the first token whose cumulative
+probability passes u * total, with u the row's uniform (a hash of its seed and position). Done in torch
+that is six passes over a [rows, vocab] float32 tensor (divide, softmax, cumsum, search, argmax,
+select) plus the float32 copy of the logits; here each program takes one row in blocks: the max and the
+sum of each block in one pass, then only the block holding the sampled token again. Rows with T = 0
+take the argmax. Sums run in another order than torch's cumsum, so a draw that lands within rounding
+of a boundary may pick the neighbouring token: the distribution is the same.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+_BLOCK = 4096
+
+
+@triton.jit
+def _sample_rows(logits, row_index, row_stride, vocab, temperature, uniform, block_max, block_sum, out,
+                 BLOCK: tl.constexpr, NUM_BLOCKS: tl.constexpr):  # fmt: skip
+    row = tl.program_id(0)
+    base = logits + tl.load(row_index + row) * row_stride
+    t = tl.load(temperature + row)
+    greedy = t == 0.0
+    scale = 1.0 / tl.where(greedy, 1.0, t)
+    offsets = tl.arange(0, BLOCK)
+    # Pass 1: per block, the largest scaled logit (and where it is) and the sum of exp(x - block max).
+    best_value = -float("inf")
+    best_index = 0
+    for b in range(0, tl.cdiv(vocab, BLOCK)):
+        idx = b * BLOCK + offsets
+        x = tl.load(base + idx, mask=idx < vocab, other=-float("inf")).to(tl.float32) * scale
+        m = tl.max(x, 0)
+        tl.store(block_max + row * NUM_BLOCKS + b, m)
+        tl.store(block_sum + row * NUM_BLOCKS + b, tl.sum(tl.exp(x - m), 0))
+        arg = tl.argmax(x, 0)
+        better = m > best_value  # strict: the first maximum wins, as torch.argmax
+        best_index = tl.where(better, b * BLOCK + arg, best_index)
+        best_value = tl.where(better, m, best_value)
+    if greedy:
+        tl.store(out + row, best_index.to(tl.int64))
+    else:
+        # Which block holds the token: the first whose cumulative (rescaled) mass passes u * total.
+        blocks = tl.arange(0, NUM_BLOCKS)
+        num_blocks = tl.cdiv(vocab, BLOCK)
+        bm = tl.load(block_max + row * NUM_BLOCKS + blocks, mask=blocks < num_blocks, other=-float("inf"))
+        bs = tl.load(block_sum + row * NUM_BLOCKS + blocks, mask=blocks < num_blocks, other=0.0)
+        mass = bs * tl.exp(bm - best_value)
+        target = tl.load(uniform + row) * tl.sum(mass, 0)
+        before = tl.cumsum(mass, 0)
+        chosen = tl.minimum(tl.sum((before <= target).to(tl.int32), 0), num_blocks - 1)
+        target -= tl.sum(tl.where(blocks < chosen, mass, 0.0), 0)
+        # Pass 2, one block: the first token of it whose cumulative mass passes what is left.
+        idx = chosen * BLOCK + offsets
+        x = tl.load(base + idx, mask=idx < vocab, other=-float("inf")).to(tl.float32) * scale
+        within = tl.cumsum(tl.exp(x - best_value), 0)
+        last = tl.minimum(vocab - chosen * BLOCK, BLOCK) - 1
+        pick = tl.minimum(tl.sum((within <= target).to(tl.int32), 0), last)
+        tl.store(out + row, (chosen * BLOCK + pick).to(tl.int64))
+
+
+def fused_sample(logits: torch.Tensor, rows: torch.Tensor, temperature: torch.Tensor,
+                 uniform: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """One token per entry of `rows` (int64 [S]: rows of logits [R, V], any float dtype, unit stride along V),
+    with temperature [S] (0: greedy) and uniform [S] in [0, 1) -> token ids [S] int64."""
+    vocab = logits.shape[1]
+    assert logits.stride(1) == 1
+    count = rows.shape[0]
+    num_blocks = triton.next_power_of_2(triton.cdiv(vocab, _BLOCK))
+    scratch = torch.empty((2, count, num_blocks), dtype=torch.float32, device=logits.device)
+    out = torch.empty(count, dtype=torch.int64, device=logits.device)
+    if count:
+        _sample_rows[(count,)](logits, rows.contiguous(), logits.stride(0), vocab, temperature.float().contiguous(),
+                               uniform.float().contiguous(), scratch[0], scratch[1], out, BLOCK=_BLOCK,
+                               NUM_BLOCKS=num_blocks)  # fmt: skip
+    return out

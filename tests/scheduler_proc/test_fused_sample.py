@@ -1,0 +1,52 @@
+"""The fused GPU sampling kernel, run here by Triton's CPU interpreter, against the torch sampler's draw."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # read when triton is imported: before anything imports it
+pytest.importorskip("triton")
+
+import torch  # noqa: E402
+
+from scheduler_proc.fused_sample import fused_sample  # noqa: E402
+
+
+def _torch_draw(logits: torch.Tensor, temperature: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """The sampler's torch path: inverse CDF of softmax(logits / T); argmax where T = 0."""
+    greedy = temperature == 0
+    probs = torch.softmax(logits / torch.where(greedy, 1.0, temperature)[:, None], dim=-1)
+    cdf = probs.cumsum(dim=-1)
+    drawn = torch.searchsorted(cdf, (uniform * cdf[:, -1])[:, None], right=True)[:, 0].clamp_(max=logits.shape[1] - 1)
+    return torch.where(greedy, logits.argmax(dim=-1), drawn)
+
+
+@pytest.mark.parametrize("vocab", [50, 4096, 9001])
+def test_same_tokens_as_the_torch_draw(vocab):
+    gen = torch.Generator().manual_seed(vocab)
+    logits = (torch.randn(24, vocab, generator=gen) * 3).to(torch.bfloat16)
+    logits[5, vocab // 2] = 40.0  # one token holds almost all the mass
+    temperature = torch.tensor([0.0, 0.6, 1.0, 1.7] * 6)
+    uniform = torch.rand(24, generator=gen)
+    rows = torch.randperm(24, generator=gen)  # rows of the logits, in another order
+    ours = fused_sample(logits, rows, temperature, uniform)
+    expected = _torch_draw(logits.float()[rows], temperature, uniform)
+    assert ours.dtype == torch.int64
+    assert torch.equal(ours, expected)
+
+
+def test_greedy_takes_the_first_of_tied_maxima():
+    logits = torch.zeros(2, 9000)
+    logits[:, [17, 5000, 8999]] = 3.0
+    ours = fused_sample(logits, torch.tensor([0, 1]), torch.zeros(2), torch.rand(2))
+    assert ours.tolist() == [17, 17]
+
+
+def test_draws_follow_the_softmax():
+    logits = torch.tensor([[0.0, 1.0, 2.0, -30.0]])
+    uniform = (torch.arange(400) + 0.5) / 400  # evenly spread: the counts are the probabilities to 1/400
+    ours = fused_sample(logits, torch.zeros(400, dtype=torch.int64), torch.ones(400), uniform)
+    counts = torch.bincount(ours, minlength=4).float() / 400
+    assert torch.allclose(counts, torch.softmax(logits[0], -1), atol=1 / 400)
