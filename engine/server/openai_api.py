@@ -34,7 +34,7 @@ def openai_router(service: Service) -> APIRouter:
     async def models() -> Response:
         engine = service.require_engine()
         card = {"id": service.model_name, "object": "model", "created": service.started_at, "owned_by": "ferry",
-                "max_model_len": engine.shared.args.context_length}  # fmt: skip
+                "max_model_len": engine.args.context_length}  # fmt: skip
         return JSONBody({"object": "list", "data": [card]})
 
     @router.post("/v1/completions")

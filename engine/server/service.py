@@ -53,11 +53,11 @@ class Service:
         """Start the engine (loads the model; returns when it serves) and the watchdog."""
         logger.info("starting the engine: %s", self.engine_settings or "default settings")
         self.engine = await asyncio.to_thread(Engine, **self.engine_settings)
-        model_path: str = self.engine.shared.args.model_path
+        model_path: str = self.engine.args.model_path
         self.model_name = self.settings.served_model_name or os.path.basename(model_path.rstrip("/"))
         self.started_at = int(time.time())
         self._watchdog = asyncio.get_running_loop().create_task(self._watch())
-        logger.info("engine ready: model %s (%s) on %s", self.model_name, model_path, self.engine.shared.args.device)
+        logger.info("engine ready: model %s (%s) on %s", self.model_name, model_path, self.engine.args.device)
 
     async def stop(self) -> None:
         """Stop watching and shut the engine down (its child processes with it)."""
@@ -77,7 +77,7 @@ class Service:
         """Names a request's "model" may use: the served name and the engine's model path."""
         names = {self.model_name}
         if self.engine is not None:
-            names.add(self.engine.shared.args.model_path)
+            names.add(self.engine.args.model_path)
         given = self.engine_settings.get("model_path")
         if given:
             names.add(given)
