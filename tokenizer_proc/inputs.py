@@ -101,7 +101,6 @@ def prepare(
                 rid=prompt_rids[i][k],
                 input_ids=ids,
                 sampling=p if p.n == 1 else _nth_sample(p, k),
-                stream=stream,
                 return_logprob=bool(logprob_flags[i]),
                 logprob_start_len=start,
                 top_logprobs_num=tops[i],
