@@ -14,8 +14,9 @@ from engine.shared.errors import EngineError
 from engine.loop_thread import LoopThread
 from engine.processes import ChildProcesses
 from engine.shared.protocol import GenerateRequest
+from tokenizer_proc.chat import chat_image_data, chat_prompts
 from tokenizer_proc.images import image_processor_for
-from tokenizer_proc.inputs import Limits, PreparedBatch, chat_image_data, chat_prompts, prepare
+from tokenizer_proc.inputs import Limits, PreparedBatch, prepare
 from tokenizer_proc.manager import TokenizerManager
 from tokenizer_proc.request_state import ReqState
 

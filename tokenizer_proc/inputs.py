@@ -10,9 +10,11 @@ from typing import Any, Callable, Iterator, Optional, Union
 
 import msgspec
 
+from engine.shared.errors import short_repr
 from engine.shared.protocol import GenerateRequest, ImageInput
 from engine.shared.sampling import SamplingParams, parse_sampling_params
-from tokenizer_proc.images import ImageProcessor, chat_images, images_per_prompt
+from tokenizer_proc.image_placement import expand_placeholders, images_per_prompt
+from tokenizer_proc.images import ImageProcessor
 
 _SEED_STRIDE = 0x9E3779B1  # spreads the seeds of the n samples of one prompt
 # Requests per slice of an image batch: enough for a first prefill step's worth of work, small enough
@@ -57,7 +59,7 @@ def prepare(
     top_logprobs_num: Union[int, list[int], None],
     return_text_in_logprobs: bool,
     return_hidden_states: bool,
-    image_data: Any = None,  # see images.images_per_prompt
+    image_data: Any = None,  # see image_placement.images_per_prompt
     image_processor: Optional[ImageProcessor] = None,  # None: a text-only model
 ) -> PreparedBatch:
     """The caller's arguments, checked, as GenerateRequests (n > 1: one per sample). Everything but the
@@ -77,9 +79,9 @@ def prepare(
     if not isinstance(stream, bool):
         raise TypeError(f"stream must be a bool, got {stream!r}")
     if not isinstance(return_text_in_logprobs, bool):
-        raise TypeError(f"return_text_in_logprobs must be a bool, got {_short(return_text_in_logprobs)}")
+        raise TypeError(f"return_text_in_logprobs must be a bool, got {short_repr(return_text_in_logprobs)}")
     if not isinstance(return_hidden_states, bool):
-        raise TypeError(f"return_hidden_states must be a bool, got {_short(return_hidden_states)}")
+        raise TypeError(f"return_hidden_states must be a bool, got {short_repr(return_hidden_states)}")
     for top in tops:
         if not 0 <= top <= limits.vocab_size:
             raise ValueError(f"top_logprobs_num must be in [0, {limits.vocab_size}], got {top!r}")
@@ -129,59 +131,13 @@ def _image_slices(processor: ImageProcessor, prompts_ids: list[list[int]], per_p
     part: list[GenerateRequest] = []
     for p, (ids, pairs) in enumerate(zip(prompts_ids, per_prompt)):
         where = "image_data" if single else f"image_data[{p}]"
-        new_ids, inputs = processor.expand(ids, [next(processed) for _ in pairs], where)
+        new_ids, inputs = expand_placeholders(processor, ids, [next(processed) for _ in pairs], where)
         part += build(p, new_ids, inputs)
         if len(part) >= _SLICE_REQUESTS:
             yield part
             part = []
     if part:
         yield part
-
-
-def chat_prompts(tokenizer: Any, messages: Any) -> Union[str, list[str]]:
-    """The chat template applied to one conversation (a list of {"role", "content"} dicts) or to a
-    list of them; a malformed conversation raises TypeError/ValueError naming `messages`."""
-    if not isinstance(messages, (list, tuple)) or not messages:
-        raise TypeError(f"messages must be a non-empty list of {{'role', 'content'}} dicts, or a list of such lists, "
-                        f"got {_short(messages)}")  # fmt: skip
-    single = isinstance(messages[0], dict)
-    conversations = [messages] if single else messages
-    for c, conv in enumerate(conversations):
-        where = "messages" if single else f"messages[{c}]"
-        if not isinstance(conv, (list, tuple)) or not conv:
-            raise TypeError(f"{where} must be a non-empty list of {{'role', 'content'}} dicts, got {_short(conv)}")
-        for m, message in enumerate(conv):
-            _check_message(f"{where}[{m}]", message)
-    if not getattr(tokenizer, "chat_template", None):
-        raise ValueError("this model's tokenizer has no chat template; use generate() with a prompt")
-    prompts = []
-    for c, conv in enumerate(conversations):
-        try:
-            prompts.append(tokenizer.apply_chat_template(list(conv), tokenize=False, add_generation_prompt=True))
-        except Exception as exc:  # the template's own checks (role order, content kinds) are user errors too
-            where = "messages" if single else f"messages[{c}]"
-            raise ValueError(f"{where} does not fit the model's chat template: {type(exc).__name__}: {exc}") from exc
-    return prompts[0] if single else prompts
-
-
-def chat_image_data(messages: Any) -> Any:
-    """The images in the content parts of checked conversation(s), as generate()'s image_data (None when
-    there are none): a list for one conversation, one list per conversation for several."""
-    single = isinstance(messages[0], dict)
-    per_conversation = chat_images([messages] if single else messages)
-    if not any(per_conversation):
-        return None
-    return per_conversation[0] if single else per_conversation
-
-
-def _check_message(where: str, message: Any) -> None:
-    if not isinstance(message, dict):
-        raise TypeError(f"{where} must be a {{'role', 'content'}} dict, got {_short(message)}")
-    role, content = message.get("role"), message.get("content")
-    if not isinstance(role, str) or not role:
-        raise TypeError(f"{where}['role'] must be a non-empty str, got {_short(role)}")
-    if not isinstance(content, (str, list)):
-        raise TypeError(f"{where}['content'] must be a str (or a list of content parts), got {_short(content)}")
 
 
 def _token_ids(tokenizer: Any, prompt: Any, input_ids: Any, vocab_size: int) -> tuple[list[list[int]], bool]:
@@ -191,7 +147,7 @@ def _token_ids(tokenizer: Any, prompt: Any, input_ids: Any, vocab_size: int) -> 
         if isinstance(prompt, str):
             return [tokenizer(prompt)["input_ids"]], True
         if not isinstance(prompt, (list, tuple)) or not prompt or not all(isinstance(p, str) for p in prompt):
-            raise TypeError(f"prompt must be a str or a non-empty list of str, got {_short(prompt)}")
+            raise TypeError(f"prompt must be a str or a non-empty list of str, got {short_repr(prompt)}")
         return list(tokenizer(list(prompt))["input_ids"]), False
     if isinstance(input_ids, (list, tuple)) and input_ids and all(_is_int(t) for t in input_ids):
         batch, single = [list(input_ids)], True
@@ -202,7 +158,7 @@ def _token_ids(tokenizer: Any, prompt: Any, input_ids: Any, vocab_size: int) -> 
     ):
         batch, single = [list(row) for row in input_ids], False
     else:
-        raise TypeError(f"input_ids must be a non-empty list[int] or list[list[int]], got {_short(input_ids)}")
+        raise TypeError(f"input_ids must be a non-empty list[int] or list[list[int]], got {short_repr(input_ids)}")
     for row in batch:
         bad = [t for t in row if not 0 <= t < vocab_size]
         if bad:
@@ -220,7 +176,7 @@ def _per_prompt(name: str, value: Any, count: int, kind: type) -> list[Any]:
         values = [value] * count
     for v in values:
         if v is not None and not isinstance(v, kind) or (kind is int and isinstance(v, bool)):
-            raise TypeError(f"{name} must be a {kind.__name__} (or a list of them), got {_short(v)}")
+            raise TypeError(f"{name} must be a {kind.__name__} (or a list of them), got {short_repr(v)}")
     return values
 
 
@@ -249,8 +205,3 @@ def _nth_sample(p: SamplingParams, k: int) -> SamplingParams:
 
 def _is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
