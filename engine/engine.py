@@ -250,6 +250,8 @@ class Engine:
         processes = getattr(self, "_processes", None)
         if processes is not None:
             processes.stop()
+        if self._image_processor is not None:
+            self._image_processor.close()
         self._loop.stop()
 
     def __enter__(self) -> "Engine":

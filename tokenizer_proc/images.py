@@ -1,6 +1,6 @@
 """Images for vision-language models, in the frontend: loading every accepted form (file path, bytes,
 PIL image, data URL, http(s) URL) and transformers' own Qwen2-VL preprocessing (where their tokens go
-in a prompt is image_placement.py). Runs in the caller's thread (several images in a
+in a prompt is image_placement.py). Runs in the caller's thread (several images in the processor's
 small thread pool), never on the engine's loop, so a slow image never stalls other requests."""
 
 from __future__ import annotations
@@ -8,7 +8,6 @@ from __future__ import annotations
 import base64
 import binascii
 import concurrent.futures
-import functools
 import hashlib
 import io
 import json
@@ -47,6 +46,8 @@ class ImageProcessor:
         else:
             self.hf = processor_class(patch_size=int(vision.get("patch_size", 14)), merge_size=self.merge_size,
                                       temporal_patch_size=int(vision.get("temporal_patch_size", 2)))  # fmt: skip
+        # Threads start on first use; the engine's shutdown() ends them through close().
+        self._pool = concurrent.futures.ThreadPoolExecutor(_WORKERS, thread_name_prefix="ferry-images")
 
     def process_iter(self, images: list[tuple[str, Any]]) -> Iterator[ProcessedImage]:
         """(where, image) pairs to processed images, in order, each as soon as it and those before it
@@ -54,7 +55,7 @@ class ImageProcessor:
         reached. Closing the iterator early cancels the images not started yet."""
         if len(images) <= 1:
             return (self.process(where, image) for where, image in images)
-        return _executor().map(lambda pair: self.process(*pair), images)
+        return self._pool.map(lambda pair: self.process(*pair), images)
 
     def process(self, where: str, image: Any) -> ProcessedImage:
         pil = load_image(where, image)
@@ -68,6 +69,11 @@ class ImageProcessor:
         digest.update(np.asarray(grid, dtype=np.int64).tobytes())
         content_hash = int.from_bytes(digest.digest(), "little") >> 1  # fits a signed 64-bit int
         return ProcessedImage(pixels, grid, int(np.prod(grid)) // self.merge_size**2, content_hash)
+
+    def close(self) -> None:
+        """Start no more images; those being preprocessed finish, then the pool's threads end."""
+        self._pool.shutdown(wait=False)
+
 
 def image_processor_for(model_path: str, model_dtype: str) -> Optional[ImageProcessor]:
     """The image processor of a vision-language model folder, None for a text-only model. A model in half
@@ -150,8 +156,3 @@ def hf_processor_class() -> Any:
 
         return Qwen2VLImageProcessor
     return Qwen2VLImageProcessorPil
-
-
-@functools.cache
-def _executor() -> concurrent.futures.ThreadPoolExecutor:
-    return concurrent.futures.ThreadPoolExecutor(_WORKERS, thread_name_prefix="ferry-images")
