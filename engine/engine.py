@@ -14,16 +14,13 @@ from engine.shared.errors import EngineError
 from engine.loop_thread import LoopThread
 from engine.processes import ChildProcesses
 from engine.shared.protocol import GenerateRequest
+from tokenizer_proc.chat import chat_image_data, chat_prompts
 from tokenizer_proc.images import image_processor_for
-from tokenizer_proc.inputs import Limits, PreparedBatch, chat_image_data, chat_prompts, prepare
+from tokenizer_proc.inputs import GenerateInput, InputIds, Limits, PreparedBatch, Prompt, SamplingArg, prepare
 from tokenizer_proc.manager import TokenizerManager
 from tokenizer_proc.request_state import ReqState
 
 logger = logging.getLogger(__name__)
-
-Prompt = Union[str, list[str], None]
-InputIds = Union[list[int], list[list[int]], None]
-SamplingArg = Union[dict[str, Any], list[dict[str, Any]], None]
 
 
 class Engine:
@@ -108,8 +105,11 @@ class Engine:
         path, bytes, a PIL image, a `data:image/...;base64,` URL or an http(s) URL. The prompt holds one
         `<|vision_start|><|image_pad|><|vision_end|>` per image, as the chat template writes it.
         """
-        batch = self._prepare(prompt, input_ids, sampling_params, rid, stream, return_logprob, logprob_start_len,
-                              top_logprobs_num, return_text_in_logprobs, return_hidden_states, image_data)  # fmt: skip
+        call = GenerateInput(prompt=prompt, input_ids=input_ids, sampling_params=sampling_params, image_data=image_data,
+                             rid=rid, stream=stream, return_logprob=return_logprob, logprob_start_len=logprob_start_len,
+                             top_logprobs_num=top_logprobs_num, return_text_in_logprobs=return_text_in_logprobs,
+                             return_hidden_states=return_hidden_states)  # fmt: skip
+        batch = self._prepare(call)
         if stream:
             return self._loop.iterate(self._manager.stream(batch.all(), with_index=not batch.single))
         states: list[ReqState] = []
@@ -139,11 +139,13 @@ class Engine:
     ) -> Union[dict[str, Any], list[dict[str, Any]], AsyncIterator[dict[str, Any]]]:
         """The awaitable form of `generate`, from any event loop. With stream=True it returns an async
         iterator of chunks; cancelling the awaiting task or leaving the iteration aborts the request."""
-        prepare_args = (prompt, input_ids, sampling_params, rid, stream, return_logprob, logprob_start_len,
-                        top_logprobs_num, return_text_in_logprobs, return_hidden_states, image_data)  # fmt: skip
+        call = GenerateInput(prompt=prompt, input_ids=input_ids, sampling_params=sampling_params, image_data=image_data,
+                             rid=rid, stream=stream, return_logprob=return_logprob, logprob_start_len=logprob_start_len,
+                             top_logprobs_num=top_logprobs_num, return_text_in_logprobs=return_text_in_logprobs,
+                             return_hidden_states=return_hidden_states)  # fmt: skip
         # Fetching and preprocessing images must not block the caller's event loop (a server's).
         in_thread = image_data is not None
-        batch = await asyncio.to_thread(self._prepare, *prepare_args) if in_thread else self._prepare(*prepare_args)
+        batch = await asyncio.to_thread(self._prepare, call) if in_thread else self._prepare(call)
         if stream:
             reqs = await asyncio.to_thread(batch.all) if in_thread else batch.all()
             return self._loop.iterate_async(self._manager.stream(reqs, with_index=not batch.single))
@@ -183,15 +185,11 @@ class Engine:
             raise TypeError("chat() takes its images in the messages' image_url content parts, not image_data")
         return prompt, images
 
-    def _prepare(self, prompt, input_ids, sampling_params, rid, stream, return_logprob, logprob_start_len,
-                 top_logprobs_num, return_text_in_logprobs, return_hidden_states,
-                 image_data) -> PreparedBatch:  # fmt: skip
+    def _prepare(self, call: GenerateInput) -> PreparedBatch:
         self._check_open()
-        if return_hidden_states is None:
-            return_hidden_states = self.args.return_hidden_states
-        return prepare(self.tokenizer, self._limits, prompt, input_ids, sampling_params, rid, stream,
-                       return_logprob, logprob_start_len, top_logprobs_num, return_text_in_logprobs,
-                       return_hidden_states, image_data, self._image_processor)  # fmt: skip
+        if call.return_hidden_states is None:
+            call.return_hidden_states = self.args.return_hidden_states
+        return prepare(self.tokenizer, self._limits, call, self._image_processor)
 
     async def _submit(self, reqs: list[GenerateRequest]) -> list[ReqState]:
         return self._manager.submit(reqs)
@@ -252,6 +250,8 @@ class Engine:
         processes = getattr(self, "_processes", None)
         if processes is not None:
             processes.stop()
+        if self._image_processor is not None:
+            self._image_processor.close()
         self._loop.stop()
 
     def __enter__(self) -> "Engine":

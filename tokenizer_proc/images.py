@@ -1,6 +1,6 @@
 """Images for vision-language models, in the frontend: loading every accepted form (file path, bytes,
-PIL image, data URL, http(s) URL), transformers' own Qwen2-VL preprocessing, and expanding each
-prompt's image placeholder to the image's tokens. Runs in the caller's thread (several images in a
+PIL image, data URL, http(s) URL) and transformers' own Qwen2-VL preprocessing (where their tokens go
+in a prompt is image_placement.py). Runs in the caller's thread (several images in the processor's
 small thread pool), never on the engine's loop, so a slow image never stalls other requests."""
 
 from __future__ import annotations
@@ -8,7 +8,6 @@ from __future__ import annotations
 import base64
 import binascii
 import concurrent.futures
-import functools
 import hashlib
 import io
 import json
@@ -19,12 +18,9 @@ from typing import Any, Iterator, Optional
 
 import numpy as np
 
-from engine.shared.protocol import Array, ImageInput
-
 FETCH_TIMEOUT_S = 10.0  # an http(s) image that takes longer is an error for its caller
 _MAX_FETCH_BYTES = 64 << 20
 _WORKERS = 8
-_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
 
 
 @dataclass
@@ -50,6 +46,8 @@ class ImageProcessor:
         else:
             self.hf = processor_class(patch_size=int(vision.get("patch_size", 14)), merge_size=self.merge_size,
                                       temporal_patch_size=int(vision.get("temporal_patch_size", 2)))  # fmt: skip
+        # Threads start on first use; the engine's shutdown() ends them through close().
+        self._pool = concurrent.futures.ThreadPoolExecutor(_WORKERS, thread_name_prefix="ferry-images")
 
     def process_iter(self, images: list[tuple[str, Any]]) -> Iterator[ProcessedImage]:
         """(where, image) pairs to processed images, in order, each as soon as it and those before it
@@ -57,7 +55,7 @@ class ImageProcessor:
         reached. Closing the iterator early cancels the images not started yet."""
         if len(images) <= 1:
             return (self.process(where, image) for where, image in images)
-        return _executor().map(lambda pair: self.process(*pair), images)
+        return self._pool.map(lambda pair: self.process(*pair), images)
 
     def process(self, where: str, image: Any) -> ProcessedImage:
         pil = load_image(where, image)
@@ -72,26 +70,9 @@ class ImageProcessor:
         content_hash = int.from_bytes(digest.digest(), "little") >> 1  # fits a signed 64-bit int
         return ProcessedImage(pixels, grid, int(np.prod(grid)) // self.merge_size**2, content_hash)
 
-    def expand(self, ids: list[int], images: list[ProcessedImage], where: str) -> tuple[list[int], list[ImageInput]]:
-        """ids with each image placeholder token repeated to its image's token count, and the images
-        with their offsets in the new ids."""
-        found = [i for i, t in enumerate(ids) if t == self.image_token_id]
-        if len(found) != len(images):
-            raise ValueError(f"{where} has {len(images)} image(s) but the prompt has {len(found)} image "
-                             f"placeholder(s) ({_PLACEHOLDER}, one per image)")  # fmt: skip
-        out: list[int] = []
-        inputs: list[ImageInput] = []
-        last = 0
-        for position, image in zip(found, images):
-            out += ids[last:position]
-            pixels = image.pixel_values
-            inputs.append(ImageInput(
-                pixel_values=Array(data=pixels.tobytes(), shape=list(pixels.shape), dtype=str(pixels.dtype)),
-                grid_thw=image.grid_thw, merge_size=self.merge_size, offset=len(out), num_tokens=image.num_tokens,
-                content_hash=image.content_hash))  # fmt: skip
-            out += [self.image_token_id] * image.num_tokens
-            last = position + 1
-        return out + ids[last:], inputs
+    def close(self) -> None:
+        """Start no more images; those being preprocessed finish, then the pool's threads end."""
+        self._pool.shutdown(wait=False)
 
 
 def image_processor_for(model_path: str, model_dtype: str) -> Optional[ImageProcessor]:
@@ -175,58 +156,3 @@ def hf_processor_class() -> Any:
 
         return Qwen2VLImageProcessor
     return Qwen2VLImageProcessorPil
-
-
-@functools.cache
-def _executor() -> concurrent.futures.ThreadPoolExecutor:
-    return concurrent.futures.ThreadPoolExecutor(_WORKERS, thread_name_prefix="ferry-images")
-
-
-def images_per_prompt(image_data: Any, count: int, single: bool) -> list[list[tuple[str, Any]]]:
-    """generate()'s image_data as (where, image) pairs per prompt. One prompt: an image or a list of
-    them; a list of prompts: a list with one entry per prompt, each an image, a list of them or None."""
-    if image_data is None:
-        return [[] for _ in range(count)]
-    if single:
-        if isinstance(image_data, (list, tuple)):
-            return [[(f"image_data[{i}]", image) for i, image in enumerate(image_data)]]
-        return [[("image_data", image_data)]]
-    if not isinstance(image_data, (list, tuple)) or len(image_data) != count:
-        got = f"{len(image_data)} entries" if isinstance(image_data, (list, tuple)) else type(image_data).__name__
-        raise ValueError(f"image_data must be a list with one entry (an image, a list of images or None) per "
-                         f"prompt: {count} prompts, got {got}")  # fmt: skip
-    out = []
-    for p, entry in enumerate(image_data):
-        if entry is None:
-            out.append([])
-        elif isinstance(entry, (list, tuple)):
-            out.append([(f"image_data[{p}][{i}]", image) for i, image in enumerate(entry)])
-        else:
-            out.append([(f"image_data[{p}]", entry)])
-    return out
-
-
-def chat_images(conversations: list[list[dict]]) -> list[list[Any]]:
-    """The images of each conversation's content parts, in order: OpenAI's
-    {"type": "image_url", "image_url": {"url": ...}} (or the url as a plain str) and HF's
-    {"type": "image", "image": ...}."""
-    out = []
-    for c, conv in enumerate(conversations):
-        images = []
-        for m, message in enumerate(conv):
-            content = message.get("content")
-            for k, part in enumerate(content if isinstance(content, list) else []):
-                kind = part.get("type") if isinstance(part, dict) else None
-                if kind == "image_url":
-                    url = part.get("image_url")
-                    url = url.get("url") if isinstance(url, dict) else url
-                elif kind == "image":
-                    url = part.get("image")
-                else:
-                    continue
-                if url is None:
-                    where = (f"messages[{c}]" if len(conversations) > 1 else "messages") + f"[{m}]['content'][{k}]"
-                    raise ValueError(f"{where} is an image part without its image (image_url.url)")
-                images.append(url)
-        out.append(images)
-    return out

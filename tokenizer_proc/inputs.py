@@ -1,4 +1,4 @@
-"""Turning a caller's generate() arguments into checked GenerateRequests, in the caller's thread,
+"""Turning a generate() call's inputs (GenerateInput) into checked GenerateRequests, in the caller's thread,
 so that every mistake raises there (ValueError/TypeError naming the field) before anything is sent;
 a bad image found after earlier slices went out raises too, and the caller aborts those slices."""
 
@@ -10,14 +10,38 @@ from typing import Any, Callable, Iterator, Optional, Union
 
 import msgspec
 
+from engine.shared.errors import short_repr
 from engine.shared.protocol import GenerateRequest, ImageInput
 from engine.shared.sampling import SamplingParams, parse_sampling_params
-from tokenizer_proc.images import ImageProcessor, chat_images, images_per_prompt
+from tokenizer_proc.image_placement import expand_placeholders, images_per_prompt
+from tokenizer_proc.images import ImageProcessor
 
 _SEED_STRIDE = 0x9E3779B1  # spreads the seeds of the n samples of one prompt
 # Requests per slice of an image batch: enough for a first prefill step's worth of work, small enough
 # that the scheduler starts while most images are still being preprocessed.
 _SLICE_REQUESTS = 16
+
+Prompt = Union[str, list[str], None]
+InputIds = Union[list[int], list[list[int]], None]
+SamplingArg = Union[dict[str, Any], list[dict[str, Any]], None]
+
+
+@dataclass
+class GenerateInput:
+    """One generate() call's inputs, under SGLang's names, as the caller gave them; `prepare` checks
+    them. A per-prompt field takes one value for every prompt or a list with one entry per prompt."""
+
+    prompt: Prompt = None
+    input_ids: InputIds = None
+    sampling_params: SamplingArg = None
+    image_data: Any = None  # see image_placement.images_per_prompt
+    rid: Union[str, list[str], None] = None
+    stream: bool = False
+    return_logprob: Union[bool, list[bool]] = False
+    logprob_start_len: Union[int, list[int], None] = None
+    top_logprobs_num: Union[int, list[int], None] = None
+    return_text_in_logprobs: bool = False
+    return_hidden_states: Optional[bool] = None  # None: the engine's return_hidden_states setting
 
 
 @dataclass
@@ -44,85 +68,79 @@ class PreparedBatch:
         return [req for part in self.slices for req in part]
 
 
-def prepare(
-    tokenizer: Any,
-    limits: Limits,
-    prompt: Union[str, list[str], None],
-    input_ids: Union[list[int], list[list[int]], None],
-    sampling_params: Union[dict, list[dict], None],
-    rid: Union[str, list[str], None],
-    stream: bool,
-    return_logprob: Union[bool, list[bool]],
-    logprob_start_len: Union[int, list[int], None],
-    top_logprobs_num: Union[int, list[int], None],
-    return_text_in_logprobs: bool,
-    return_hidden_states: bool,
-    image_data: Any = None,  # see images.images_per_prompt
-    image_processor: Optional[ImageProcessor] = None,  # None: a text-only model
-) -> PreparedBatch:
-    """The caller's arguments, checked, as GenerateRequests (n > 1: one per sample). Everything but the
+def prepare(tokenizer: Any, limits: Limits, call: GenerateInput,
+            image_processor: Optional[ImageProcessor]) -> PreparedBatch:  # fmt: skip
+    """The call's inputs, checked, as GenerateRequests (n > 1: one per sample). Everything but the
     images is checked here; images are loaded, preprocessed and their placeholders expanded as the
-    slices are taken."""
-    prompts_ids, single = _token_ids(tokenizer, prompt, input_ids, limits.vocab_size)
-    count = len(prompts_ids)
-    per_prompt = images_per_prompt(image_data, count, single)
+    slices are taken. image_processor is None for a text-only model."""
+    prompts_ids, single = _token_ids(tokenizer, call.prompt, call.input_ids, limits.vocab_size)
+    per_prompt = images_per_prompt(call.image_data, len(prompts_ids), single)
     if image_processor is None and any(per_prompt):
         raise ValueError("image_data was given, but this model takes no images (not a vision-language model)")
-    raw_params = _per_prompt("sampling_params", sampling_params, count, dict)
-    params = [parse_sampling_params(p, limits.vocab_size) for p in raw_params]
-    rids = _per_prompt("rid", rid, count, str)
-    logprob_flags = _per_prompt("return_logprob", return_logprob, count, bool)
-    starts = [-1 if s is None else s for s in _per_prompt("logprob_start_len", logprob_start_len, count, int)]
-    tops = [0 if t is None else t for t in _per_prompt("top_logprobs_num", top_logprobs_num, count, int)]
-    if not isinstance(stream, bool):
-        raise TypeError(f"stream must be a bool, got {stream!r}")
-    if not isinstance(return_text_in_logprobs, bool):
-        raise TypeError(f"return_text_in_logprobs must be a bool, got {_short(return_text_in_logprobs)}")
-    if not isinstance(return_hidden_states, bool):
-        raise TypeError(f"return_hidden_states must be a bool, got {_short(return_hidden_states)}")
-    for top in tops:
-        if not 0 <= top <= limits.vocab_size:
-            raise ValueError(f"top_logprobs_num must be in [0, {limits.vocab_size}], got {top!r}")
-    # Prompt i's requests' rids: the caller's (or a fresh) rid, suffixed with the sample index when n > 1.
-    prompt_rids = [[base] if p.n == 1 else [f"{base}-{k}" for k in range(p.n)]
-                   for base, p in zip((r if r is not None else uuid.uuid4().hex for r in rids), params)]  # fmt: skip
-    all_rids = [r for group in prompt_rids for r in group]
-    if len(set(all_rids)) != len(all_rids):
-        raise ValueError("rid values must be unique within one call")
+    checked = _CheckedCall(call, limits, len(prompts_ids), single)
+    one = single and checked.params[0].n == 1
+    if image_processor is None:
+        reqs = [req for i, ids in enumerate(prompts_ids) for req in checked.requests(i, ids, [])]
+        return PreparedBatch(slices=iter([reqs]), size=checked.size, single=one)
+    # A vision-language model: even a prompt without images is checked for stray placeholders.
+    slices = _image_slices(image_processor, prompts_ids, per_prompt, single, checked.requests)
+    return PreparedBatch(slices=slices, size=checked.size, single=one)
 
-    def build(i: int, ids: list[int], images: list[ImageInput]) -> list[GenerateRequest]:
+
+class _CheckedCall:
+    """A call's options, checked, one entry per prompt; builds each prompt's requests once its token ids
+    are final (for a vision-language model, after its image placeholders are expanded)."""
+
+    def __init__(self, call: GenerateInput, limits: Limits, count: int, single: bool) -> None:
+        self.call, self.limits, self.single = call, limits, single
+        raw_params = _per_prompt("sampling_params", call.sampling_params, count, dict)
+        self.params = [parse_sampling_params(p, limits.vocab_size) for p in raw_params]
+        rids = _per_prompt("rid", call.rid, count, str)
+        self.logprob_flags = _per_prompt("return_logprob", call.return_logprob, count, bool)
+        starts = _per_prompt("logprob_start_len", call.logprob_start_len, count, int)
+        self.starts = [-1 if s is None else s for s in starts]
+        self.tops = [0 if t is None else t for t in _per_prompt("top_logprobs_num", call.top_logprobs_num, count, int)]
+        if not isinstance(call.stream, bool):
+            raise TypeError(f"stream must be a bool, got {call.stream!r}")
+        if not isinstance(call.return_text_in_logprobs, bool):
+            raise TypeError(f"return_text_in_logprobs must be a bool, got {short_repr(call.return_text_in_logprobs)}")
+        if not isinstance(call.return_hidden_states, bool):
+            raise TypeError(f"return_hidden_states must be a bool, got {short_repr(call.return_hidden_states)}")
+        for top in self.tops:
+            if not 0 <= top <= limits.vocab_size:
+                raise ValueError(f"top_logprobs_num must be in [0, {limits.vocab_size}], got {top!r}")
+        # Prompt i's requests' rids: the caller's (or a fresh) rid, suffixed with the sample index when n > 1.
+        bases = [r if r is not None else uuid.uuid4().hex for r in rids]
+        self.rids = [[base] if p.n == 1 else [f"{base}-{k}" for k in range(p.n)] for base, p in zip(bases, self.params)]
+        all_rids = [r for group in self.rids for r in group]
+        if len(set(all_rids)) != len(all_rids):
+            raise ValueError("rid values must be unique within one call")
+        self.size = len(all_rids)
+
+    def requests(self, i: int, ids: list[int], images: list[ImageInput]) -> list[GenerateRequest]:
         """Prompt i's requests, once its image tokens are in ids."""
-        p, start = params[i], starts[i]
-        _check_length(ids, p, limits, i if not single else None, bool(images))
+        p, start, call = self.params[i], self.starts[i], self.call
+        _check_length(ids, p, self.limits, i if not self.single else None, bool(images))
         if start < -1 or start > len(ids):
             raise ValueError(f"logprob_start_len must be in [-1, {len(ids)}] for this prompt, got {start!r}")
         return [
             GenerateRequest(
-                rid=prompt_rids[i][k],
+                rid=self.rids[i][k],
                 input_ids=ids,
                 sampling=p if p.n == 1 else _nth_sample(p, k),
-                stream=stream,
-                return_logprob=bool(logprob_flags[i]),
+                return_logprob=bool(self.logprob_flags[i]),
                 logprob_start_len=start,
-                top_logprobs_num=tops[i],
-                return_text_in_logprobs=return_text_in_logprobs,
-                return_hidden_states=return_hidden_states,
+                top_logprobs_num=self.tops[i],
+                return_text_in_logprobs=call.return_text_in_logprobs,
+                return_hidden_states=call.return_hidden_states,
                 images=images,
             )
             for k in range(p.n)
         ]
 
-    size, one = len(all_rids), single and params[0].n == 1
-    if image_processor is None:
-        reqs = [req for i, ids in enumerate(prompts_ids) for req in build(i, ids, [])]
-        return PreparedBatch(slices=iter([reqs]), size=size, single=one)
-    # A vision-language model: even a prompt without images is checked for stray placeholders.
-    return PreparedBatch(slices=_image_slices(image_processor, prompts_ids, per_prompt, single, build),
-                         size=size, single=one)  # fmt: skip
-
 
 def _image_slices(processor: ImageProcessor, prompts_ids: list[list[int]], per_prompt: list[list[tuple[str, Any]]],
-                  single: bool, build: Callable[[int, list[int], list[ImageInput]], list[GenerateRequest]],
+                  single: bool, requests: Callable[[int, list[int], list[ImageInput]], list[GenerateRequest]],
                   ) -> Iterator[list[GenerateRequest]]:  # fmt: skip
     """Requests in slices of about _SLICE_REQUESTS, each as soon as its prompts' images are preprocessed
     (all images go to a small thread pool at once and come back in order)."""
@@ -130,59 +148,13 @@ def _image_slices(processor: ImageProcessor, prompts_ids: list[list[int]], per_p
     part: list[GenerateRequest] = []
     for p, (ids, pairs) in enumerate(zip(prompts_ids, per_prompt)):
         where = "image_data" if single else f"image_data[{p}]"
-        new_ids, inputs = processor.expand(ids, [next(processed) for _ in pairs], where)
-        part += build(p, new_ids, inputs)
+        new_ids, inputs = expand_placeholders(processor, ids, [next(processed) for _ in pairs], where)
+        part += requests(p, new_ids, inputs)
         if len(part) >= _SLICE_REQUESTS:
             yield part
             part = []
     if part:
         yield part
-
-
-def chat_prompts(tokenizer: Any, messages: Any) -> Union[str, list[str]]:
-    """The chat template applied to one conversation (a list of {"role", "content"} dicts) or to a
-    list of them; a malformed conversation raises TypeError/ValueError naming `messages`."""
-    if not isinstance(messages, (list, tuple)) or not messages:
-        raise TypeError(f"messages must be a non-empty list of {{'role', 'content'}} dicts, or a list of such lists, "
-                        f"got {_short(messages)}")  # fmt: skip
-    single = isinstance(messages[0], dict)
-    conversations = [messages] if single else messages
-    for c, conv in enumerate(conversations):
-        where = "messages" if single else f"messages[{c}]"
-        if not isinstance(conv, (list, tuple)) or not conv:
-            raise TypeError(f"{where} must be a non-empty list of {{'role', 'content'}} dicts, got {_short(conv)}")
-        for m, message in enumerate(conv):
-            _check_message(f"{where}[{m}]", message)
-    if not getattr(tokenizer, "chat_template", None):
-        raise ValueError("this model's tokenizer has no chat template; use generate() with a prompt")
-    prompts = []
-    for c, conv in enumerate(conversations):
-        try:
-            prompts.append(tokenizer.apply_chat_template(list(conv), tokenize=False, add_generation_prompt=True))
-        except Exception as exc:  # the template's own checks (role order, content kinds) are user errors too
-            where = "messages" if single else f"messages[{c}]"
-            raise ValueError(f"{where} does not fit the model's chat template: {type(exc).__name__}: {exc}") from exc
-    return prompts[0] if single else prompts
-
-
-def chat_image_data(messages: Any) -> Any:
-    """The images in the content parts of checked conversation(s), as generate()'s image_data (None when
-    there are none): a list for one conversation, one list per conversation for several."""
-    single = isinstance(messages[0], dict)
-    per_conversation = chat_images([messages] if single else messages)
-    if not any(per_conversation):
-        return None
-    return per_conversation[0] if single else per_conversation
-
-
-def _check_message(where: str, message: Any) -> None:
-    if not isinstance(message, dict):
-        raise TypeError(f"{where} must be a {{'role', 'content'}} dict, got {_short(message)}")
-    role, content = message.get("role"), message.get("content")
-    if not isinstance(role, str) or not role:
-        raise TypeError(f"{where}['role'] must be a non-empty str, got {_short(role)}")
-    if not isinstance(content, (str, list)):
-        raise TypeError(f"{where}['content'] must be a str (or a list of content parts), got {_short(content)}")
 
 
 def _token_ids(tokenizer: Any, prompt: Any, input_ids: Any, vocab_size: int) -> tuple[list[list[int]], bool]:
@@ -192,7 +164,7 @@ def _token_ids(tokenizer: Any, prompt: Any, input_ids: Any, vocab_size: int) -> 
         if isinstance(prompt, str):
             return [tokenizer(prompt)["input_ids"]], True
         if not isinstance(prompt, (list, tuple)) or not prompt or not all(isinstance(p, str) for p in prompt):
-            raise TypeError(f"prompt must be a str or a non-empty list of str, got {_short(prompt)}")
+            raise TypeError(f"prompt must be a str or a non-empty list of str, got {short_repr(prompt)}")
         return list(tokenizer(list(prompt))["input_ids"]), False
     if isinstance(input_ids, (list, tuple)) and input_ids and all(_is_int(t) for t in input_ids):
         batch, single = [list(input_ids)], True
@@ -203,7 +175,7 @@ def _token_ids(tokenizer: Any, prompt: Any, input_ids: Any, vocab_size: int) -> 
     ):
         batch, single = [list(row) for row in input_ids], False
     else:
-        raise TypeError(f"input_ids must be a non-empty list[int] or list[list[int]], got {_short(input_ids)}")
+        raise TypeError(f"input_ids must be a non-empty list[int] or list[list[int]], got {short_repr(input_ids)}")
     for row in batch:
         bad = [t for t in row if not 0 <= t < vocab_size]
         if bad:
@@ -221,7 +193,7 @@ def _per_prompt(name: str, value: Any, count: int, kind: type) -> list[Any]:
         values = [value] * count
     for v in values:
         if v is not None and not isinstance(v, kind) or (kind is int and isinstance(v, bool)):
-            raise TypeError(f"{name} must be a {kind.__name__} (or a list of them), got {_short(v)}")
+            raise TypeError(f"{name} must be a {kind.__name__} (or a list of them), got {short_repr(v)}")
     return values
 
 
@@ -250,8 +222,3 @@ def _nth_sample(p: SamplingParams, k: int) -> SamplingParams:
 
 def _is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."

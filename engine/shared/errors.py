@@ -1,5 +1,14 @@
-"""The one exception type the engine raises for its own failures (user mistakes raise ValueError/TypeError)."""
+"""The one exception type the engine raises for its own failures (user mistakes raise ValueError/TypeError),
+and how those messages show the caller's value."""
+
+from typing import Any
 
 
 class EngineError(RuntimeError):
     """A child process failed or the engine was shut down; the message carries the child's traceback."""
+
+
+def short_repr(value: Any) -> str:
+    """repr(value), cut to 80 characters: an error message names the value without quoting a whole batch."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."

@@ -52,7 +52,6 @@ class GenerateRequest(msgspec.Struct):
     rid: str
     input_ids: list[int]
     sampling: SamplingParams
-    stream: bool = False
     return_logprob: bool = False
     logprob_start_len: int = -1
     top_logprobs_num: int = 0
@@ -152,7 +151,6 @@ class ControlReply(msgspec.Struct, tag="reply"):
 
 
 FrontendInput = Union[TextBatch, ProcessReady, ProcessError, ControlReply]
-DetokenizerInput = Union[TokenBatch, ProcessError]
 
 
 class Codec:

@@ -2,7 +2,7 @@
 HF's (float32) for image, multi-image, other-size and text-only prompts, batched and alone, with chunked
 prefill cutting through images; every image form gives the same ids; the prefix cache reuses an image's
 KV only for the same image; hidden states and logprobs of image prompts; chat content parts, through
-the engine and the OpenAI server."""
+the engine and the OpenAI server; shutdown ends the engine's image threads."""
 
 from __future__ import annotations
 
@@ -208,3 +208,19 @@ def test_openai_server_chat_with_image_url(engine, references, image_server):
     failed = client.post("/v1/chat/completions", json=body)
     assert failed.status_code == 400 and failed.json()["error"]["param"] == "messages"
     assert "404" in failed.json()["error"]["message"]
+
+
+def test_shutdown_ends_the_engines_image_threads(vlm_dir):
+    import threading
+
+    def image_threads() -> set:
+        return {t for t in threading.enumerate() if t.name.startswith("ferry-images")}
+
+    others = image_threads()  # other engines' pools (this module's engine) are not this one's
+    with Engine(vlm_dir, max_total_tokens=16384) as e:
+        e.generate(user(f"{PLACEHOLDER} and {PLACEHOLDER}"), {"max_new_tokens": 1}, image_data=[IMAGE_A, IMAGE_B])
+        mine = image_threads() - others
+        assert mine  # two images are preprocessed in the pool
+    for thread in mine:
+        thread.join(timeout=5)
+    assert not any(thread.is_alive() for thread in mine)

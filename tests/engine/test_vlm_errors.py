@@ -100,13 +100,13 @@ def test_bad_image_in_a_batch_fails_the_call_before_anything_runs(engine, good_i
 
 
 def test_image_data_for_a_text_model_is_a_value_error(default_model_path):
-    from tokenizer_proc.inputs import Limits, prepare
+    from tokenizer_proc.inputs import GenerateInput, Limits, prepare
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(default_model_path)
+    call = GenerateInput(prompt="Hi", image_data=IMAGE)
     with pytest.raises(ValueError, match="image_data .* takes no images"):
-        prepare(tokenizer, Limits(49152, 2048, 4096), "Hi", None, None, None, False, False, None, None, False,
-                False, image_data=IMAGE, image_processor=None)  # fmt: skip
+        prepare(tokenizer, Limits(49152, 2048, 4096), call, image_processor=None)
 
 
 def test_a_long_image_batch_runs_while_later_images_load_and_a_late_bad_one_aborts_it(engine, good_ids,
