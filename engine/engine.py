@@ -92,7 +92,7 @@ class Engine:
         """Generate for one prompt (returns a dict) or a list (returns a list, in order).
 
         Give exactly one of `prompt` (str or list of str) and `input_ids` (list[int] or list[list[int]]).
-        `sampling_params` is a dict of `engine.shared.sampling.SamplingParams` fields, or one dict per prompt.
+        `sampling_params` is a dict of `engine.SamplingParams` fields or a SamplingParams, or one per prompt.
         `stream=True` returns an iterator of chunks whose "text" is the new text only; the last chunk
         has meta_info.finish_reason set (for a list, each chunk carries its prompt's "index").
         Stopping the iteration early aborts the request. Logprobs (`return_logprob`) are the model's

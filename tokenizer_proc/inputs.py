@@ -93,7 +93,7 @@ class _CheckedCall:
 
     def __init__(self, call: GenerateInput, limits: Limits, count: int, single: bool) -> None:
         self.call, self.limits, self.single = call, limits, single
-        raw_params = _per_prompt("sampling_params", call.sampling_params, count, dict)
+        raw_params = _per_prompt("sampling_params", call.sampling_params, count, (dict, SamplingParams))
         self.params = [parse_sampling_params(p, limits.vocab_size) for p in raw_params]
         rids = _per_prompt("rid", call.rid, count, str)
         self.logprob_flags = _per_prompt("return_logprob", call.return_logprob, count, bool)
@@ -183,7 +183,7 @@ def _token_ids(tokenizer: Any, prompt: Any, input_ids: Any, vocab_size: int) -> 
     return batch, single
 
 
-def _per_prompt(name: str, value: Any, count: int, kind: type) -> list[Any]:
+def _per_prompt(name: str, value: Any, count: int, kind: Union[type, tuple[type, ...]]) -> list[Any]:
     """A single value applies to every prompt; a list must have one entry per prompt."""
     if isinstance(value, list) and kind is not list:
         if len(value) != count:
@@ -193,7 +193,8 @@ def _per_prompt(name: str, value: Any, count: int, kind: type) -> list[Any]:
         values = [value] * count
     for v in values:
         if v is not None and not isinstance(v, kind) or (kind is int and isinstance(v, bool)):
-            raise TypeError(f"{name} must be a {kind.__name__} (or a list of them), got {short_repr(v)}")
+            what = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+            raise TypeError(f"{name} must be a {what} (or a list of them), got {short_repr(v)}")
     return values
 
 

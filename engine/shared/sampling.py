@@ -10,7 +10,7 @@ import msgspec
 
 
 class SamplingParams(msgspec.Struct, kw_only=True):
-    """How to generate for one prompt. Pass it to `Engine.generate` as a dict with these keys.
+    """How to generate for one prompt. Pass it to `Engine.generate` as a dict with these keys, or as an object.
 
     - max_new_tokens: most tokens to generate (default 128).
     - min_new_tokens: EOS and stop tokens are held back until this many tokens exist (default 0).

@@ -137,3 +137,17 @@ def test_progress_bar_on_long_batch(engine, capsys):
     outputs = engine.generate(PROMPTS[:8], {"temperature": 0, "max_new_tokens": 2}, use_tqdm=True)
     assert len(outputs) == 8
     assert "8/8" in capsys.readouterr().err
+
+
+def test_sampling_params_objects_work_like_dicts(engine):
+    """vLLM users pass SamplingParams objects; one, or one per prompt, gives what the dicts give."""
+    from engine import SamplingParams
+
+    params = {"temperature": 0.8, "max_new_tokens": 8, "seed": 3, "ignore_eos": True}
+    as_dicts = engine.generate(PROMPTS[:2], params)
+    as_object = engine.generate(PROMPTS[:2], SamplingParams(**params))
+    as_list = engine.generate(PROMPTS[:2], [SamplingParams(**params), SamplingParams(**params)])
+    assert [o["output_ids"] for o in as_object] == [o["output_ids"] for o in as_dicts]
+    assert [o["output_ids"] for o in as_list] == [o["output_ids"] for o in as_dicts]
+    with pytest.raises(TypeError, match="sampling_params must be a dict or SamplingParams"):
+        engine.generate(PROMPTS[0], sampling_params=3)
