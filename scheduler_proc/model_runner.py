@@ -27,9 +27,6 @@ from scheduler_proc.step_broadcast import ask_memory, pack_step
 
 logger = logging.getLogger(__name__)
 
-_CPU_KV_BUDGET_BYTES = 1 << 30  # KV pool size on CPU when max_total_tokens is not given
-_GPU_RESERVE_BYTES = 2 << 30  # activations, sampling temporaries and workspaces beside the pool
-
 
 @dataclass
 class SampledIds:
@@ -83,9 +80,9 @@ class ModelRunner:
         per_token = KVPool.bytes_per_token(shape.num_layers, shape.num_kv_heads_per_rank, shape.head_dim, self.dtype)
         if self.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(self.device)
-            budget = int(total * args.mem_fraction_static) - (total - free) - _GPU_RESERVE_BYTES
+            budget = int(total * args.mem_fraction_static) - (total - free) - args.gpu_reserve_bytes
         else:
-            budget = _CPU_KV_BUDGET_BYTES
+            budget = args.cpu_kv_pool_bytes
         # Every rank holds the same slots: the pool is as large as the rank with the least room allows.
         budget = self.tp.min_over_ranks(budget)
         if self.device.type == "cuda" and budget <= per_token * 16:
@@ -97,8 +94,7 @@ class ModelRunner:
         num_tokens = budget // per_token
         if args.max_total_tokens is not None:
             num_tokens = min(num_tokens, args.max_total_tokens)
-        max_requests = args.max_running_requests or (1024 if self.device.type == "cuda" else 64)
-        max_requests = max(1, min(max_requests, num_tokens))
+        max_requests = max(1, min(args.max_running_requests, num_tokens))
         pool = KVPool(
             shape.num_layers, num_tokens + 1, shape.num_kv_heads_per_rank, shape.head_dim, self.dtype, self.device,
             max_requests, args.context_length + 1,
