@@ -1,7 +1,7 @@
 """ModelRunner: loads the model, sizes the KV pool, runs a forward step and samples.
 
 Under tensor parallelism every rank has a ModelRunner over its shard; rank 0's forward() first hands
-the step to the others (step_broadcast.py), and every rank then runs the same run_forward().
+the step to the others (tp/step_broadcast.py), and every rank then runs the same run_forward().
 """
 
 from __future__ import annotations
@@ -17,13 +17,13 @@ from engine.shared.args import EngineArgs, read_model_config
 from scheduler_proc.attention import create_backend
 from scheduler_proc.batch import ForwardBatch, to_device
 from scheduler_proc.cuda_graph import CudaGraphRunner
-from scheduler_proc.distributed import CollectiveFailed, TPGroup, rank_device
 from scheduler_proc.kv_pool import KVPool
 from scheduler_proc.loader import build_model
 from scheduler_proc.sampler import SamplingBatch, SamplingState
 from scheduler_proc.step import Step, sample_step
 from scheduler_proc.step_profile import StepProfiler
-from scheduler_proc.step_broadcast import ask_memory, pack_step
+from scheduler_proc.tp.group import CollectiveFailed, TPGroup, rank_device
+from scheduler_proc.tp.step_broadcast import ask_memory, pack_step
 
 logger = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ class ModelRunner:
         """Figures for server_info (rank 0; under tensor parallelism it asks the other ranks too)."""
         cuda = self.device.type == "cuda"
         try:
-            figures = ask_memory(self)
+            figures = ask_memory(self.tp, self.memory_figures())
         except Exception as exc:
             if self.tp.size == 1:
                 raise

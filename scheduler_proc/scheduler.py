@@ -31,7 +31,6 @@ from engine.shared.protocol import (
     TokenBatch,
 )
 from scheduler_proc.cache_manager import CacheManager
-from scheduler_proc.distributed import TPGroup
 from scheduler_proc.finish import FinishChecker
 from scheduler_proc.model_runner import ModelRunner
 from scheduler_proc.policy import NewTokenEstimate, order_waiting, waits_for_shared_prefix
@@ -39,7 +38,8 @@ from scheduler_proc.radix_cache import create_prefix_cache
 from scheduler_proc.request import Request
 from scheduler_proc.step import Launched, Step, build_step, read_step_outputs
 from scheduler_proc.step_profile import StepProfiler
-from scheduler_proc.tp_processes import TPWorkers, start_tensor_parallel
+from scheduler_proc.tp.group import TPGroup
+from scheduler_proc.tp.workers import TPWorkers, start_tensor_parallel
 
 logger = logging.getLogger(__name__)
 
