@@ -15,8 +15,8 @@ import torch
 
 from engine.shared.args import EngineArgs, read_model_config
 from scheduler_proc.attention import create_backend
-from scheduler_proc.batch import ForwardBatch, to_device
 from scheduler_proc.cuda_graph import CudaGraphRunner
+from scheduler_proc.forward_batch import ForwardBatch, to_device
 from scheduler_proc.kv_pool import KVPool
 from scheduler_proc.loader import build_model
 from scheduler_proc.sampler import SamplingBatch, SamplingState

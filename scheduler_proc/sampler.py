@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 import torch
 
 from engine.shared.sampling import SamplingParams
-from scheduler_proc.batch import to_device
+from scheduler_proc.forward_batch import to_device
 
 _MASK53 = (1 << 53) - 1
 

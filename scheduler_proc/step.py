@@ -7,11 +7,11 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional
 
+import numpy as np
 import torch
 
-from scheduler_proc.batch import ForwardBatch, to_device
+from scheduler_proc.forward_batch import ForwardBatch, to_device
 from scheduler_proc.kv_pool import KVPool
-from scheduler_proc.multimodal import attach_images
 from scheduler_proc.request import Request
 from scheduler_proc.sampler import SamplingBatch
 
@@ -200,3 +200,29 @@ def _record_logprobs(req: Request, step: Step, i: int, logprobs: torch.Tensor, t
 def _top(rows: torch.Tensor, k: int) -> list[list[tuple[float, int]]]:
     values, ids = rows.topk(min(k, rows.shape[-1]), dim=-1)
     return [list(zip(v, t)) for v, t in zip(values.tolist(), ids.tolist())]
+
+
+def attach_images(batch: ForwardBatch, entries: list[tuple[Request, int]]) -> None:
+    """Set the step's rope positions and image parts when a request in it has images: [T] (KV position
+    + each request's shift) when no image token is in the step, else [3, T]."""
+    if all(req.images is None for req, _ in entries):
+        return
+    if not any(req.images is not None and req.images.needs_3d(req.kv_len, req.kv_len + n) for req, n in entries):
+        shifts = [req.images.shift(req.kv_len) if req.images is not None else 0 for req, _ in entries]
+        if any(shifts):
+            shift = torch.tensor(shifts, dtype=torch.int64)
+            if not batch.is_decode:
+                shift = shift.repeat_interleave(torch.tensor(batch.extend_lens_cpu))
+            batch.rope_positions = batch.positions + shift.to(batch.positions.device, non_blocking=True)
+        return
+    pieces, parts, row = [], [], 0
+    for req, n in entries:
+        start, end = req.kv_len, req.kv_len + n
+        if req.images is None:
+            pieces.append(np.broadcast_to(np.arange(start, end, dtype=np.int64), (3, n)))
+        else:
+            pieces.append(req.images.rope_positions(start, end))
+            parts += req.images.parts(start, end, row)
+        row += n
+    batch.rope_positions = torch.from_numpy(np.concatenate(pieces, axis=1)).to(batch.positions.device)
+    batch.image_parts = parts

@@ -16,7 +16,7 @@ from typing import Any, Iterable, Optional
 import torch
 from torch import nn
 
-from scheduler_proc.batch import ForwardBatch
+from scheduler_proc.forward_batch import ForwardBatch
 from scheduler_proc.layers.activation import SiluAndMul
 from scheduler_proc.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from scheduler_proc.layers.linear import ColumnParallelLinear, Part, RowParallelLinear, load_whole

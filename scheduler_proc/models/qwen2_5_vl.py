@@ -9,7 +9,7 @@ from typing import Any, Iterable, Iterator, Optional
 
 import torch
 
-from scheduler_proc.batch import ForwardBatch
+from scheduler_proc.forward_batch import ForwardBatch
 from scheduler_proc.layers.mrope import MRotaryEmbedding
 from scheduler_proc.models.decoder import CausalLM
 from scheduler_proc.models.qwen2_5_vision import VisionTower

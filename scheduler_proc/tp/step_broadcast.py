@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from scheduler_proc.batch import ForwardBatch
+from scheduler_proc.forward_batch import ForwardBatch
 from scheduler_proc.tp.group import TPGroup
 
 STEP, MEMORY = 0, 1  # commands
