@@ -30,8 +30,8 @@ class Request:
         self.error: Optional[str] = None  # a failure of this request alone; it ends at its next check
         self.announced = False  # the detokenizer has its DetokenizeSpec
         self.new_ids: list[int] = []  # generated since the last TokenBatch
-        # Overlap scheduling: tokens sampled by launched steps, not in output_ids yet (counted by
-        # in_flight.py). One at most whenever it is read: a step's tokens are read before the next but one.
+        # Overlap scheduling: tokens sampled by launched steps and not read yet (in_flight.py counts
+        # them). Never more than one when the scheduler looks: step N is read right after N+1 is launched.
         self.pending = 0
         self.closed = False  # its finish has been sent: nothing more goes out
         self.extras: Optional[ReqExtras] = None  # logprobs / hidden states since the last TokenBatch
