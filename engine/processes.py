@@ -106,7 +106,7 @@ def _kill_worker(pid: int) -> None:
     # Only if pid is still a worker: a pid the system has given to another process since is not ours.
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
-            if b"scheduler_proc.tp_worker" not in f.read():
+            if b"scheduler_proc.tp.worker_main" not in f.read():
                 return
         logger.warning("tensor-parallel worker %d still running; killing it", pid)
         os.kill(pid, signal.SIGKILL)

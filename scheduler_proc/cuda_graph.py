@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from scheduler_proc.batch import ForwardBatch
+from scheduler_proc.forward_batch import ForwardBatch
 from scheduler_proc.models.decoder import CausalLM
 
 if TYPE_CHECKING:

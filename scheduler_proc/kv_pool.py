@@ -3,7 +3,7 @@
 Slot 0 is never handed out: padded rows of a CUDA-graph batch write their KV there.
 
 Under tensor parallelism only rank 0 allocates, but every rank's attention reads req_to_token, so
-rank 0 keeps a journal of its writes to the table and ships it with the next step (step_broadcast.py).
+rank 0 keeps a journal of its writes to the table and ships it with the next step (tp/step_broadcast.py).
 """
 
 from __future__ import annotations

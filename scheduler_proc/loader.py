@@ -14,9 +14,9 @@ from typing import Any, Iterator, Optional
 
 import torch
 
-from scheduler_proc.distributed import TPGroup
 from scheduler_proc.models.decoder import CausalLM
 from scheduler_proc.models.registry import ARCHITECTURES
+from scheduler_proc.tp.group import TPGroup
 
 logger = logging.getLogger(__name__)
 

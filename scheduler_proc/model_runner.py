@@ -1,7 +1,8 @@
-"""ModelRunner: loads the model, sizes the KV pool, runs a forward step and samples.
+"""ModelRunner: loads the model, sizes the KV pool, runs a forward step and samples. Tensors in (a
+ForwardBatch, a SamplingBatch), hidden states, logits and sampled ids out: it knows nothing of requests.
 
 Under tensor parallelism every rank has a ModelRunner over its shard; rank 0's forward() first hands
-the step to the others (step_broadcast.py), and every rank then runs the same run_forward().
+the step to the others (tp/step_broadcast.py), and every rank then runs the same run_forward().
 """
 
 from __future__ import annotations
@@ -15,20 +16,16 @@ import torch
 
 from engine.shared.args import EngineArgs, read_model_config
 from scheduler_proc.attention import create_backend
-from scheduler_proc.batch import ForwardBatch, to_device
 from scheduler_proc.cuda_graph import CudaGraphRunner
-from scheduler_proc.distributed import CollectiveFailed, TPGroup, rank_device
+from scheduler_proc.forward_batch import ForwardBatch
 from scheduler_proc.kv_pool import KVPool
 from scheduler_proc.loader import build_model
 from scheduler_proc.sampler import SamplingBatch, SamplingState
-from scheduler_proc.step import Step, sample_step
 from scheduler_proc.step_profile import StepProfiler
-from scheduler_proc.step_broadcast import ask_memory, pack_step
+from scheduler_proc.tp.group import CollectiveFailed, TPGroup, rank_device
+from scheduler_proc.tp.step_broadcast import ask_memory, pack_step
 
 logger = logging.getLogger(__name__)
-
-_CPU_KV_BUDGET_BYTES = 1 << 30  # KV pool size on CPU when max_total_tokens is not given
-_GPU_RESERVE_BYTES = 2 << 30  # activations, sampling temporaries and workspaces beside the pool
 
 
 @dataclass
@@ -38,6 +35,15 @@ class SampledIds:
     ids: torch.Tensor
     host: torch.Tensor
     event: Optional[torch.cuda.Event]  # recorded after the copy to the host (None on CPU)
+
+
+@dataclass
+class StepOutput:
+    """What a launched step computes, queued on the device and not waited for."""
+
+    hidden: torch.Tensor  # [T, H] the last hidden state of every token
+    logits: torch.Tensor  # [R, V] of the batch's logit_rows (left unmodified by sampling)
+    sampled: Optional[SampledIds]  # None when no row samples
 
 
 class ModelRunner:
@@ -65,6 +71,7 @@ class ModelRunner:
         self.sampling = SamplingState(self.pool.max_requests, self.shape.vocab_size, self.device)
         self.graphs = self._make_graphs()  # every rank captures the same sizes in the same order: in lockstep
         self.broadcast_seconds, self.broadcasts = 0.0, 0
+        self.profiler = StepProfiler(args.profile_steps, self.device)
 
     def _make_graphs(self) -> Optional[CudaGraphRunner]:
         if self.device.type != "cuda" or self.args.disable_cuda_graph:
@@ -83,9 +90,9 @@ class ModelRunner:
         per_token = KVPool.bytes_per_token(shape.num_layers, shape.num_kv_heads_per_rank, shape.head_dim, self.dtype)
         if self.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(self.device)
-            budget = int(total * args.mem_fraction_static) - (total - free) - _GPU_RESERVE_BYTES
+            budget = int(total * args.mem_fraction_static) - (total - free) - args.gpu_reserve_bytes
         else:
-            budget = _CPU_KV_BUDGET_BYTES
+            budget = args.cpu_kv_pool_bytes
         # Every rank holds the same slots: the pool is as large as the rank with the least room allows.
         budget = self.tp.min_over_ranks(budget)
         if self.device.type == "cuda" and budget <= per_token * 16:
@@ -97,8 +104,7 @@ class ModelRunner:
         num_tokens = budget // per_token
         if args.max_total_tokens is not None:
             num_tokens = min(num_tokens, args.max_total_tokens)
-        max_requests = args.max_running_requests or (1024 if self.device.type == "cuda" else 64)
-        max_requests = max(1, min(max_requests, num_tokens))
+        max_requests = max(1, min(args.max_running_requests, num_tokens))
         pool = KVPool(
             shape.num_layers, num_tokens + 1, shape.num_kv_heads_per_rank, shape.head_dim, self.dtype, self.device,
             max_requests, args.context_length + 1,
@@ -110,7 +116,7 @@ class ModelRunner:
         """Figures for server_info (rank 0; under tensor parallelism it asks the other ranks too)."""
         cuda = self.device.type == "cuda"
         try:
-            figures = ask_memory(self)
+            figures = ask_memory(self.tp, self.memory_figures())
         except Exception as exc:
             if self.tp.size == 1:
                 raise
@@ -172,44 +178,34 @@ class ModelRunner:
         return hidden, logits
 
     @torch.inference_mode()
-    def launch(self, step: Step, profiler: StepProfiler) -> tuple[torch.Tensor, torch.Tensor, Optional[SampledIds]]:
+    def launch(self, batch: ForwardBatch, sampling: Optional[SamplingBatch], keep_hidden: bool) -> StepOutput:
         """Queue a step's forward pass and sampling; the sampled ids are copied to the host
-        asynchronously (read them with wait())."""
-        profiler.begin(step.batch)
-        hidden, logits = self.forward(step.batch)
-        if any(req.msg.return_hidden_states for req, _ in step.entries):
+        asynchronously (read them with wait()). keep_hidden: the hidden states outlive the step."""
+        self.profiler.begin(batch)
+        hidden, logits = self.forward(batch)
+        if keep_hidden:
             hidden = hidden.clone()  # a CUDA graph's output buffer is overwritten by the next step
-        ids = sample_step(step, logits, self)
-        sampled = None
-        if ids is not None:
-            host = torch.empty(ids.shape, dtype=ids.dtype, pin_memory=self.device.type == "cuda")
-            host.copy_(ids, non_blocking=True)
-            event = torch.cuda.Event() if self.device.type == "cuda" else None
-            if event is not None:
-                event.record()
-            sampled = SampledIds(ids, host, event)
-        profiler.end()
-        return hidden, logits, sampled
+        sampled = self._sample(logits, sampling) if sampling is not None else None
+        self.profiler.end()
+        return StepOutput(hidden, logits, sampled)
 
-    def wait(self, sampled: Optional[SampledIds], profiler: StepProfiler) -> list[int]:
+    def _sample(self, logits: torch.Tensor, sampling: SamplingBatch) -> SampledIds:
+        # Indexing copies: sampling modifies its logits in place, and `logits` must stay whole for logprobs.
+        ids = self.sampling.sample(logits[sampling.logit_index], sampling)
+        self.sampling.record(sampling.rows, ids)
+        host = torch.empty(ids.shape, dtype=ids.dtype, pin_memory=self.device.type == "cuda")
+        host.copy_(ids, non_blocking=True)
+        event = torch.cuda.Event() if self.device.type == "cuda" else None
+        if event is not None:
+            event.record()
+        return SampledIds(ids, host, event)
+
+    def wait(self, sampled: Optional[SampledIds]) -> list[int]:
         """The sampled ids on the host, once the device has produced them."""
         if sampled is None:
             return []
         if sampled.event is not None:
             start = time.perf_counter()
             sampled.event.synchronize()
-            profiler.waited(time.perf_counter() - start)
+            self.profiler.waited(time.perf_counter() - start)
         return sampled.host.tolist()
-
-    @torch.inference_mode()
-    def fill_futures(self, batch: ForwardBatch, futures: list[tuple[int, int]], previous: SampledIds) -> None:
-        """Put the previous step's sampled ids (still on the device) into this step's input ids."""
-        dst, src = zip(*futures)
-        index = to_device(list(src), torch.int64, self.device)
-        batch.input_ids[to_device(list(dst), torch.int64, self.device)] = previous.ids[index]
-
-    @torch.inference_mode()
-    def sample(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-        next_ids = self.sampling.sample(logits, batch)
-        self.sampling.record(batch.rows, next_ids)
-        return next_ids

@@ -1,5 +1,5 @@
 """Images inside the scheduler: a request's M-RoPE positions and prefix-cache keys, and the parts of
-a step that put vision embeddings in place of image tokens.
+a step that put vision embeddings in place of image tokens (placed in a step by step.py).
 
 M-RoPE positions (Qwen2-VL): text tokens count up by one on all three rows; an image's tokens take
 (time, row, column) of their merged patch, offset by the position where the image starts; the text
@@ -10,16 +10,11 @@ position + `delta` (the prompt's last position + 1 - its length).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from engine.shared.protocol import ImageInput
-
-if TYPE_CHECKING:
-    from scheduler_proc.batch import ForwardBatch
-    from scheduler_proc.request import Request
 
 
 class RequestImages:
@@ -54,6 +49,15 @@ class RequestImages:
         tail = np.arange(max(start, length), end, dtype=np.int64) + self.delta
         head = self.positions[:, start:length] if start < length else np.empty((3, 0), dtype=np.int64)
         return np.concatenate([head, np.broadcast_to(tail, (3, tail.size))], axis=1)
+
+    def parts(self, start: int, end: int, row: int) -> list[ImagePart]:
+        """The image rows among tokens [start, end), which a step packs from row `row` on."""
+        parts = []
+        for index, image in enumerate(self.images):
+            first, last = max(start, image.offset), min(end, image.offset + image.num_tokens)
+            if first < last:
+                parts.append(ImagePart(self, index, first - image.offset, last - image.offset, row + first - start))
+        return parts
 
     def pixels(self, index: int) -> torch.Tensor:
         array = self.images[index].pixel_values
@@ -95,41 +99,6 @@ def cache_key_ids(input_ids: list[int], images: list[ImageInput]) -> list[int]:
     for image in images:
         keys[image.offset : image.offset + image.num_tokens] = [-1 - image.content_hash] * image.num_tokens
     return keys
-
-
-def attach_images(batch: "ForwardBatch", entries: list[tuple["Request", int]]) -> None:
-    """Set the step's rope positions and image parts when a request in it has images: [T] (KV position
-    + each request's shift) when no image token is in the step, else [3, T]."""
-    if all(req.images is None for req, _ in entries):
-        return
-    if not any(req.images is not None and req.images.needs_3d(req.kv_len, req.kv_len + n) for req, n in entries):
-        shifts = [req.images.shift(req.kv_len) if req.images is not None else 0 for req, _ in entries]
-        if any(shifts):
-            shift = torch.tensor(shifts, dtype=torch.int64)
-            if not batch.is_decode:
-                shift = shift.repeat_interleave(torch.tensor(batch.extend_lens_cpu))
-            batch.rope_positions = batch.positions + shift.to(batch.positions.device, non_blocking=True)
-        return
-    pieces, parts, row = [], [], 0
-    for req, n in entries:
-        start, end = req.kv_len, req.kv_len + n
-        if req.images is None:
-            pieces.append(np.broadcast_to(np.arange(start, end, dtype=np.int64), (3, n)))
-        else:
-            pieces.append(req.images.rope_positions(start, end))
-            parts += _parts(req.images, start, end, row)
-        row += n
-    batch.rope_positions = torch.from_numpy(np.concatenate(pieces, axis=1)).to(batch.positions.device)
-    batch.image_parts = parts
-
-
-def _parts(owner: RequestImages, start: int, end: int, row: int) -> list[ImagePart]:
-    parts = []
-    for index, image in enumerate(owner.images):
-        first, last = max(start, image.offset), min(end, image.offset + image.num_tokens)
-        if first < last:
-            parts.append(ImagePart(owner, index, first - image.offset, last - image.offset, row + first - start))
-    return parts
 
 
 def image_embeddings(parts: list[ImagePart], encode, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -30,11 +30,9 @@ class Request:
         self.error: Optional[str] = None  # a failure of this request alone; it ends at its next check
         self.announced = False  # the detokenizer has its DetokenizeSpec
         self.new_ids: list[int] = []  # generated since the last TokenBatch
-        # Overlap scheduling: a token sampled by the step in flight, not in output_ids yet; the next
-        # step reads it on the device from that step's sampled ids, at row `future_index`.
-        self.pending = False
-        self.future_index = -1
-        self.pending_in: Any = None  # the launched step that samples the pending token
+        # Overlap scheduling: tokens sampled by launched steps and not read yet (in_flight.py counts
+        # them). Never more than one when the scheduler looks: step N is read right after N+1 is launched.
+        self.pending = 0
         self.closed = False  # its finish has been sent: nothing more goes out
         self.extras: Optional[ReqExtras] = None  # logprobs / hidden states since the last TokenBatch
         self._prompt_hidden: list[np.ndarray] = []

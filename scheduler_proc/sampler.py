@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 import torch
 
 from engine.shared.sampling import SamplingParams
-from scheduler_proc.batch import to_device
+from scheduler_proc.forward_batch import to_device
 
 _MASK53 = (1 << 53) - 1
 
@@ -31,6 +31,7 @@ class SamplingBatch:
 
     rows: torch.Tensor  # [S] request rows (req_to_token rows), on the device
     positions: torch.Tensor  # [S] position of the token being sampled: the RNG counter
+    logit_index: torch.Tensor  # [S] rows of the step's logits that are sampled (each entry's last)
     all_greedy: bool
     any_penalty: bool
     any_filter: bool = True  # some row uses top_k, top_p or min_p

@@ -5,6 +5,8 @@ requests still prefilling add a chunk of their prompt, so long prompts never sta
 requests are admitted while the KV pool is expected to hold them (policy.py), starting from their
 longest cached prefix (cache_manager.py); when a step would not fit after all, the requests with the
 least progress are retracted to the waiting queue, keeping their tokens, and resume later.
+
+Sockets are scheduler_io.py's, the overlap state in_flight.py's, the device work model_runner.py's.
 """
 
 from __future__ import annotations
@@ -18,28 +20,20 @@ from typing import Any, Optional
 import zmq
 
 from engine.shared.args import EngineArgs
-from engine.shared.ipc import Endpoints, pull_socket, push_socket
-from engine.shared.protocol import (
-    AbortRequest,
-    Codec,
-    ControlReply,
-    ControlRequest,
-    FinishReason,
-    GenerateBatch,
-    ProcessReady,
-    SchedulerInput,
-    TokenBatch,
-)
+from engine.shared.ipc import Endpoints
+from engine.shared.protocol import AbortRequest, ControlRequest, FinishReason, GenerateBatch
 from scheduler_proc.cache_manager import CacheManager
-from scheduler_proc.distributed import TPGroup
 from scheduler_proc.finish import FinishChecker
+from scheduler_proc.in_flight import InFlight
 from scheduler_proc.model_runner import ModelRunner
 from scheduler_proc.policy import NewTokenEstimate, order_waiting, waits_for_shared_prefix
 from scheduler_proc.radix_cache import create_prefix_cache
 from scheduler_proc.request import Request
-from scheduler_proc.step import Launched, Step, build_step, read_step_outputs
-from scheduler_proc.step_profile import StepProfiler
-from scheduler_proc.tp_processes import TPWorkers, start_tensor_parallel
+from scheduler_proc.scheduler_io import Message, SchedulerIO
+from scheduler_proc.step import Step, build_step
+from scheduler_proc.step_outputs import read_step_outputs
+from scheduler_proc.tp.group import TPGroup
+from scheduler_proc.tp.workers import TPWorkers, start_tensor_parallel
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +41,8 @@ _RETRACT_HEADROOM_STEPS = 4  # retract until the rest can decode this many steps
 
 
 class Scheduler:
+    """The loop and the scheduling policy of rank 0: which requests run, which wait, which retract."""
+
     def __init__(self, args: EngineArgs, endpoints: Endpoints, context: zmq.Context, tp: Optional[TPGroup] = None,
                  tp_workers: Optional[TPWorkers] = None) -> None:  # fmt: skip
         self.args = args
@@ -57,12 +53,8 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # admitted, in arrival order
         self.rng = random.Random(args.random_seed)
-        self._finished: list[Request] = []  # finished since the last TokenBatch
-        self.receiver = pull_socket(context, endpoints.scheduler)
-        self.to_detokenizer = push_socket(context, endpoints.detokenizer)
-        self.to_frontend = push_socket(context, endpoints.frontend)
-        self.in_codec = Codec(SchedulerInput)
-        self.out_codec = Codec(Any)
+        self.io = SchedulerIO(endpoints, context)
+        self.outputs: list[Request] = []  # requests that may have news for this turn's TokenBatch
         limit = args.chunked_prefill_size if args.chunked_prefill_size > 0 else None
         self.step_prefill_tokens = min(args.max_prefill_tokens, limit) if limit else args.max_prefill_tokens
         self.chunking = limit is not None
@@ -70,40 +62,31 @@ class Scheduler:
         self.estimate = NewTokenEstimate()
         self.num_retractions = 0
         self.overlap = not args.disable_overlap_schedule
-        self.in_flight: Optional[Launched] = None  # the launched step whose outputs are not read yet
-        self.profiler = StepProfiler(args.profile_steps, self.runner.device)
+        self.in_flight: Optional[InFlight] = None  # the launched step whose outputs are not read yet
 
     # ---- the loop ----
 
     def run_forever(self) -> None:
-        self.to_frontend.send(self.out_codec.encode(ProcessReady(role="scheduler", info=self.server_info())))
+        self.io.send_ready(self.server_info())
         while True:
             self.iterate()
 
     def iterate(self) -> None:
         """One turn of the loop. With overlap, step N+1 is scheduled and queued on the device before
         step N's outputs are read, so the host work between steps hides behind the device's."""
-        self.receive(block=not (self.waiting or self.running or self.in_flight))
+        for msg in self.io.receive(block=not (self.waiting or self.running or self.in_flight)):
+            self.handle(msg)
         step = self.schedule()
         launched = self.launch(step) if step is not None else None
-        if self.overlap:
-            previous, self.in_flight = self.in_flight, launched
-            if previous is not None:
-                self.process(previous)
-        elif launched is not None:
-            self.process(launched)
+        to_read = launched
+        if self.overlap:  # read the step launched last turn; this one's outputs wait for the next
+            to_read, self.in_flight = self.in_flight, launched
+        if to_read is not None:
+            self.process(to_read)
+        self.send_outputs()
 
-    def receive(self, block: bool) -> None:
-        flags = 0 if block else zmq.NOBLOCK
-        while True:
-            try:
-                data = self.receiver.recv(flags)
-            except zmq.Again:
-                return
-            self.handle(self.in_codec.decode(data))
-            flags = zmq.NOBLOCK
-
-    def handle(self, msg: Any) -> None:
+    def handle(self, msg: Message) -> None:
+        """New requests join the waiting queue, aborts end theirs, control calls are answered."""
         if isinstance(msg, GenerateBatch):
             for req in msg.reqs:
                 seed = req.sampling.seed if req.sampling.seed is not None else self.rng.getrandbits(62)
@@ -111,14 +94,12 @@ class Scheduler:
         elif isinstance(msg, AbortRequest):
             self.abort(set(msg.rids), "aborted by the caller")
         elif isinstance(msg, ControlRequest):
-            self.to_frontend.send(self.out_codec.encode(self.control(msg)))
+            self.io.answer(msg, {"server_info": self.server_info, "flush_cache": self.flush_cache})
 
-    def control(self, msg: ControlRequest) -> ControlReply:
-        if msg.op == "server_info":
-            return ControlReply(call_id=msg.call_id, ok=True, payload=self.server_info())
-        if msg.op == "flush_cache":
-            return ControlReply(call_id=msg.call_id, ok=True, payload=self.flush_cache())
-        return ControlReply(call_id=msg.call_id, ok=False, payload={"error": f"unknown op {msg.op!r}"})
+    def send_outputs(self) -> None:
+        """The turn's one TokenBatch: every request with news since the last."""
+        self.io.send_outputs(self.outputs)
+        self.outputs = []
 
     def server_info(self) -> dict[str, Any]:
         return self.runner.info() | {
@@ -129,7 +110,7 @@ class Scheduler:
             "num_retractions": self.num_retractions,
             "overlap_schedule": self.overlap,
             "tp_worker_pids": self.tp_workers.pids if self.tp_workers is not None else [],
-        } | ({"step_profile": self.profiler.summary()} if self.args.profile_steps else {})
+        } | ({"step_profile": self.runner.profiler.summary()} if self.args.profile_steps else {})
 
     def flush_cache(self) -> dict[str, Any]:
         """Empty the prefix cache, only when no request is running or waiting."""
@@ -151,7 +132,6 @@ class Scheduler:
         self.retract_if_short()
         entries, budget = self.running_entries()
         self.admit_waiting(entries, budget)
-        self.flush_outputs()  # requests refused at admission
         if not entries:
             if len(self.running) > 1 and self.in_flight is None:  # none can advance: free room rather than spin
                 self.retract(min(self.running, key=_progress), "no request can advance")
@@ -251,22 +231,16 @@ class Scheduler:
 
     # ---- running a step ----
 
-    def run_step(self, step: Step) -> None:
-        """Run one step to completion (launch, then wait for and process its outputs)."""
-        launched = self.launch(step)
-        if launched is not None:
-            self.process(launched)
-
-    def launch(self, step: Step) -> Optional[Launched]:
+    def launch(self, step: Step) -> Optional[InFlight]:
         """Queue the step's forward pass and sampling on the device; returns without waiting for them."""
         prefilled = [req.prefilling for req, _ in step.entries]
         for req, n in step.entries:
             req.kv_len += n  # the step's slots are in req_to_token now, whatever happens next
         completed = [p and not req.prefilling for p, (req, _) in zip(prefilled, step.entries)]
         try:
-            if step.futures:
-                self.runner.fill_futures(step.batch, step.futures, self.in_flight.sampled)
-            hidden, logits, sampled = self.runner.launch(step, self.profiler)
+            if step.pending_inputs:
+                self.in_flight.fill_input_ids(step.batch, step.pending_inputs)
+            output = self.runner.launch(step.batch, step.sampling, step.keep_hidden)
         except Exception as exc:  # one bad step fails its requests, not the engine
             self.fail_step(step, exc)
             return None
@@ -276,24 +250,19 @@ class Scheduler:
         for (req, _), was_prefilling in zip(step.entries, prefilled):
             if was_prefilling:
                 self.cache.cache_prefix(req)
-        launched = Launched(step, prefilled, completed, hidden, logits, sampled)
-        for i, index in enumerate(step.sample_entries):
-            req = step.entries[index][0]
-            req.pending, req.future_index, req.pending_in = True, i, launched
-        return launched
+        return InFlight(step, output, completed)
 
-    def process(self, launched: Launched) -> None:
+    def process(self, launched: InFlight) -> None:
         """Wait for a launched step, then hand its tokens to its requests: finish checks, outputs."""
-        step = launched.step
+        step, output = launched.step, launched.output
+        launched.tokens_read()
         try:
-            tokens = self.runner.wait(launched.sampled, self.profiler)
-            next_ids = read_step_outputs(step, launched.hidden, launched.logits, tokens)
+            tokens = self.runner.wait(output.sampled)
+            next_ids = read_step_outputs(step, output.hidden, output.logits, tokens)
         except Exception as exc:
             self.fail_step(step, exc)
             return
         for (req, _), token, completed in zip(step.entries, next_ids, launched.completed):
-            if req.pending_in is launched:
-                req.pending, req.pending_in = False, None
             if req.finish is not None:  # finished (or aborted) while this step ran: its token is dropped
                 continue
             if token is None:
@@ -308,25 +277,26 @@ class Scheduler:
             if reason is not None:
                 self.finish(req, reason)
         self.estimate.step_done()
-        self.flush_outputs(step)
+        self.outputs += [req for req, _ in step.entries]
+        self._drop_finished()
 
     def fail_step(self, step: Step, exc: Exception) -> None:
         logger.error("step failed: %s", traceback.format_exc())
         message = f"internal error: {type(exc).__name__}: {exc}"
         for req, _ in step.entries:
-            req.pending, req.pending_in = False, None
             if req.finish is None:  # this step's KV is not trusted: freed, not cached
                 self.finish(req, FinishReason(type="abort", message=message), keep_kv=False)
-        self.flush_outputs()
+        self._drop_finished()
 
     def finish(self, req: Request, reason: FinishReason, keep_kv: bool = True) -> None:
-        """req is done: its KV goes to the prefix cache (keep_kv) or back to the pool, its row is freed."""
+        """req is done: its KV goes to the prefix cache (keep_kv) or back to the pool, its row is freed.
+        It leaves `running` at the next _drop_finished(), once no loop over `running` is under way."""
         req.finish = reason
         if req.row is not None:
             self.cache.release(req, keep=keep_kv)
         elif req.retracted and req in self.waiting:  # retracted while its last token was in flight
             self.waiting.remove(req)
-        self._finished.append(req)
+        self.outputs.append(req)
 
     def abort(self, rids: set[str], message: str) -> None:
         for req in [r for r in self.waiting if r.rid in rids]:
@@ -335,31 +305,11 @@ class Scheduler:
         for req in self.running:
             if req.rid in rids and req.finish is None:
                 self.finish(req, FinishReason(type="abort", message=message))
-        self.flush_outputs()
+        self._drop_finished()
 
-    def flush_outputs(self, step: Optional[Step] = None) -> None:
-        """One TokenBatch for every request with news: new tokens, extras, or a finish."""
-        reqs = [r for r, _ in step.entries if not r.closed and (r.new_ids or r.extras or r.finish)] if step else []
-        seen = {id(r) for r in reqs}
-        reqs += [r for r in self._finished if id(r) not in seen]
-        self._finished = []
+    def _drop_finished(self) -> None:
         if any(r.finish is not None for r in self.running):
             self.running = [r for r in self.running if r.finish is None]
-        if not reqs:
-            return
-        new_specs = [r.detokenize_spec() for r in reqs if not r.announced]
-        batch = TokenBatch(
-            rids=[r.rid for r in reqs],
-            new_token_ids=[r.new_ids for r in reqs],
-            finish=[r.finish for r in reqs],
-            prompt_tokens=[len(r.input_ids) for r in reqs],
-            cached_tokens=[r.cached_tokens for r in reqs],
-            extras=[r.extras for r in reqs],
-            new_specs=new_specs,
-        )
-        for r in reqs:
-            r.announced, r.new_ids, r.extras, r.closed = True, [], None, r.finish is not None
-        self.to_detokenizer.send(self.out_codec.encode(batch))
 
 
 def run_scheduler(args: EngineArgs, endpoints: Endpoints, context: zmq.Context) -> None:

@@ -1,65 +1,50 @@
-"""One scheduler step: the ForwardBatch built from (request, new token count) entries, and reading
-its outputs back (sampled ids, logprobs, hidden states) onto the requests."""
+"""One scheduler step: the ForwardBatch and the SamplingBatch built from (request, new token count)
+entries, and where each entry's rows sit in them (read back by step_outputs.py)."""
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
+import numpy as np
 import torch
 
-from scheduler_proc.batch import ForwardBatch, to_device
+from scheduler_proc.forward_batch import ForwardBatch, to_device
 from scheduler_proc.kv_pool import KVPool
-from scheduler_proc.multimodal import attach_images
 from scheduler_proc.request import Request
 from scheduler_proc.sampler import SamplingBatch
-
-if TYPE_CHECKING:
-    from scheduler_proc.model_runner import ModelRunner, SampledIds
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass
 class Step:
+    """A built step: its entries, its device inputs, and each entry's place in them."""
+
     entries: list[tuple[Request, int]]
     batch: ForwardBatch
     sampling: Optional[SamplingBatch]
+    keep_hidden: bool  # some entry returns hidden states: they must outlive the step
     sample_entries: list[int]  # entries that sample a token, in sampling-row order
     logit_spans: list[tuple[int, int]]  # per entry: (first logit row, number of rows)
     input_logprob_starts: list[Optional[int]]  # per entry: first prompt position scored, if any
     starts: list[int]  # per entry: its KV length before this step
-    futures: list[tuple[int, int]]  # (token row, row of the previous step's sampled ids) for pending tokens
-
-
-@dataclass
-class Launched:
-    """A step queued on the device whose outputs have not been read yet."""
-
-    step: Step
-    prefilled: list[bool]  # per entry: it was computing known tokens (not decoding)
-    completed: list[bool]  # per entry: this step finished its prefill
-    hidden: torch.Tensor
-    logits: torch.Tensor
-    sampled: Optional["SampledIds"]
+    pending_inputs: list[tuple[int, Request]]  # (row of input_ids, request) whose input is its pending token
 
 
 def build_step(entries: list[tuple[Request, int]], pool: KVPool, eos_ids: list[int]) -> Step:
     """The batch of one step. An entry may start at a token the step in flight is still sampling
-    (req.pending): its input id is filled on the device from that step's output (`futures`).
+    (req.pending): its input id is filled on the device from that step's output (in_flight.py).
     Runs once per step over every running request, so it reads request fields directly."""
     input_ids: list[int] = []
     positions: list[int] = []
     token_rows: list[int] = []
     logit_rows: list[int] = []
-    logit_spans, input_starts, sample_entries, futures = [], [], [], []
+    logit_spans, input_starts, sample_entries, sample_rows, pending_inputs = [], [], [], [], []
     starts = [req.kv_len for req, _ in entries]
     for i, (req, n) in enumerate(entries):
         start, t0 = starts[i], len(input_ids)
         num_tokens = len(req.input_ids) + len(req.output_ids)
         if start == num_tokens:  # decoding the pending token
-            futures.append((t0, req.future_index))
+            pending_inputs.append((t0, req))
             input_ids.append(0)
         else:
             input_ids += req.tokens(start, start + n)
@@ -74,6 +59,7 @@ def build_step(entries: list[tuple[Request, int]], pool: KVPool, eos_ids: list[i
         if span:
             logit_rows += range(t0 + span[0] - start, t0 + span[1] - start)
         if start + n == num_tokens + req.pending and req.sampling.max_new_tokens > 0:  # reaches its next token
+            sample_rows.append(len(logit_rows))
             logit_rows.append(t0 + n - 1)
             sample_entries.append(i)
         logit_spans.append((first_row, len(logit_rows) - first_row))
@@ -82,20 +68,21 @@ def build_step(entries: list[tuple[Request, int]], pool: KVPool, eos_ids: list[i
     out_cache_loc = pool.alloc_slots(len(input_ids))
     positions_t = to_device(positions, torch.int64, device)
     pool.set_tokens(to_device(token_rows, torch.int64, device), positions_t, out_cache_loc)
-    extend_lens = [n for _, n in entries]
     batch = ForwardBatch(
         input_ids=to_device(input_ids, torch.int64, device),
         positions=positions_t,
         out_cache_loc=out_cache_loc,
         req_pool_indices=to_device([r.row for r, _ in entries], torch.int64, device),
         prefix_lens_cpu=starts,
-        extend_lens_cpu=extend_lens,
+        extend_lens_cpu=[n for _, n in entries],
         logit_rows=to_device(logit_rows, torch.int64, device),
         is_decode=len(input_ids) == len(entries),  # every entry adds one token
     )
     attach_images(batch, entries)
-    return Step(entries, batch, _sampling_batch(entries, sample_entries, eos_ids, device), sample_entries,
-                logit_spans, input_starts, starts, futures)  # fmt: skip
+    sampling = _sampling_batch(entries, sample_entries, sample_rows, eos_ids, device)
+    keep_hidden = any(req.msg.return_hidden_states for req, _ in entries)
+    return Step(entries, batch, sampling, keep_hidden, sample_entries, logit_spans, input_starts, starts,
+                pending_inputs)  # fmt: skip
 
 
 def _input_logprob_span(req: Request, start: int, n: int) -> Optional[tuple[int, int]]:
@@ -109,7 +96,7 @@ def _input_logprob_span(req: Request, start: int, n: int) -> Optional[tuple[int,
     return (first, last) if first < last else None
 
 
-def _sampling_batch(entries, sample_entries, eos_ids, device) -> Optional[SamplingBatch]:
+def _sampling_batch(entries, sample_entries, sample_rows, eos_ids, device) -> Optional[SamplingBatch]:
     if not sample_entries:
         return None
     rows, positions, bias, banned = [], [], [], []
@@ -130,6 +117,7 @@ def _sampling_batch(entries, sample_entries, eos_ids, device) -> Optional[Sampli
     return SamplingBatch(
         rows=to_device(rows, torch.int64, device),
         positions=to_device(positions, torch.int64, device),
+        logit_index=to_device(sample_rows, torch.int64, device),
         all_greedy=all_greedy,
         any_penalty=any_penalty,
         any_filter=any_filter,
@@ -138,65 +126,27 @@ def _sampling_batch(entries, sample_entries, eos_ids, device) -> Optional[Sampli
     )
 
 
-def sample_step(step: Step, logits: torch.Tensor, runner: "ModelRunner") -> Optional[torch.Tensor]:
-    """The step's sampled ids [S] on the device (in sample_entries order), or None if none samples."""
-    if step.sampling is None:
-        return None
-    rows = [step.logit_spans[i][0] + step.logit_spans[i][1] - 1 for i in step.sample_entries]
-    index = to_device(rows, torch.int64, logits.device)
-    return runner.sample(logits[index], step.sampling)  # logits[index] copies: `logits` stays unmodified
-
-
-def read_step_outputs(step: Step, hidden: torch.Tensor, logits: torch.Tensor, sampled: list[int]) -> list:
-    """Record logprobs and hidden states on the requests; returns the new token per entry (or None)."""
-    next_ids: list[Optional[int]] = [None] * len(step.entries)
-    for i, token in zip(step.sample_entries, sampled):
-        next_ids[i] = token
-    logprobs = torch.log_softmax(logits, dim=-1) if any(r.msg.return_logprob for r, _ in step.entries) else None
-    t0 = 0
-    for i, (req, n) in enumerate(step.entries):
-        try:
-            if req.msg.return_logprob and logprobs is not None:
-                _record_logprobs(req, step, i, logprobs, next_ids[i])
-            start = step.starts[i]
-            skip = max(0, req.replay_until - start)  # rows recomputed after a retraction went out before
-            if req.msg.return_hidden_states and skip < n:
-                rows = hidden[t0 + skip : t0 + n].float().cpu().numpy()
-                prompt_len = len(req.input_ids)
-                req.add_hidden(rows, prompt=start + skip < prompt_len, prompt_done=start + n >= prompt_len)
-        except Exception as exc:  # one request's extras failing ends that request (at its finish check) alone
-            logger.exception("recording the outputs of request %s failed", req.rid)
-            req.error = f"{type(exc).__name__}: {exc}"
-        t0 += n
-    return next_ids
-
-
-def _record_logprobs(req: Request, step: Step, i: int, logprobs: torch.Tensor, token: Optional[int]) -> None:
-    first_row, count = step.logit_spans[i]
-    top_n = req.msg.top_logprobs_num
-    extras = req.pending_extras()
-    first_q = step.input_logprob_starts[i]
-    if first_q is not None:
-        num_input = count - (1 if token is not None else 0)
-        rows = logprobs[first_row : first_row + num_input]
-        targets = req.input_ids[first_q + 1 : first_q + 1 + num_input]
-        chosen = rows.gather(1, torch.tensor(targets, device=rows.device)[:, None])[:, 0].tolist()
-        entries: list = [(lp, t) for lp, t in zip(chosen, targets)]
-        if first_q == 0 and req.msg.logprob_start_len == 0:
-            entries.insert(0, (None, req.input_ids[0]))
-        extras.input_token_logprobs = (extras.input_token_logprobs or []) + entries
-        if top_n > 0:
-            tops = _top(rows, top_n)
-            if first_q == 0 and req.msg.logprob_start_len == 0:
-                tops.insert(0, [])
-            extras.input_top_logprobs = (extras.input_top_logprobs or []) + tops
-    if token is not None:
-        row = logprobs[first_row + count - 1]
-        extras.output_token_logprobs = (extras.output_token_logprobs or []) + [(row[token].item(), token)]
-        if top_n > 0:
-            extras.output_top_logprobs = (extras.output_top_logprobs or []) + _top(row[None], top_n)
-
-
-def _top(rows: torch.Tensor, k: int) -> list[list[tuple[float, int]]]:
-    values, ids = rows.topk(min(k, rows.shape[-1]), dim=-1)
-    return [list(zip(v, t)) for v, t in zip(values.tolist(), ids.tolist())]
+def attach_images(batch: ForwardBatch, entries: list[tuple[Request, int]]) -> None:
+    """Set the step's rope positions and image parts when a request in it has images: [T] (KV position
+    + each request's shift) when no image token is in the step, else [3, T]."""
+    if all(req.images is None for req, _ in entries):
+        return
+    if not any(req.images is not None and req.images.needs_3d(req.kv_len, req.kv_len + n) for req, n in entries):
+        shifts = [req.images.shift(req.kv_len) if req.images is not None else 0 for req, _ in entries]
+        if any(shifts):
+            shift = torch.tensor(shifts, dtype=torch.int64)
+            if not batch.is_decode:
+                shift = shift.repeat_interleave(torch.tensor(batch.extend_lens_cpu))
+            batch.rope_positions = batch.positions + shift.to(batch.positions.device, non_blocking=True)
+        return
+    pieces, parts, row = [], [], 0
+    for req, n in entries:
+        start, end = req.kv_len, req.kv_len + n
+        if req.images is None:
+            pieces.append(np.broadcast_to(np.arange(start, end, dtype=np.int64), (3, n)))
+        else:
+            pieces.append(req.images.rope_positions(start, end))
+            parts += req.images.parts(start, end, row)
+        row += n
+    batch.rope_positions = torch.from_numpy(np.concatenate(pieces, axis=1)).to(batch.positions.device)
+    batch.image_parts = parts

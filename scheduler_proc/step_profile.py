@@ -12,7 +12,7 @@ from typing import Any, Optional
 
 import torch
 
-from scheduler_proc.batch import ForwardBatch
+from scheduler_proc.forward_batch import ForwardBatch
 
 
 class StepProfiler:

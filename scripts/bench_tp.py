@@ -108,7 +108,7 @@ def harness(spec: dict[str, Any]) -> dict[str, Any]:
     from engine.shared.args import EngineArgs
     from engine.bench_roofline import measure_ceilings
     from scheduler_proc.model_runner import ModelRunner
-    from scheduler_proc.tp_processes import start_tensor_parallel
+    from scheduler_proc.tp.workers import start_tensor_parallel
 
     ceilings = measure_ceilings() if spec.get("floor") else {}  # before the model fills the GPU
     batch, context, steps = spec["batch"], spec["context"], spec["steps"]

@@ -52,7 +52,7 @@ def main() -> None:
                           cuda_graph_max_bs=max(args.batch, 8), max_running_requests=args.batch,
                           disable_overlap_schedule=args.disable_overlap_schedule)
     sched = Scheduler(settings.resolve(), Endpoints.in_dir(tempfile.mkdtemp()), zmq.Context())
-    sched.to_detokenizer = _Sink()
+    sched.io.to_detokenizer = _Sink()
     rng = random.Random(0)
     params = SamplingParams(temperature=args.temperature, max_new_tokens=4000, ignore_eos=True)
     reqs = [GenerateRequest(rid=str(i), input_ids=[rng.randint(0, min(10000, sched.runner.shape.vocab_size - 1)) for _ in range(args.prompt_len)],

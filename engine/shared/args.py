@@ -6,7 +6,7 @@ import dataclasses
 import json
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional
 
 logger = logging.getLogger(__name__)
@@ -28,7 +28,7 @@ class EngineArgs:
     dtype: str = "auto"  # auto: bfloat16 on GPU, float32 on CPU
     device: str = "auto"  # auto: cuda when available, else cpu
     context_length: Optional[int] = None  # defaults to the model's max_position_embeddings
-    max_running_requests: Optional[int] = None  # defaults from the KV pool size
+    max_running_requests: Optional[int] = None  # None: 1024 on GPU, 64 on CPU; never more than the KV pool's tokens
     max_total_tokens: Optional[int] = None  # caps the KV pool size in tokens
     max_prefill_tokens: int = 16384  # token budget of one prefill step
     chunked_prefill_size: Optional[int] = None  # None: 16384 on GPU, 512 on CPU; -1 disables chunking
@@ -36,6 +36,8 @@ class EngineArgs:
     schedule_policy: str = "lpm"  # order of waiting requests: "lpm" (longest cached prefix first) or "fcfs"
     load_format: str = "auto"  # "dummy": random weights from config.json alone
     mem_fraction_static: float = 0.85  # share of GPU memory for weights + KV pool
+    gpu_reserve_bytes: int = 2 << 30  # of that share, kept out of the KV pool: activations, sampling, workspaces
+    cpu_kv_pool_bytes: int = 1 << 30  # KV pool size on CPU when max_total_tokens is not given
     cuda_graph_max_bs: int = 256  # largest decode batch captured in a CUDA graph
     disable_cuda_graph: bool = False  # run decode eagerly
     disable_overlap_schedule: bool = False  # read each step's outputs before scheduling the next
@@ -48,7 +50,6 @@ class EngineArgs:
     log_level: str = "warning"  # logging level of every process
     cache_dir: Optional[str] = None  # where converted models go; default ~/.cache/ferry
     startup_timeout: float = 600.0  # seconds to wait for the child processes to be ready
-    extra: dict[str, Any] = field(default_factory=dict)  # resolved facts filled in by resolve()
 
     def validate(self) -> None:
         """Raise ValueError naming the field for any out-of-range setting."""
@@ -71,6 +72,11 @@ class EngineArgs:
             raise ValueError(f"chunked_prefill_size must be a positive int, -1 or None, got {chunk!r}")
         if not 0.0 < float(self.mem_fraction_static) < 1.0:
             raise ValueError(f"mem_fraction_static must be in (0, 1), got {self.mem_fraction_static!r}")
+        reserve, cpu_pool = self.gpu_reserve_bytes, self.cpu_kv_pool_bytes
+        if not isinstance(reserve, int) or isinstance(reserve, bool) or reserve < 0:
+            raise ValueError(f"gpu_reserve_bytes must be a non-negative int, got {reserve!r}")
+        if not isinstance(cpu_pool, int) or isinstance(cpu_pool, bool) or cpu_pool <= 0:
+            raise ValueError(f"cpu_kv_pool_bytes must be a positive int, got {cpu_pool!r}")
         if not isinstance(self.cuda_graph_max_bs, int) or self.cuda_graph_max_bs < 1:
             raise ValueError(f"cuda_graph_max_bs must be a positive int, got {self.cuda_graph_max_bs!r}")
         if not isinstance(self.disable_overlap_schedule, bool):
@@ -89,7 +95,7 @@ class EngineArgs:
         from engine.shared.model_files import resolve_model_path
 
         self.validate()
-        resolved = dataclasses.replace(self, extra=dict(self.extra))
+        resolved = dataclasses.replace(self)
         resolved.model_path = resolve_model_path(self.model_path, self.cache_dir)
         if self.tokenizer_path:
             resolved.tokenizer_path = resolve_model_path(self.tokenizer_path, self.cache_dir)
@@ -104,11 +110,12 @@ class EngineArgs:
             resolved.dtype = "bfloat16" if resolved.device == "cuda" else "float32"
         if resolved.chunked_prefill_size is None:
             resolved.chunked_prefill_size = 16384 if resolved.device == "cuda" else 512
+        if resolved.max_running_requests is None:
+            resolved.max_running_requests = 1024 if resolved.device == "cuda" else 64
         config = read_model_config(resolved.model_path)
         model_max = int(config.get("max_position_embeddings", 4096))
         if resolved.context_length is None:
             resolved.context_length = model_max
-        resolved.extra["architecture"] = (config.get("architectures") or ["?"])[0]
         _check_tp_shape(resolved.tp_size, config)
         if resolved.device == "cuda":
             _check_gpu_count(resolved.base_gpu_id + resolved.tp_size)
@@ -124,7 +131,7 @@ class EngineArgs:
 
 
 def field_names() -> list[str]:
-    return [f.name for f in dataclasses.fields(EngineArgs) if f.name != "extra"]
+    return [f.name for f in dataclasses.fields(EngineArgs)]
 
 
 def read_model_config(model_dir: str) -> dict[str, Any]:

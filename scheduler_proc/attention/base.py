@@ -6,7 +6,7 @@ from abc import ABC, abstractmethod
 
 import torch
 
-from scheduler_proc.batch import ForwardBatch
+from scheduler_proc.forward_batch import ForwardBatch
 from scheduler_proc.kv_pool import KVPool
 
 

@@ -16,7 +16,7 @@ import flashinfer
 import torch
 
 from scheduler_proc.attention.base import AttentionBackend
-from scheduler_proc.batch import ForwardBatch
+from scheduler_proc.forward_batch import ForwardBatch
 from scheduler_proc.kv_pool import KVPool
 
 _WORKSPACE_BYTES = 256 << 20

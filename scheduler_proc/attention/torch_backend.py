@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from scheduler_proc.attention.base import AttentionBackend
-from scheduler_proc.batch import ForwardBatch
+from scheduler_proc.forward_batch import ForwardBatch
 
 
 class TorchBackend(AttentionBackend):

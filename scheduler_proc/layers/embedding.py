@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from scheduler_proc.distributed import TPGroup
 from scheduler_proc.layers.kernels import LinearKernel
 from scheduler_proc.layers.linear import read_block
+from scheduler_proc.tp.group import TPGroup
 
 
 class VocabParallelEmbedding(nn.Module):

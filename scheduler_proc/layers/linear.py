@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from scheduler_proc.distributed import TPGroup
 from scheduler_proc.layers.kernels import LinearKernel
+from scheduler_proc.tp.group import TPGroup
 
 
 def source_shape(source: Any) -> list[int]:

@@ -16,13 +16,13 @@ from typing import Any, Iterable, Optional
 import torch
 from torch import nn
 
-from scheduler_proc.batch import ForwardBatch
-from scheduler_proc.distributed import TPGroup
+from scheduler_proc.forward_batch import ForwardBatch
 from scheduler_proc.layers.activation import SiluAndMul
 from scheduler_proc.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from scheduler_proc.layers.linear import ColumnParallelLinear, Part, RowParallelLinear, load_whole
 from scheduler_proc.layers.norm import RMSNorm
 from scheduler_proc.layers.rotary import RotaryEmbedding, rope_parameters
+from scheduler_proc.tp.group import TPGroup
 
 
 class ModelShape:

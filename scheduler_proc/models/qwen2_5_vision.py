@@ -146,7 +146,8 @@ class VisionTower(nn.Module):
         self.inv_freq = inv_freq.to(self.inv_freq.device)
 
     def forward(self, pixels: torch.Tensor, grids: list[tuple[int, int, int]]) -> torch.Tensor:
-        layout = self._layout(tuple(grids))
+        window = self.window_size // self.merge_size // self.patch_size
+        layout = vision_layout(tuple(grids), self.merge_size, window, self.inv_freq.device)
         unit = self.merge_size**2
         x = self.patch_embed(pixels.to(self.patch_embed.proj.weight.dtype))
         x = x.view(-1, unit, x.shape[-1])[layout.window_index].view(x.shape)
@@ -158,12 +159,9 @@ class VisionTower(nn.Module):
             x = block(x, cos, sin, layout.full if i in self.full_blocks else layout.windows)
         return self.merger(x)[layout.reverse_index]
 
-    @functools.lru_cache(maxsize=32)
-    def _layout(self, grids: tuple[tuple[int, int, int], ...]) -> Layout:
-        return vision_layout(grids, self.merge_size, self.window_size // self.merge_size // self.patch_size,
-                             self.inv_freq.device)  # fmt: skip
 
-
+# Cached on the function, not on a method: a method's cache would hold every tower (`self`) alive.
+@functools.lru_cache(maxsize=32)
 def vision_layout(grids: tuple[tuple[int, int, int], ...], merge: int, window: int, device: torch.device) -> Layout:
     """Window order, positions and attention runs of images with patch grids (t, h, w); `window` is the
     window's side in merged units."""

@@ -9,12 +9,12 @@ from typing import Any, Iterable, Iterator, Optional
 
 import torch
 
-from scheduler_proc.batch import ForwardBatch
-from scheduler_proc.distributed import TPGroup
+from scheduler_proc.forward_batch import ForwardBatch
 from scheduler_proc.layers.mrope import MRotaryEmbedding
 from scheduler_proc.models.decoder import CausalLM
 from scheduler_proc.models.qwen2_5_vision import VisionTower
 from scheduler_proc.multimodal import image_embeddings
+from scheduler_proc.tp.group import TPGroup
 
 # transformers 5 saves the language model and tower under these names; released checkpoints use the right.
 _RENAMES = (("model.language_model.", "model."), ("model.visual.", "visual."))

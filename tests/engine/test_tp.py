@@ -20,8 +20,8 @@ from engine import Engine
 from engine.shared.args import EngineArgs, read_model_config
 from engine.shared.errors import EngineError
 from reference import hf_greedy, tiny_model_dir
-from scheduler_proc.distributed import TPGroup
 from scheduler_proc.loader import build_model
+from scheduler_proc.tp.group import TPGroup
 from test_lifecycle import PROJECT_ROOT, alive, live_children, wait_until
 
 SMALL = {"max_total_tokens": 4096, "max_running_requests": 8}  # a small KV pool starts fast

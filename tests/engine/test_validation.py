@@ -216,7 +216,7 @@ def scheduler(tmp_path, default_model_path):
     sched = Scheduler(args, endpoints, context)
     sched.outbox = outbox
     yield sched
-    for sock in (sched.receiver, sched.to_detokenizer, sched.to_frontend, outbox, frontend):
+    for sock in (sched.io.receiver, sched.io.to_detokenizer, sched.io.to_frontend, outbox, frontend):
         sock.close(linger=0)
     context.term()
 
@@ -229,9 +229,7 @@ def _run(sched, reqs) -> dict:
     for _ in range(100):
         if not (sched.waiting or sched.running):
             break
-        step = sched.schedule()
-        if step is not None:
-            sched.run_step(step)
+        sched.iterate()  # the real loop's turn: nothing to receive, since nothing is sent to its socket
     codec, results = Codec(TokenBatch), {r.rid: ([], None) for r in reqs}
     while any(finish is None for _, finish in results.values()):
         assert sched.outbox.poll(30_000), "a request never finished"  # delivery over IPC is asynchronous
@@ -278,16 +276,16 @@ def test_a_failing_stop_check_ends_only_its_request(scheduler, monkeypatch):
 
 
 def test_a_failing_logprob_record_ends_only_its_request(scheduler, monkeypatch):
-    import scheduler_proc.step as step_module
+    import scheduler_proc.step_outputs as step_outputs
 
-    real = step_module._record_logprobs
+    real = step_outputs._record_logprobs
 
     def record(req, *args):
         if req.rid == "bad":
             raise ValueError("logprobs exploded")
         return real(req, *args)
 
-    monkeypatch.setattr(step_module, "_record_logprobs", record)
+    monkeypatch.setattr(step_outputs, "_record_logprobs", record)
     results = _run(scheduler, [_request("a", return_logprob=True), _request("bad", return_logprob=True)])
     assert results["bad"][1].type == "abort" and "logprobs exploded" in results["bad"][1].message
     assert results["a"][1].type == "length" and len(results["a"][0]) == 6

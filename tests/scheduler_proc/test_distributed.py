@@ -11,7 +11,7 @@ PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(_
 
 RANK_SCRIPT = """
 import sys, torch
-from scheduler_proc.distributed import join_group
+from scheduler_proc.tp.group import join_group
 rank, init_file = int(sys.argv[1]), sys.argv[2]
 tp = join_group(rank, 2, init_file, torch.device("cpu"))
 for n in (0, 1, 4095, 4096, 9000):  # the packet holds 4095 ints after its length

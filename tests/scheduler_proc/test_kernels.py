@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from scheduler_proc.attention.torch_backend import TorchBackend
-from scheduler_proc.batch import ForwardBatch
+from scheduler_proc.forward_batch import ForwardBatch
 from scheduler_proc.kv_pool import KVPool
 from scheduler_proc.layers.linear import ColumnParallelLinear, Part
 

@@ -8,10 +8,11 @@ import torch
 
 from engine.shared.protocol import Array, GenerateRequest, ImageInput
 from engine.shared.sampling import SamplingParams
-from scheduler_proc.batch import ForwardBatch
-from scheduler_proc.multimodal import attach_images, mrope_positions
+from scheduler_proc.forward_batch import ForwardBatch
+from scheduler_proc.multimodal import mrope_positions
 from scheduler_proc.policy import waits_for_shared_prefix
 from scheduler_proc.request import Request
+from scheduler_proc.step import attach_images
 
 PAD = 99
 

@@ -44,11 +44,13 @@ class Outputs:
 
 class Driver:
     def __init__(self, model_dir: str, **settings) -> None:
+        # Without overlap by default: every step's outputs are read in the turn that launched it.
+        settings = {"disable_overlap_schedule": True} | settings
         args = EngineArgs(model_path=model_dir, **settings).resolve()
         self.context = zmq.Context()
         self.scheduler = Scheduler(args, Endpoints.in_dir(tempfile.mkdtemp()), self.context)
         self.out = Outputs()
-        self.scheduler.to_detokenizer = self.out
+        self.scheduler.io.to_detokenizer = self.out
 
     def submit(self, rid: str, ids: list[int], max_new_tokens: int, **options) -> None:
         # A stop id these outputs never reach: the length is a guess for admission, as with real
@@ -59,12 +61,13 @@ class Driver:
 
     def abort(self, rid: str) -> None:
         self.scheduler.handle(AbortRequest(rids=[rid]))
+        self.scheduler.send_outputs()  # as the loop does at the end of the turn that received the abort
         self.check_slots()
 
     def step(self) -> None:
-        step = self.scheduler.schedule()
-        if step is not None:
-            self.scheduler.run_step(step)
+        s = self.scheduler
+        assert s.waiting or s.running or s.in_flight, "the loop would wait for a message"
+        s.iterate()
         self.check_slots()
 
     def run_until(self, done) -> None:
@@ -115,10 +118,12 @@ def test_retraction_keeps_every_slot_accounted_and_outputs_whole(model_dir, cach
     assert small.scheduler.pool.num_free_slots() == small.scheduler.pool.capacity
 
 
-@pytest.mark.parametrize("cache", [True, False], ids=["cache", "no-cache"])
-def test_abort_at_every_stage_frees_its_slots(model_dir, cache):
+@pytest.mark.parametrize("cache,overlap", [(True, False), (False, False), (True, True)],
+                         ids=["cache", "no-cache", "cache-overlap"])  # fmt: skip
+def test_abort_at_every_stage_frees_its_slots(model_dir, cache, overlap):
+    # With overlap, each abort lands while a step holding the request is in flight.
     d = Driver(model_dir, max_total_tokens=200, chunked_prefill_size=8, max_running_requests=2,
-               disable_radix_cache=not cache)  # fmt: skip
+               disable_radix_cache=not cache, disable_overlap_schedule=not overlap)  # fmt: skip
     s = d.scheduler
     d.submit("decoding", prompt(1, 10), max_new_tokens=150)
     d.submit("prefilling", prompt(2, 40), max_new_tokens=20)
@@ -135,8 +140,10 @@ def test_abort_at_every_stage_frees_its_slots(model_dir, cache):
     assert s.pool.num_free_slots() + s.cache.cached_tokens() == s.pool.capacity
 
 
-def test_abort_of_a_retracted_request(model_dir):
-    d = Driver(model_dir, max_total_tokens=100, chunked_prefill_size=16)
+@pytest.mark.parametrize("overlap", [False, True], ids=["plain", "overlap"])
+def test_abort_of_a_retracted_request(model_dir, overlap):
+    # With overlap, the victim is retracted while its last token is in flight.
+    d = Driver(model_dir, max_total_tokens=100, chunked_prefill_size=16, disable_overlap_schedule=not overlap)
     for i in range(4):
         d.submit(f"r{i}", prompt(i, 10), max_new_tokens=60)
     d.run_until(lambda: any(r.retracted for r in d.scheduler.waiting))

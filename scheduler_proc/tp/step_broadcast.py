@@ -10,14 +10,10 @@ rows, positions and slots (N each), copied from the device in one transfer.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
-from scheduler_proc.batch import ForwardBatch
-
-if TYPE_CHECKING:
-    from scheduler_proc.model_runner import ModelRunner
+from scheduler_proc.forward_batch import ForwardBatch
+from scheduler_proc.tp.group import TPGroup
 
 STEP, MEMORY = 0, 1  # commands
 _HEADER = 6
@@ -58,27 +54,10 @@ def unpack_step(packed: torch.Tensor, device: torch.device) -> tuple[ForwardBatc
     return batch, (rows, cols, slots)
 
 
-def follow_rank0(runner: "ModelRunner") -> None:
-    """The loop of ranks 1..: run whatever rank 0 broadcasts, until the process is ended."""
-    tp = runner.tp
-    while True:
-        packed = tp.broadcast_ints()
-        command = int(packed[0])
-        if command == STEP:
-            batch, (rows, positions, slots) = unpack_step(packed, runner.device)
-            if rows.numel():
-                runner.pool.set_tokens(rows, positions, slots)
-            runner.run_forward(batch)
-        elif command == MEMORY:
-            tp.gather_ints(runner.memory_figures())
-        else:
-            raise RuntimeError(f"unknown tensor-parallel command {command}")
-
-
-def ask_memory(runner: "ModelRunner") -> list[list[int]]:
-    """Every rank's memory figures (rank 0)."""
-    if runner.tp.size > 1:
-        runner.tp.broadcast_ints(torch.tensor([MEMORY], dtype=torch.int64))
-    figures = runner.tp.gather_ints(runner.memory_figures())
+def ask_memory(tp: TPGroup, own: list[int]) -> list[list[int]]:
+    """Every rank's memory figures (rank 0, whose own are `own`); the others answer in their loop."""
+    if tp.size > 1:
+        tp.broadcast_ints(torch.tensor([MEMORY], dtype=torch.int64))
+    figures = tp.gather_ints(own)
     assert figures is not None
     return figures

@@ -3,7 +3,7 @@ group with them, and end the scheduler (and so the engine) when any of them dies
 
 A rank that dies leaves the others waiting in a collective that never completes, so nothing is
 retried: rank 0 reports the death to the frontend, which fails every waiting call, and exits. The
-workers die with rank 0 (tp_worker.py), so no rank is left behind.
+workers die with rank 0 (worker_main.py), so no rank is left behind.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from engine.shared.args import EngineArgs
 from engine.shared.child_process import report_error
 from engine.shared.ipc import Endpoints
 from engine.shared.child_process import MULTICAST_OFF_ENV
-from scheduler_proc.distributed import TPGroup, join_group, rank_device
+from scheduler_proc.tp.group import TPGroup, join_group, rank_device
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ class TPWorkers:
         env = dict(os.environ) | MULTICAST_OFF_ENV
         self.procs = [
             subprocess.Popen(
-                [sys.executable, "-m", "scheduler_proc.tp_worker", ipc_dir, str(os.getpid()), str(rank)],
+                [sys.executable, "-m", "scheduler_proc.tp.worker_main", ipc_dir, str(os.getpid()), str(rank)],
                 env=env,
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,  # as the other children: a terminal's Ctrl-C is the caller's

@@ -1,15 +1,14 @@
-"""ForwardBatch: the tensors of one forward step, for any mix of prefill chunks and decode tokens."""
+"""ForwardBatch: the tensors of one forward step, for any mix of prefill chunks and decode tokens.
+It knows nothing of requests: step.py builds it from them."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Optional
+from typing import Optional, Protocol
 
 import torch
 
-if TYPE_CHECKING:
-    from scheduler_proc.attention.base import AttentionBackend
-    from scheduler_proc.multimodal import ImagePart
+from scheduler_proc.multimodal import ImagePart
 
 
 def to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -19,6 +18,12 @@ def to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.T
     if device.type != "cuda":
         return torch.tensor(values, dtype=dtype)
     return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
+
+
+class StepAttention(Protocol):
+    """What a model's attention layers call: the backend planned for this step (attention/base.py)."""
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int) -> torch.Tensor: ...
 
 
 @dataclass
@@ -36,11 +41,11 @@ class ForwardBatch:
     extend_lens_cpu: list[int]
     logit_rows: torch.Tensor  # [R] int64: rows of the packed tokens whose logits are needed
     is_decode: bool  # every sequence adds exactly one token
-    attention: Optional["AttentionBackend"] = None
+    attention: Optional[StepAttention] = None
     # Vision-language models (multimodal.py): positions for RoPE where they differ from the KV positions,
     # [T] or M-RoPE's [3, T]; and the image embeddings that replace image tokens' rows.
     rope_positions: Optional[torch.Tensor] = None
-    image_parts: list["ImagePart"] = field(default_factory=list)
+    image_parts: list[ImagePart] = field(default_factory=list)
 
     @property
     def batch_size(self) -> int:

@@ -18,7 +18,7 @@ from engine.shared.args import EngineArgs
 from engine.shared.child_process import MULTICAST_OFF_ENV
 
 # The workers wait in a host broadcast for as long as the engine is idle. A dead rank is found by the
-# process watchers (tp_processes.py) within a second, so this timeout only has to never fire.
+# process watchers (workers.py) within a second, so this timeout only has to never fire.
 _HOST_GROUP_TIMEOUT = timedelta(days=3650)
 # One broadcast carries a step of up to this many int64s (a decode step of ~800 requests); a larger
 # one follows with a second broadcast. Latency, not size, is a small broadcast's cost.

@@ -1,5 +1,5 @@
 """A tensor-parallel worker process, ranks 1..tp_size-1, started by the scheduler (rank 0):
-`python -m scheduler_proc.tp_worker <ipc_dir> <rank 0 pid> <rank>`. It loads its shard of the model,
+`python -m scheduler_proc.tp.worker_main <ipc_dir> <rank 0 pid> <rank>`. It loads its shard of the model,
 captures its CUDA graphs in step with rank 0, then runs every step rank 0 hands it.
 
 A failure here reaches the caller as this rank's error (ProcessError to the frontend), and the worker
@@ -12,12 +12,16 @@ import ctypes
 import os
 import signal
 import sys
+from typing import TYPE_CHECKING
 
 import zmq
 
 from engine.shared.args import EngineArgs
 from engine.shared.child_process import run_child
 from engine.shared.ipc import Endpoints
+
+if TYPE_CHECKING:
+    from scheduler_proc.model_runner import ModelRunner
 
 _PR_SET_PDEATHSIG = 1
 
@@ -27,16 +31,35 @@ def main() -> None:
     _die_with_parent(rank0_pid)
 
     def run(args: EngineArgs, endpoints: Endpoints, context: zmq.Context) -> None:
-        from scheduler_proc.distributed import join_group, rank_device
+        # Imported in here, as in follow_rank0: an import failure is reported to the caller like any other.
         from scheduler_proc.model_runner import ModelRunner
-        from scheduler_proc.step_broadcast import follow_rank0
-        from scheduler_proc.tp_processes import init_file
+        from scheduler_proc.tp.group import join_group, rank_device
+        from scheduler_proc.tp.workers import init_file
 
         tp = join_group(rank, args.tp_size, init_file(ipc_dir), rank_device(args, rank))
         follow_rank0(ModelRunner(args, tp))
 
     # The IPC directory is the frontend's: rank 0's exit does not mean the frontend is gone.
     run_child(f"tensor-parallel rank {rank}", ipc_dir, rank0_pid, run, owns_ipc_dir=False)
+
+
+def follow_rank0(runner: "ModelRunner") -> None:
+    """The loop of ranks 1..: run whatever rank 0 broadcasts, until the process is ended."""
+    from scheduler_proc.tp.step_broadcast import MEMORY, STEP, unpack_step
+
+    tp = runner.tp
+    while True:
+        packed = tp.broadcast_ints()
+        command = int(packed[0])
+        if command == STEP:
+            batch, (rows, positions, slots) = unpack_step(packed, runner.device)
+            if rows.numel():
+                runner.pool.set_tokens(rows, positions, slots)
+            runner.run_forward(batch)
+        elif command == MEMORY:
+            tp.gather_ints(runner.memory_figures())
+        else:
+            raise RuntimeError(f"unknown tensor-parallel command {command}")
 
 
 def _die_with_parent(parent_pid: int) -> None:
