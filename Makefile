@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.ferry-installed
 
-.PHONY: install model demo test test-all test-gpu bench-cpu gpu-wheels clean
+.PHONY: install model demo lint format test test-all test-gpu bench-cpu gpu-wheels clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,7 +22,15 @@ model: install
 demo: model
 	$(PY) scripts/demo.py
 
-test: model
+lint: install
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: install
+	$(PY) -m ruff format .
+	$(PY) -m ruff check --fix .
+
+test: model lint
 	$(PY) -m pytest -q -m "not gpu" tests
 
 test-gpu:

@@ -6,11 +6,10 @@ import logging
 
 import zmq
 
+from detokenizer_proc.incremental import DecodeState
 from engine.shared.args import EngineArgs
 from engine.shared.ipc import Endpoints, pull_socket, push_socket
 from engine.shared.protocol import Codec, ProcessReady, TextBatch, TokenBatch
-
-from detokenizer_proc.incremental import DecodeState
 from engine.shared.text import TextDecoder
 
 logger = logging.getLogger(__name__)

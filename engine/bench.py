@@ -11,8 +11,8 @@ import sys
 import time
 from typing import Any, Optional
 
-from engine.shared.args import EngineArgs, field_names
 from engine.bench_workloads import NAMED, Workload, random_ids, shared_prefix
+from engine.shared.args import EngineArgs, field_names
 
 
 def parse_args(argv: Optional[list[str]] = None) -> tuple[argparse.Namespace, dict[str, Any]]:
@@ -74,18 +74,21 @@ def make_workload(args: argparse.Namespace) -> Workload:
         return NAMED[args.workload]()
     if args.dataset_name == "shared-prefix":
         per_group = max(1, args.num_prompts // args.num_groups)
-        return shared_prefix(args.num_groups, per_group, args.shared_prefix_len, args.random_input_len,
-                             args.random_output_len, args.seed)  # fmt: skip
-    return random_ids(args.num_prompts, args.random_input_len, args.random_output_len, args.random_range_ratio,
-                      args.seed)  # fmt: skip
+        return shared_prefix(
+            args.num_groups, per_group, args.shared_prefix_len, args.random_input_len, args.random_output_len, args.seed
+        )
+    return random_ids(
+        args.num_prompts, args.random_input_len, args.random_output_len, args.random_range_ratio, args.seed
+    )
 
 
 def run_ferry(workload: Workload, settings: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     from engine import Engine
 
     temperature = workload.temperature if args.temperature is None else args.temperature
-    params = [{"max_new_tokens": n, "temperature": temperature, "ignore_eos": args.ignore_eos}
-              for n in workload.output_lens]  # fmt: skip
+    params = [
+        {"max_new_tokens": n, "temperature": temperature, "ignore_eos": args.ignore_eos} for n in workload.output_lens
+    ]
     with Engine(model_path=args.model_path, **settings) as engine:
         engine.generate(input_ids=workload.input_ids[:4], sampling_params={"max_new_tokens": 4})  # warm-up
         start = time.perf_counter()
@@ -169,8 +172,12 @@ def _run_streams(engine: Any, workload: Workload, params: list[dict]) -> tuple[l
     final = [dict(r[0], meta_info=dict(r[0]["meta_info"])) for r in results]
     for out, r in zip(final, results):
         out["meta_info"]["completion_tokens"] = r[0]["meta_info"]["completion_tokens"]
-    stats = {"ttft_p50_s": pct(ttft, 0.5), "ttft_p99_s": pct(ttft, 0.99), "itl_p50_s": pct(itl, 0.5),
-             "itl_p99_s": pct(itl, 0.99)}  # fmt: skip
+    stats = {
+        "ttft_p50_s": pct(ttft, 0.5),
+        "ttft_p99_s": pct(ttft, 0.99),
+        "itl_p50_s": pct(itl, 0.5),
+        "itl_p99_s": pct(itl, 0.99),
+    }
     return final, stats
 
 
@@ -207,29 +214,49 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
 
 def print_table(result: dict[str, Any]) -> None:
     ferry = result["ferry"]
-    rows = [("workload", result["workload"]), ("prompts", result["num_prompts"]),
-            ("input tokens", result["input_tokens"]), ("output tokens", ferry["output_tokens"]),
-            ("wall (s)", f"{ferry['wall_s']:.2f}"), ("requests/s", f"{ferry['requests_per_s']:.2f}"),
-            ("input tok/s", f"{ferry['input_tok_s']:.0f}"), ("output tok/s", f"{ferry['output_tok_s']:.0f}"),
-            ("total tok/s", f"{ferry['total_tok_s']:.0f}"), ("peak GPU mem (GiB)", f"{ferry['peak_gpu_memory_gib']:.1f}"),
-            ("KV pool (tokens)", ferry["kv_pool_tokens"]), ("tp_size", ferry.get("tp_size", 1))]  # fmt: skip
+    rows = [
+        ("workload", result["workload"]),
+        ("prompts", result["num_prompts"]),
+        ("input tokens", result["input_tokens"]),
+        ("output tokens", ferry["output_tokens"]),
+        ("wall (s)", f"{ferry['wall_s']:.2f}"),
+        ("requests/s", f"{ferry['requests_per_s']:.2f}"),
+        ("input tok/s", f"{ferry['input_tok_s']:.0f}"),
+        ("output tok/s", f"{ferry['output_tok_s']:.0f}"),
+        ("total tok/s", f"{ferry['total_tok_s']:.0f}"),
+        ("peak GPU mem (GiB)", f"{ferry['peak_gpu_memory_gib']:.1f}"),
+        ("KV pool (tokens)", ferry["kv_pool_tokens"]),
+        ("tp_size", ferry.get("tp_size", 1)),
+    ]
     for key in ("ttft_p50_s", "ttft_p99_s", "itl_p50_s", "itl_p99_s"):
         if key in ferry:
             rows.append((key, f"{ferry[key] * 1000:.1f} ms"))
     for kind in ("prefill", "decode"):
         if f"{kind}_steps" in ferry:
-            rows.append((f"{kind} steps: n, device s, idle s",
-                         f"{ferry[f'{kind}_steps']}, {ferry[f'{kind}_gpu_s']:.2f}, {ferry[f'{kind}_gap_s']:.2f}"))
+            rows.append(
+                (
+                    f"{kind} steps: n, device s, idle s",
+                    f"{ferry[f'{kind}_steps']}, {ferry[f'{kind}_gpu_s']:.2f}, {ferry[f'{kind}_gap_s']:.2f}",
+                )
+            )
     if "profile_steps" in ferry:
-        rows.append(("profiled decode steps", f"{ferry['profile_steps']} at batch >= {0.9 * ferry['profile_batch_size']:.0f}"))
+        rows.append(
+            ("profiled decode steps", f"{ferry['profile_steps']} at batch >= {0.9 * ferry['profile_batch_size']:.0f}")
+        )
         for key in ("gpu_ms", "gap_ms", "host_ms"):
             if f"step_{key}_p50" in ferry:
                 rows.append((f"step {key} p50/p99", f"{ferry[f'step_{key}_p50']:.2f} / {ferry[f'step_{key}_p99']:.2f}"))
     if "hf" in result:
-        rows += [("HF output tok/s", f"{result['hf']['output_tok_s']:.0f}"), ("ferry / HF", f"{result['ferry_over_hf']:.1f}x")]
+        rows += [
+            ("HF output tok/s", f"{result['hf']['output_tok_s']:.0f}"),
+            ("ferry / HF", f"{result['ferry_over_hf']:.1f}x"),
+        ]
     if "roofline" in result:
         r = result["roofline"]
-        rows += [("floor output tok/s", f"{r['floor_output_tok_s']:.0f}"), ("fraction of floor", f"{r['fraction_of_floor']:.1%}")]
+        rows += [
+            ("floor output tok/s", f"{r['floor_output_tok_s']:.0f}"),
+            ("fraction of floor", f"{r['fraction_of_floor']:.1%}"),
+        ]
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key:<{width}}  {value}")
@@ -244,4 +271,3 @@ def _commit() -> str:
 
 if __name__ == "__main__":
     main(sys.argv[1:])
-

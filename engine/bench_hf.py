@@ -9,7 +9,9 @@ from typing import Any, Optional
 from engine.bench_workloads import Workload
 
 
-def run_hf(model_path: Optional[str], workload: Workload, settings: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+def run_hf(
+    model_path: Optional[str], workload: Workload, settings: dict[str, Any], args: argparse.Namespace
+) -> dict[str, Any]:
     """Prompts sorted by output length and batched, so each batch generates close to what it needs;
     only the requested tokens are counted."""
     import torch
@@ -32,8 +34,13 @@ def run_hf(model_path: Optional[str], workload: Workload, settings: dict[str, An
     start = time.perf_counter()
     for first in range(0, len(order), args.hf_batch_size):
         chunk = order[first : first + args.hf_batch_size]
-        _generate_batch(model, [workload.input_ids[i] for i in chunk], max(workload.output_lens[i] for i in chunk),
-                        temperature, device)  # fmt: skip
+        _generate_batch(
+            model,
+            [workload.input_ids[i] for i in chunk],
+            max(workload.output_lens[i] for i in chunk),
+            temperature,
+            device,
+        )
     if cuda:
         torch.cuda.synchronize()
     wall = time.perf_counter() - start
@@ -62,5 +69,11 @@ def _generate_batch(model: Any, prompts: list[list[int]], max_new: int, temperat
     ids, mask = left_pad(prompts)
     sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
     with torch.inference_mode():
-        model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new,
-                       min_new_tokens=max_new, pad_token_id=0, **sampling)  # fmt: skip
+        model.generate(
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            max_new_tokens=max_new,
+            min_new_tokens=max_new,
+            pad_token_id=0,
+            **sampling,
+        )

@@ -32,12 +32,14 @@ def measure_ceilings() -> dict[str, float]:
 
     bandwidth = 2 * x.numel() / timed(lambda: y.copy_(x), 20)
     flops = 2 * 8192**3 / timed(lambda: a @ b, 20)
-    del x, y, a, b
+    x = y = a = b = None  # freed before the engine sizes its KV pool
     torch.cuda.empty_cache()
     return {"bandwidth_bytes_s": bandwidth, "matmul_flops": flops}
 
 
-def roofline(model_path: Optional[str], workload: Workload, settings: dict[str, Any], ferry: dict[str, Any]) -> dict[str, Any]:
+def roofline(
+    model_path: Optional[str], workload: Workload, settings: dict[str, Any], ferry: dict[str, Any]
+) -> dict[str, Any]:
     from engine.shared.args import read_model_config
     from engine.shared.model_files import resolve_model_path
 

@@ -43,8 +43,15 @@ def decode_heavy() -> Workload:
     return Workload("decode-heavy", ids, [1024] * 512, 0.0)
 
 
-def random_ids(num_prompts: int, input_len: int, output_len: int, range_ratio: float, seed: int,
-               vocab: int = 10000, name: str = "random") -> Workload:  # fmt: skip
+def random_ids(
+    num_prompts: int,
+    input_len: int,
+    output_len: int,
+    range_ratio: float,
+    seed: int,
+    vocab: int = 10000,
+    name: str = "random",
+) -> Workload:
     """SGLang's `random` dataset shape: lengths uniform in [ratio * len, len]."""
     rng = random.Random(seed)
     in_lens = [rng.randint(max(1, int(input_len * range_ratio)), input_len) for _ in range(num_prompts)]
@@ -53,8 +60,15 @@ def random_ids(num_prompts: int, input_len: int, output_len: int, range_ratio: f
     return Workload(name, ids, outs, 0.0)
 
 
-def shared_prefix(num_groups: int, prompts_per_group: int, prefix_len: int, suffix_len: int, output_len: int,
-                  seed: int, vocab: int = 10000) -> Workload:  # fmt: skip
+def shared_prefix(
+    num_groups: int,
+    prompts_per_group: int,
+    prefix_len: int,
+    suffix_len: int,
+    output_len: int,
+    seed: int,
+    vocab: int = 10000,
+) -> Workload:
     rng = random.Random(seed)
     ids = []
     for _ in range(num_groups):

@@ -7,12 +7,13 @@ import asyncio
 import atexit
 import logging
 import weakref
-from typing import Any, AsyncIterator, Iterator, Optional, Union
+from collections.abc import AsyncIterator, Iterator
+from typing import Any, Optional, Union
 
-from engine.shared.args import EngineArgs, field_names
-from engine.shared.errors import EngineError
 from engine.loop_thread import LoopThread
 from engine.processes import ChildProcesses
+from engine.shared.args import EngineArgs, field_names
+from engine.shared.errors import EngineError
 from engine.shared.protocol import GenerateRequest
 from tokenizer_proc.chat import chat_image_data, chat_prompts
 from tokenizer_proc.images import image_processor_for
@@ -105,10 +106,19 @@ class Engine:
         path, bytes, a PIL image, a `data:image/...;base64,` URL or an http(s) URL. The prompt holds one
         `<|vision_start|><|image_pad|><|vision_end|>` per image, as the chat template writes it.
         """
-        call = GenerateInput(prompt=prompt, input_ids=input_ids, sampling_params=sampling_params, image_data=image_data,
-                             rid=rid, stream=stream, return_logprob=return_logprob, logprob_start_len=logprob_start_len,
-                             top_logprobs_num=top_logprobs_num, return_text_in_logprobs=return_text_in_logprobs,
-                             return_hidden_states=return_hidden_states)  # fmt: skip
+        call = GenerateInput(
+            prompt=prompt,
+            input_ids=input_ids,
+            sampling_params=sampling_params,
+            image_data=image_data,
+            rid=rid,
+            stream=stream,
+            return_logprob=return_logprob,
+            logprob_start_len=logprob_start_len,
+            top_logprobs_num=top_logprobs_num,
+            return_text_in_logprobs=return_text_in_logprobs,
+            return_hidden_states=return_hidden_states,
+        )
         batch = self._prepare(call)
         if stream:
             return self._loop.iterate(self._manager.stream(batch.all(), with_index=not batch.single))
@@ -139,10 +149,19 @@ class Engine:
     ) -> Union[dict[str, Any], list[dict[str, Any]], AsyncIterator[dict[str, Any]]]:
         """The awaitable form of `generate`, from any event loop. With stream=True it returns an async
         iterator of chunks; cancelling the awaiting task or leaving the iteration aborts the request."""
-        call = GenerateInput(prompt=prompt, input_ids=input_ids, sampling_params=sampling_params, image_data=image_data,
-                             rid=rid, stream=stream, return_logprob=return_logprob, logprob_start_len=logprob_start_len,
-                             top_logprobs_num=top_logprobs_num, return_text_in_logprobs=return_text_in_logprobs,
-                             return_hidden_states=return_hidden_states)  # fmt: skip
+        call = GenerateInput(
+            prompt=prompt,
+            input_ids=input_ids,
+            sampling_params=sampling_params,
+            image_data=image_data,
+            rid=rid,
+            stream=stream,
+            return_logprob=return_logprob,
+            logprob_start_len=logprob_start_len,
+            top_logprobs_num=top_logprobs_num,
+            return_text_in_logprobs=return_text_in_logprobs,
+            return_hidden_states=return_hidden_states,
+        )
         # Fetching and preprocessing images must not block the caller's event loop (a server's).
         in_thread = image_data is not None
         batch = await asyncio.to_thread(self._prepare, call) if in_thread else self._prepare(call)
@@ -162,8 +181,9 @@ class Engine:
         outputs = await self._loop.run_async(self._wait(states, batch.size, use_tqdm=False))
         return outputs[0] if batch.single else outputs
 
-    def chat(self, messages: Union[list[dict], list[list[dict]]], sampling_params: SamplingArg = None,
-             **kwargs: Any) -> Any:  # fmt: skip
+    def chat(
+        self, messages: Union[list[dict], list[list[dict]]], sampling_params: SamplingArg = None, **kwargs: Any
+    ) -> Any:
         """Generate a reply to one conversation (a list of {"role", "content"} messages) or to a list of
         them, with the model's chat template; takes generate()'s keyword arguments (stream, ...). A
         content may be a list of OpenAI parts: {"type": "text", "text"} and, for vision-language models,
@@ -171,8 +191,9 @@ class Engine:
         prompt, images = self._chat_prompt(messages, kwargs)
         return self.generate(prompt, sampling_params, image_data=images, **kwargs)
 
-    async def async_chat(self, messages: Union[list[dict], list[list[dict]]], sampling_params: SamplingArg = None,
-                         **kwargs: Any) -> Any:  # fmt: skip
+    async def async_chat(
+        self, messages: Union[list[dict], list[list[dict]]], sampling_params: SamplingArg = None, **kwargs: Any
+    ) -> Any:
         """The awaitable form of `chat`."""
         prompt, images = self._chat_prompt(messages, kwargs)
         return await self.async_generate(prompt, sampling_params, image_data=images, **kwargs)
@@ -254,7 +275,7 @@ class Engine:
             self._image_processor.close()
         self._loop.stop()
 
-    def __enter__(self) -> "Engine":
+    def __enter__(self) -> Engine:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -267,7 +288,7 @@ class Engine:
             pass
 
 
-def _shutdown_ref(ref: "weakref.ref[Engine]") -> None:
+def _shutdown_ref(ref: weakref.ref[Engine]) -> None:
     engine = ref()
     if engine is not None:
         engine.shutdown()

@@ -6,7 +6,8 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import threading
-from typing import Any, AsyncIterator, Coroutine, Iterator, TypeVar
+from collections.abc import AsyncIterator, Coroutine, Iterator
+from typing import Any, TypeVar
 
 from engine.shared.errors import EngineError
 
@@ -37,7 +38,7 @@ class LoopThread:
         finally:
             self.loop.close()
 
-    def submit(self, coro: Coroutine[Any, Any, T]) -> "concurrent.futures.Future[T]":
+    def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
         """Schedule coro on the engine loop; raises EngineError once the loop is stopped."""
         if self.loop.is_closed() or self._stopped:
             coro.close()
@@ -62,7 +63,7 @@ class LoopThread:
             raise
 
     @staticmethod
-    def _wait(future: "concurrent.futures.Future[T]", timeout: float) -> bool:
+    def _wait(future: concurrent.futures.Future[T], timeout: float) -> bool:
         """Whether future is done, waiting up to timeout (interruptible by Ctrl-C)."""
         try:
             future.exception(timeout)  # returns (never raises) the coroutine's own exception

@@ -21,14 +21,15 @@ import signal
 import socket
 import sys
 import typing
-from typing import Any, Callable, Iterator, Optional, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Optional
 
 import uvicorn
 
-from engine.shared.args import EngineArgs, field_names
 from engine.server.app import build_app
 from engine.server.middleware import RequestIdFilter
 from engine.server.service import ServerSettings, Service
+from engine.shared.args import EngineArgs, field_names
 
 logger = logging.getLogger("engine.server")
 
@@ -38,20 +39,33 @@ _API_KEY_ENV = "FERRY_API_KEY"  # keeps the key out of `ps` output; --api-key wi
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> tuple[ServerSettings, dict[str, Any]]:
     """The server's settings and the engine settings given on the command line (the rest keep their defaults)."""
-    parser = argparse.ArgumentParser(prog="ferry-serve", description="ferry's OpenAI-compatible HTTP server.",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
+    parser = argparse.ArgumentParser(
+        prog="ferry-serve",
+        description="ferry's OpenAI-compatible HTTP server.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     server = parser.add_argument_group("server")
     defaults = ServerSettings()
     server.add_argument("--host", default=defaults.host, help="address to bind (loopback unless told otherwise)")
     server.add_argument("--port", type=int, default=defaults.port, help="TCP port to listen on (0: any free one)")
-    server.add_argument("--api-key", default=None,
-                        help=f"require 'Authorization: Bearer <key>' on every endpoint but /health; "
-                             f"or set ${_API_KEY_ENV}")  # fmt: skip
-    server.add_argument("--graceful-timeout", type=float, default=defaults.graceful_timeout,
-                        help="seconds running requests get to finish after SIGTERM/SIGINT")  # fmt: skip
+    server.add_argument(
+        "--api-key",
+        default=None,
+        help=f"require 'Authorization: Bearer <key>' on every endpoint but /health; or set ${_API_KEY_ENV}",
+    )
+    server.add_argument(
+        "--graceful-timeout",
+        type=float,
+        default=defaults.graceful_timeout,
+        help="seconds running requests get to finish after SIGTERM/SIGINT",
+    )
     server.add_argument("--served-model-name", help="the model's id in the OpenAI API; None: its folder's name")
-    server.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=defaults.access_log,
-                        help="one log line per HTTP request")  # fmt: skip
+    server.add_argument(
+        "--access-log",
+        action=argparse.BooleanOptionalAction,
+        default=defaults.access_log,
+        help="one log line per HTTP request",
+    )
     _add_engine_flags(parser.add_argument_group("engine (engine.shared.args.EngineArgs)"))
     ns = vars(parser.parse_args(argv))
     settings = ServerSettings(**{f.name: ns.pop(f.name) for f in dataclasses.fields(ServerSettings)})
@@ -80,8 +94,13 @@ def _add_engine_flags(group: argparse._ArgumentGroup) -> None:
             action = argparse.BooleanOptionalAction if default is True else "store_true"
             group.add_argument(flag, action=action, default=argparse.SUPPRESS, help=help_text)
         else:
-            group.add_argument(flag, type=kind or json.loads, default=argparse.SUPPRESS, help=help_text,
-                               metavar=(kind or dict).__name__.upper())  # fmt: skip
+            group.add_argument(
+                flag,
+                type=kind or json.loads,
+                default=argparse.SUPPRESS,
+                help=help_text,
+                metavar=(kind or dict).__name__.upper(),
+            )
 
 
 def _scalar_type(annotation: Any) -> Optional[Callable[[str], Any]]:
@@ -149,8 +168,15 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         logger.critical("%s; the model was not loaded", error.strerror)
         sys.exit(1)
     service = Service(settings, engine_settings)
-    config = uvicorn.Config(build_app(service), host=settings.host, port=settings.port, loop="uvloop", log_config=None,
-                            access_log=False, timeout_graceful_shutdown=settings.graceful_timeout)  # fmt: skip
+    config = uvicorn.Config(
+        build_app(service),
+        host=settings.host,
+        port=settings.port,
+        loop="uvloop",
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=settings.graceful_timeout,
+    )
     server = _Server(config)
     service.request_exit = server.request_exit
     server.run(sockets=[sock])
@@ -177,8 +203,11 @@ class _Server(uvicorn.Server):
 
     def handle_exit(self, sig: int, frame: Any) -> None:
         if not self.should_exit:
-            logger.info("%s: no new connections; running requests get up to %.0fs",
-                        signal.Signals(sig).name, self.config.timeout_graceful_shutdown)  # fmt: skip
+            logger.info(
+                "%s: no new connections; running requests get up to %.0fs",
+                signal.Signals(sig).name,
+                self.config.timeout_graceful_shutdown,
+            )
         super().handle_exit(sig, frame)
 
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 
 
 def stream_and_merge(llm: Any, prompt: str, sampling_params: dict[str, Any] | None) -> str:

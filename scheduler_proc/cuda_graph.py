@@ -6,7 +6,6 @@ from __future__ import annotations
 import bisect
 import logging
 import time
-
 from typing import TYPE_CHECKING
 
 import torch
@@ -26,7 +25,7 @@ def batch_size_ladder(max_batch_size: int) -> list[int]:
 
 
 class CudaGraphRunner:
-    def __init__(self, model: CausalLM, backend: "FlashInferBackend", max_batch_size: int) -> None:
+    def __init__(self, model: CausalLM, backend: FlashInferBackend, max_batch_size: int) -> None:
         self.model, self.backend = model, backend
         self.sizes = batch_size_ladder(max_batch_size)
         device = backend.pool.device
@@ -40,8 +39,12 @@ class CudaGraphRunner:
         for size in reversed(self.sizes):
             backend.make_graph_decoder(size, max_batch_size)
             self._capture(size, pool)
-        logger.info("captured %d CUDA graphs (batch 1..%d) in %.1fs", len(self.sizes), max_batch_size,
-                    time.perf_counter() - start)  # fmt: skip
+        logger.info(
+            "captured %d CUDA graphs (batch 1..%d) in %.1fs",
+            len(self.sizes),
+            max_batch_size,
+            time.perf_counter() - start,
+        )
 
     @property
     def max_batch_size(self) -> int:

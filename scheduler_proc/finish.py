@@ -7,9 +7,9 @@ import logging
 import os
 from typing import Optional
 
-from engine.shared.text import TextDecoder
 from engine.shared.args import EngineArgs, read_model_config
 from engine.shared.protocol import FinishReason
+from engine.shared.text import TextDecoder
 from scheduler_proc.request import Request
 
 logger = logging.getLogger(__name__)

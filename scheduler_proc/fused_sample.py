@@ -19,8 +19,19 @@ _BLOCK = 4096
 
 
 @triton.jit
-def _sample_rows(logits, row_index, row_stride, vocab, temperature, uniform, block_max, block_sum, out,
-                 BLOCK: tl.constexpr, NUM_BLOCKS: tl.constexpr):  # fmt: skip
+def _sample_rows(
+    logits,
+    row_index,
+    row_stride,
+    vocab,
+    temperature,
+    uniform,
+    block_max,
+    block_sum,
+    out,
+    BLOCK: tl.constexpr,
+    NUM_BLOCKS: tl.constexpr,
+):
     row = tl.program_id(0)
     base = logits + tl.load(row_index + row) * row_stride
     t = tl.load(temperature + row)
@@ -62,8 +73,9 @@ def _sample_rows(logits, row_index, row_stride, vocab, temperature, uniform, blo
         tl.store(out + row, (chosen * BLOCK + pick).to(tl.int64))
 
 
-def fused_sample(logits: torch.Tensor, rows: torch.Tensor, temperature: torch.Tensor,
-                 uniform: torch.Tensor) -> torch.Tensor:  # fmt: skip
+def fused_sample(
+    logits: torch.Tensor, rows: torch.Tensor, temperature: torch.Tensor, uniform: torch.Tensor
+) -> torch.Tensor:
     """One token per entry of `rows` (int64 [S]: rows of logits [R, V], any float dtype, unit stride along V),
     with temperature [S] (0: greedy) and uniform [S] in [0, 1) -> token ids [S] int64."""
     vocab = logits.shape[1]
@@ -73,7 +85,17 @@ def fused_sample(logits: torch.Tensor, rows: torch.Tensor, temperature: torch.Te
     scratch = torch.empty((2, count, num_blocks), dtype=torch.float32, device=logits.device)
     out = torch.empty(count, dtype=torch.int64, device=logits.device)
     if count:
-        _sample_rows[(count,)](logits, rows.contiguous(), logits.stride(0), vocab, temperature.float().contiguous(),
-                               uniform.float().contiguous(), scratch[0], scratch[1], out, BLOCK=_BLOCK,
-                               NUM_BLOCKS=num_blocks)  # fmt: skip
+        _sample_rows[(count,)](
+            logits,
+            rows.contiguous(),
+            logits.stride(0),
+            vocab,
+            temperature.float().contiguous(),
+            uniform.float().contiguous(),
+            scratch[0],
+            scratch[1],
+            out,
+            BLOCK=_BLOCK,
+            NUM_BLOCKS=num_blocks,
+        )
     return out

@@ -10,7 +10,8 @@ import glob
 import logging
 import os
 import zlib
-from typing import Any, Iterator, Optional
+from collections.abc import Iterator
+from typing import Any, Optional
 
 import torch
 
@@ -21,8 +22,15 @@ from scheduler_proc.tp.group import TPGroup
 logger = logging.getLogger(__name__)
 
 
-def build_model(config: dict[str, Any], load_format: str, model_dir: str, dtype: torch.dtype,
-                device: torch.device, seed: int, tp: Optional[TPGroup] = None) -> CausalLM:  # fmt: skip
+def build_model(
+    config: dict[str, Any],
+    load_format: str,
+    model_dir: str,
+    dtype: torch.dtype,
+    device: torch.device,
+    seed: int,
+    tp: Optional[TPGroup] = None,
+) -> CausalLM:
     """Build on the meta device (no memory), materialise on `device`, then fill the weights."""
     arch = (config.get("architectures") or [""])[0]
     if arch not in ARCHITECTURES:

@@ -57,8 +57,9 @@ class ModelRunner:
             torch.cuda.set_device(self.device)
         self.config = read_model_config(args.model_path)
         start = time.perf_counter()
-        self.model = build_model(self.config, args.load_format, args.model_path, self.dtype, self.device,
-                                 args.random_seed, self.tp)  # fmt: skip
+        self.model = build_model(
+            self.config, args.load_format, args.model_path, self.dtype, self.device, args.random_seed, self.tp
+        )
         if self.device.type == "cuda":
             torch.cuda.empty_cache()  # loading's temporaries must not count as used when the pool is sized
         self.shape = self.model.shape
@@ -66,8 +67,14 @@ class ModelRunner:
         self.pool = self._make_pool()
         if self.tp.size > 1 and self.tp.is_first:
             self.pool.keep_journal()
-        self.attention = create_backend(args.attention_backend, self.pool, args.device, self.shape.num_heads_per_rank,
-                                        self.shape.num_kv_heads_per_rank, self.shape.head_dim)  # fmt: skip
+        self.attention = create_backend(
+            args.attention_backend,
+            self.pool,
+            args.device,
+            self.shape.num_heads_per_rank,
+            self.shape.num_kv_heads_per_rank,
+            self.shape.head_dim,
+        )
         self.sampling = SamplingState(self.pool.max_requests, self.shape.vocab_size, self.device)
         self.graphs = self._make_graphs()  # every rank captures the same sizes in the same order: in lockstep
         self.broadcast_seconds, self.broadcasts = 0.0, 0
@@ -106,9 +113,15 @@ class ModelRunner:
             num_tokens = min(num_tokens, args.max_total_tokens)
         max_requests = max(1, min(args.max_running_requests, num_tokens))
         pool = KVPool(
-            shape.num_layers, num_tokens + 1, shape.num_kv_heads_per_rank, shape.head_dim, self.dtype, self.device,
-            max_requests, args.context_length + 1,
-        )  # fmt: skip
+            shape.num_layers,
+            num_tokens + 1,
+            shape.num_kv_heads_per_rank,
+            shape.head_dim,
+            self.dtype,
+            self.device,
+            max_requests,
+            args.context_length + 1,
+        )
         logger.info("KV pool: %d tokens, %.2f GiB, %d request rows", pool.capacity, pool.bytes / 2**30, max_requests)
         return pool
 
@@ -122,10 +135,15 @@ class ModelRunner:
                 raise
             raise CollectiveFailed(f"asking the tensor-parallel ranks for memory figures failed: {exc}") from exc
         ranks = [
-            {"rank": r, "device": f"cuda:{d}" if d >= 0 else "cpu", "peak_gpu_memory_bytes": peak,
-             "gpu_memory_allocated_bytes": allocated, "gpu_memory_total_bytes": total}
+            {
+                "rank": r,
+                "device": f"cuda:{d}" if d >= 0 else "cpu",
+                "peak_gpu_memory_bytes": peak,
+                "gpu_memory_allocated_bytes": allocated,
+                "gpu_memory_total_bytes": total,
+            }
             for r, (d, peak, allocated, total) in enumerate(figures)
-        ]  # fmt: skip
+        ]
         return {
             "device_name": torch.cuda.get_device_name(self.device) if cuda else "cpu",
             "peak_gpu_memory_bytes": ranks[0]["peak_gpu_memory_bytes"],
@@ -147,8 +165,12 @@ class ModelRunner:
         if self.device.type != "cuda":
             return [-1, 0, 0, 0]
         total = torch.cuda.get_device_properties(self.device).total_memory
-        return [self.device.index, torch.cuda.max_memory_allocated(self.device),
-                torch.cuda.memory_allocated(self.device), total]  # fmt: skip
+        return [
+            self.device.index,
+            torch.cuda.max_memory_allocated(self.device),
+            torch.cuda.memory_allocated(self.device),
+            total,
+        ]
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:

@@ -31,8 +31,10 @@ class RequestImages:
 
     def needs_3d(self, start: int, end: int) -> bool:
         """Whether tokens [start, end) include image tokens (whose three positions differ)."""
-        return start < self.end and end > self.first and any(
-            img.offset < end and img.offset + img.num_tokens > start for img in self.images
+        return (
+            start < self.end
+            and end > self.first
+            and any(img.offset < end and img.offset + img.num_tokens > start for img in self.images)
         )
 
     def shift(self, start: int) -> int:
@@ -118,4 +120,3 @@ def image_embeddings(parts: list[ImagePart], encode, device: torch.device) -> tu
         if p.end == p.owner.images[p.index].num_tokens:
             del p.owner.embeds[p.index]
     return rows, where
-

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from typing import Callable, Optional
+from collections.abc import Callable
+from typing import Optional
 
 from scheduler_proc.cache_manager import PrefixMatch
 from scheduler_proc.radix_cache import common_prefix_len
@@ -25,8 +26,9 @@ _RETRACT_DECODE_STEPS = 20  # after a retraction, expect every running request t
 _CLIP_MAX_NEW_TOKENS = 4096  # a huge max_new_tokens alone must not block admission
 
 
-def order_waiting(waiting: deque[Request], policy: str,
-                  match: Callable[[Request], PrefixMatch]) -> list[tuple[Request, Optional[PrefixMatch]]]:  # fmt: skip
+def order_waiting(
+    waiting: deque[Request], policy: str, match: Callable[[Request], PrefixMatch]
+) -> list[tuple[Request, Optional[PrefixMatch]]]:
     """Waiting requests in the order admission tries them, with their prefix matches where computed.
 
     fcfs: arrival order. lpm: longest cached prefix first, so that requests sharing a prefix run

@@ -22,7 +22,7 @@ class TreeNode:
 
     __slots__ = ("children", "parent", "key", "value", "lock_ref", "last_access")
 
-    def __init__(self, key: list[int], value: torch.Tensor, parent: Optional["TreeNode"]) -> None:
+    def __init__(self, key: list[int], value: torch.Tensor, parent: Optional[TreeNode]) -> None:
         self.children: dict[int, TreeNode] = {}  # by the child's first token
         self.parent = parent
         self.key = key

@@ -7,8 +7,9 @@ request's samples depend on its seed and position alone, never on which batch it
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 
@@ -61,8 +62,9 @@ class SamplingState:
         self._output_counts: Optional[torch.Tensor] = None  # [rows, V] int32, made on first use
         self._seen: Optional[torch.Tensor] = None  # [rows, V] bool: prompt or output tokens
 
-    def admit(self, row: int, params: SamplingParams, seed: int, prompt_ids: list[int],
-              output_ids: Sequence[int] = ()) -> None:  # fmt: skip
+    def admit(
+        self, row: int, params: SamplingParams, seed: int, prompt_ids: list[int], output_ids: Sequence[int] = ()
+    ) -> None:
         """Write a request's parameters into its row; output_ids: tokens it generated before a
         retraction, counted again so penalties resume where they were."""
         self.temperature[row] = params.temperature

@@ -43,8 +43,14 @@ _RETRACT_HEADROOM_STEPS = 4  # retract until the rest can decode this many steps
 class Scheduler:
     """The loop and the scheduling policy of rank 0: which requests run, which wait, which retract."""
 
-    def __init__(self, args: EngineArgs, endpoints: Endpoints, context: zmq.Context, tp: Optional[TPGroup] = None,
-                 tp_workers: Optional[TPWorkers] = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        args: EngineArgs,
+        endpoints: Endpoints,
+        context: zmq.Context,
+        tp: Optional[TPGroup] = None,
+        tp_workers: Optional[TPWorkers] = None,
+    ) -> None:
         self.args = args
         self.tp_workers = tp_workers
         self.runner = ModelRunner(args, tp)
@@ -102,15 +108,19 @@ class Scheduler:
         self.outputs = []
 
     def server_info(self) -> dict[str, Any]:
-        return self.runner.info() | {
-            "kv_free_tokens": self.pool.num_free_slots(),
-            "kv_cached_tokens": self.cache.cached_tokens(),  # held by the prefix cache, evictable
-            "num_running": len(self.running),
-            "num_waiting": len(self.waiting),
-            "num_retractions": self.num_retractions,
-            "overlap_schedule": self.overlap,
-            "tp_worker_pids": self.tp_workers.pids if self.tp_workers is not None else [],
-        } | ({"step_profile": self.runner.profiler.summary()} if self.args.profile_steps else {})
+        return (
+            self.runner.info()
+            | {
+                "kv_free_tokens": self.pool.num_free_slots(),
+                "kv_cached_tokens": self.cache.cached_tokens(),  # held by the prefix cache, evictable
+                "num_running": len(self.running),
+                "num_waiting": len(self.waiting),
+                "num_retractions": self.num_retractions,
+                "overlap_schedule": self.overlap,
+                "tp_worker_pids": self.tp_workers.pids if self.tp_workers is not None else [],
+            }
+            | ({"step_profile": self.runner.profiler.summary()} if self.args.profile_steps else {})
+        )
 
     def flush_cache(self) -> dict[str, Any]:
         """Empty the prefix cache, only when no request is running or waiting."""
@@ -173,9 +183,16 @@ class Scheduler:
                 continue
             if req.max_kv_tokens() > self.pool.capacity:
                 self.waiting.remove(req)
-                self.finish(req, FinishReason(type="abort", message=(
-                    f"prompt ({len(req.input_ids)} tokens) + max_new_tokens ({req.sampling.max_new_tokens}) "
-                    f"exceeds the KV pool ({self.pool.capacity} tokens)")))  # fmt: skip
+                self.finish(
+                    req,
+                    FinishReason(
+                        type="abort",
+                        message=(
+                            f"prompt ({len(req.input_ids)} tokens) + max_new_tokens ({req.sampling.max_new_tokens}) "
+                            f"exceeds the KV pool ({self.pool.capacity} tokens)"
+                        ),
+                    ),
+                )
                 continue
             match = match if match is not None else self.cache.match(req)
             if self.cache.enabled and waits_for_shared_prefix(req, len(match), prefilling):
@@ -226,8 +243,14 @@ class Scheduler:
         req.retracted = True
         self.waiting.appendleft(req)
         self.num_retractions += 1
-        logger.warning("retracted request %s (%s): %d of %d tokens generated; %d retractions so far", req.rid,
-                       why, len(req.output_ids), req.sampling.max_new_tokens, self.num_retractions)  # fmt: skip
+        logger.warning(
+            "retracted request %s (%s): %d of %d tokens generated; %d retractions so far",
+            req.rid,
+            why,
+            len(req.output_ids),
+            req.sampling.max_new_tokens,
+            self.num_retractions,
+        )
 
     # ---- running a step ----
 

@@ -4,7 +4,8 @@ no decision: the scheduler hands it what to answer and which requests have news.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Union
+from collections.abc import Callable
+from typing import Any, Union
 
 import zmq
 

@@ -81,8 +81,9 @@ def build_step(entries: list[tuple[Request, int]], pool: KVPool, eos_ids: list[i
     attach_images(batch, entries)
     sampling = _sampling_batch(entries, sample_entries, sample_rows, eos_ids, device)
     keep_hidden = any(req.msg.return_hidden_states for req, _ in entries)
-    return Step(entries, batch, sampling, keep_hidden, sample_entries, logit_spans, input_starts, starts,
-                pending_inputs)  # fmt: skip
+    return Step(
+        entries, batch, sampling, keep_hidden, sample_entries, logit_spans, input_starts, starts, pending_inputs
+    )
 
 
 def _input_logprob_span(req: Request, start: int, n: int) -> Optional[tuple[int, int]]:

@@ -60,14 +60,27 @@ def run_case(name: str, prefix: list[int], extend: list[int], args, kind: str, p
         wrapper = flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace, "NHD", backend=backend)
 
         def plan():
-            wrapper.plan(qo, kv_indptr, indices, last, hq, hkv, d, page, causal=True, q_data_type=torch.bfloat16,
-                         kv_data_type=torch.bfloat16)
+            wrapper.plan(
+                qo,
+                kv_indptr,
+                indices,
+                last,
+                hq,
+                hkv,
+                d,
+                page,
+                causal=True,
+                q_data_type=torch.bfloat16,
+                kv_data_type=torch.bfloat16,
+            )
     else:
         wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace, "NHD", use_tensor_cores=backend == "tc")
 
         def plan():
-            wrapper.plan(kv_indptr, indices, last, hq, hkv, d, page, q_data_type=torch.bfloat16,
-                         kv_data_type=torch.bfloat16)
+            wrapper.plan(
+                kv_indptr, indices, last, hq, hkv, d, page, q_data_type=torch.bfloat16, kv_data_type=torch.bfloat16
+            )
+
     plan()
     torch.cuda.synchronize()
     start = time.perf_counter()
@@ -77,10 +90,20 @@ def run_case(name: str, prefix: list[int], extend: list[int], args, kind: str, p
     torch.cuda.synchronize()
     us = _median_us(lambda: wrapper.run(q, (k, v)))
     kv_bytes = 2 * sum(p + e for p, e in zip(prefix, extend)) * hkv * d * 2
-    row = {"case": name, "kind": kind, "page": page, "backend": backend, "kernel_us": us, "plan_us": plan_us,
-           "kv_GBps": kv_bytes / us / 1e3, "heads": [hq, hkv, d]}
-    print(f"{name:<28}{kind:<8}{backend:<6}page {page:<4}{us:>9.1f} us  plan {plan_us:>7.1f} us  "
-          f"KV read {row['kv_GBps']:>6.0f} GB/s")
+    row = {
+        "case": name,
+        "kind": kind,
+        "page": page,
+        "backend": backend,
+        "kernel_us": us,
+        "plan_us": plan_us,
+        "kv_GBps": kv_bytes / us / 1e3,
+        "heads": [hq, hkv, d],
+    }
+    print(
+        f"{name:<28}{kind:<8}{backend:<6}page {page:<4}{us:>9.1f} us  plan {plan_us:>7.1f} us  "
+        f"KV read {row['kv_GBps']:>6.0f} GB/s"
+    )
     return row
 
 
@@ -124,11 +147,20 @@ def run_layouts(args, pool_tokens: int) -> list[dict]:
             last = torch.ones(len(slots), dtype=torch.int32)
             wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace, "NHD", use_tensor_cores=tc)
             wrapper.plan(indptr, indices, last, hq, hkv, d, 1, q_data_type=torch.bfloat16, kv_data_type=torch.bfloat16)
-            us = _median_us(lambda: wrapper.run(q, (k, v)))
+            us = _median_us(lambda w=wrapper: w.run(q, (k, v)))
             gbps = 2 * sum(lengths) * hkv * d * 2 / us / 1e3
-            print(f"layout {layout:<11} {'tc' if tc else 'cuda':<5} pool {pool_tokens:>8} {us:>8.1f} us  {gbps:>6.0f} GB/s")
-            rows.append({"case": f"layout {layout}", "tc": tc, "pool_tokens": pool_tokens, "kernel_us": us,
-                         "kv_GBps": gbps, "heads": [hq, hkv, d]})
+            kind = "tc" if tc else "cuda"
+            print(f"layout {layout:<11} {kind:<5} pool {pool_tokens:>8} {us:>8.1f} us  {gbps:>6.0f} GB/s")
+            rows.append(
+                {
+                    "case": f"layout {layout}",
+                    "tc": tc,
+                    "pool_tokens": pool_tokens,
+                    "kernel_us": us,
+                    "kv_GBps": gbps,
+                    "heads": [hq, hkv, d],
+                }
+            )
     return rows
 
 

@@ -60,11 +60,16 @@ def run_hf(model_path: str) -> tuple[float, int]:
         tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
     batch = tokenizer(PROMPTS, return_tensors="pt", padding=True)
-    settings = dict(do_sample=False, pad_token_id=tokenizer.pad_token_id,
-                    max_new_tokens=MAX_NEW_TOKENS, min_new_tokens=MAX_NEW_TOKENS)  # fmt: skip
+    settings = dict(
+        do_sample=False,
+        pad_token_id=tokenizer.pad_token_id,
+        max_new_tokens=MAX_NEW_TOKENS,
+        min_new_tokens=MAX_NEW_TOKENS,
+    )
     with torch.inference_mode():
-        model.generate(**tokenizer(PROMPTS[:1], return_tensors="pt"), **{**settings, "max_new_tokens": 2,
-                                                                           "min_new_tokens": 2})  # fmt: skip
+        model.generate(
+            **tokenizer(PROMPTS[:1], return_tensors="pt"), **{**settings, "max_new_tokens": 2, "min_new_tokens": 2}
+        )
         start = time.perf_counter()
         out = model.generate(**batch, **settings)
         wall = time.perf_counter() - start

@@ -1,4 +1,4 @@
-"""Offline throughput benchmark; see `python scripts/bench_offline_throughput.py --help` (same as python -m engine.bench)."""
+"""Offline throughput benchmark: `python scripts/bench_offline_throughput.py --help` (= `python -m engine.bench`)."""
 
 import sys
 

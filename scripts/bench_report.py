@@ -15,10 +15,16 @@ BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 
 # mini-sglang on the device's H100 (../shared/PERF_ANCHORS.md), output tok/s.
 MINI_SGLANG = {
-    ("qwen2.5-0.5b", "nanovllm"): 16019, ("qwen2.5-0.5b", "512x256"): 25923, ("qwen2.5-0.5b", "decode-heavy"): 25656,
-    ("qwen3-0.6b", "nanovllm"): 17043, ("qwen3-0.6b", "512x256"): 22502, ("qwen3-0.6b", "decode-heavy"): 24685,
-    ("llama-3.1-8b", "nanovllm"): 6662, ("llama-3.1-8b", "512x256"): 9016, ("llama-3.1-8b", "decode-heavy"): 14637,
-}  # fmt: skip
+    ("qwen2.5-0.5b", "nanovllm"): 16019,
+    ("qwen2.5-0.5b", "512x256"): 25923,
+    ("qwen2.5-0.5b", "decode-heavy"): 25656,
+    ("qwen3-0.6b", "nanovllm"): 17043,
+    ("qwen3-0.6b", "512x256"): 22502,
+    ("qwen3-0.6b", "decode-heavy"): 24685,
+    ("llama-3.1-8b", "nanovllm"): 6662,
+    ("llama-3.1-8b", "512x256"): 9016,
+    ("llama-3.1-8b", "decode-heavy"): 14637,
+}
 
 
 def load() -> list[dict]:
@@ -52,12 +58,21 @@ def table(rows: list[dict]) -> str:
         roof = r.get("roofline", {})
         settings = " ".join(f"{k}={v}" for k, v in r.get("engine_settings", {}).items())
         cells = [
-            name, r["workload"], ferry.get("device", ""), f"{ferry['output_tok_s']:,.0f}",
-            f"{anchor:,}" if anchor else "", f"{ferry['output_tok_s'] / anchor:.2f}x" if anchor else "",
-            f"{hf:,.0f}" if hf else "", f"{r['ferry_over_hf']:.1f}x" if hf else "",
-            f"{roof['floor_output_tok_s']:,.0f}" if roof else "", f"{roof['fraction_of_floor']:.0%}" if roof else "",
-            settings, r.get("date", ""), r.get("commit") or r.get("tag", ""), r["_file"],
-        ]  # fmt: skip
+            name,
+            r["workload"],
+            ferry.get("device", ""),
+            f"{ferry['output_tok_s']:,.0f}",
+            f"{anchor:,}" if anchor else "",
+            f"{ferry['output_tok_s'] / anchor:.2f}x" if anchor else "",
+            f"{hf:,.0f}" if hf else "",
+            f"{r['ferry_over_hf']:.1f}x" if hf else "",
+            f"{roof['floor_output_tok_s']:,.0f}" if roof else "",
+            f"{roof['fraction_of_floor']:.0%}" if roof else "",
+            settings,
+            r.get("date", ""),
+            r.get("commit") or r.get("tag", ""),
+            r["_file"],
+        ]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)
 

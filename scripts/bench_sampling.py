@@ -49,11 +49,13 @@ def main() -> None:
     uniform = torch.rand(args.rows, device="cuda")
     for t in (0.6, 0.0):
         temperature = torch.full((args.rows,), t, device="cuda")
-        agree = (torch_path(logits, rows, temperature, uniform) == fused_sample(logits, rows, temperature, uniform))
-        old = _median_us(lambda: torch_path(logits, rows, temperature, uniform))
-        new = _median_us(lambda: fused_sample(logits, rows, temperature, uniform))
-        print(f"rows {args.rows} vocab {args.vocab} T={t}: torch {old:8.1f} us  fused {new:8.1f} us  "
-              f"agree {agree.float().mean().item():.2%}")
+        agree = torch_path(logits, rows, temperature, uniform) == fused_sample(logits, rows, temperature, uniform)
+        old = _median_us(lambda t=temperature: torch_path(logits, rows, t, uniform))
+        new = _median_us(lambda t=temperature: fused_sample(logits, rows, t, uniform))
+        print(
+            f"rows {args.rows} vocab {args.vocab} T={t}: torch {old:8.1f} us  fused {new:8.1f} us  "
+            f"agree {agree.float().mean().item():.2%}"
+        )
 
 
 if __name__ == "__main__":

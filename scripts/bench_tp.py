@@ -50,10 +50,16 @@ def top2(settings: dict[str, Any], prompts: list[list[int]]) -> list[tuple[int, 
     """(top-1 id, top-1 logprob, top-2 logprob) at every position of every prompt."""
     from engine import Engine
 
-    with Engine(MODEL_8B, load_format="dummy", context_length=4096, disable_cuda_graph=True,
-                max_running_requests=8, **settings) as engine:  # fmt: skip
-        outputs = engine.generate(input_ids=prompts, sampling_params={"max_new_tokens": 1, "temperature": 0},
-                                  return_logprob=True, logprob_start_len=0, top_logprobs_num=2)  # fmt: skip
+    with Engine(
+        MODEL_8B, load_format="dummy", context_length=4096, disable_cuda_graph=True, max_running_requests=8, **settings
+    ) as engine:
+        outputs = engine.generate(
+            input_ids=prompts,
+            sampling_params={"max_new_tokens": 1, "temperature": 0},
+            return_logprob=True,
+            logprob_start_len=0,
+            top_logprobs_num=2,
+        )
     rows = []
     for out in outputs:
         meta = out["meta_info"]
@@ -65,8 +71,11 @@ def top2(settings: dict[str, Any], prompts: list[list[int]]) -> list[tuple[int, 
 def agreement(out: str) -> None:
     rng = random.Random(0)
     prompts = [[rng.randint(0, 10000) for _ in range(256)] for _ in range(4)]
-    runs = {"tp1": {"tp_size": 1}, "tp2": {"tp_size": 2},
-            "tp1_fp32": {"tp_size": 1, "dtype": "float32", "attention_backend": "torch"}}  # fmt: skip
+    runs = {
+        "tp1": {"tp_size": 1},
+        "tp2": {"tp_size": 2},
+        "tp1_fp32": {"tp_size": 1, "dtype": "float32", "attention_backend": "torch"},
+    }
     tops = {name: top2(settings, prompts) for name, settings in runs.items()}
 
     def agree(a: str, b: str, where=lambda i: True) -> float:
@@ -78,9 +87,15 @@ def agreement(out: str) -> None:
     # TP=1's own bf16-vs-fp32 agreement, and TP=2 must match TP=1 where the fp32 top-2 gap is clear.
     fp32 = tops["tp1_fp32"]
     clear = {gap: (lambda i, gap=gap: fp32[i][1] - fp32[i][2] > gap) for gap in (0.05, 0.1, 0.2)}
-    row = {"part": "agreement", "model": "llama-3.1-8b", "positions": len(tops["tp1"]),
-           "tp2_vs_tp1": agree("tp2", "tp1"), "tp1_vs_fp32 (bf16 bar)": agree("tp1", "tp1_fp32"),
-           "tp2_vs_fp32": agree("tp2", "tp1_fp32"), "target": ">= 0.99 tp2_vs_tp1"}  # fmt: skip
+    row = {
+        "part": "agreement",
+        "model": "llama-3.1-8b",
+        "positions": len(tops["tp1"]),
+        "tp2_vs_tp1": agree("tp2", "tp1"),
+        "tp1_vs_fp32 (bf16 bar)": agree("tp1", "tp1_fp32"),
+        "tp2_vs_fp32": agree("tp2", "tp1_fp32"),
+        "target": ">= 0.99 tp2_vs_tp1",
+    }
     for gap, where in clear.items():
         row[f"positions_gap>{gap}"] = sum(map(where, range(len(fp32))))
         row[f"tp2_vs_tp1_gap>{gap}"] = agree("tp2", "tp1", where)
@@ -92,8 +107,13 @@ def agreement(out: str) -> None:
 
 
 def run_harness(spec: dict[str, Any], timeout: int = 400) -> dict[str, Any]:
-    proc = subprocess.run([sys.executable, __file__, "_harness", json.dumps(spec)], capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, __file__, "_harness", json.dumps(spec)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+    )
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode != 0 or not lines:
         return {"error": f"exit {proc.returncode}: {proc.stderr[-2000:]}", **spec}
@@ -105,17 +125,23 @@ def harness(spec: dict[str, Any]) -> dict[str, Any]:
     prefill `batch` prompts of `context` tokens, then time decode steps; optionally profile them."""
     import torch
 
-    from engine.shared.args import EngineArgs
     from engine.bench_roofline import measure_ceilings
+    from engine.shared.args import EngineArgs
     from scheduler_proc.model_runner import ModelRunner
     from scheduler_proc.tp.workers import start_tensor_parallel
 
     ceilings = measure_ceilings() if spec.get("floor") else {}  # before the model fills the GPU
     batch, context, steps = spec["batch"], spec["context"], spec["steps"]
-    args = EngineArgs(model_path=spec["model"], load_format="dummy", tp_size=spec["tp"], cuda_graph_max_bs=batch,
-                      device=spec.get("device", "cuda"),
-                      max_running_requests=batch, context_length=context + 2 * steps + 64,
-                      mem_fraction_static=spec.get("mem_fraction_static", 0.85)).resolve()  # fmt: skip
+    args = EngineArgs(
+        model_path=spec["model"],
+        load_format="dummy",
+        tp_size=spec["tp"],
+        cuda_graph_max_bs=batch,
+        device=spec.get("device", "cuda"),
+        max_running_requests=batch,
+        context_length=context + 2 * steps + 64,
+        mem_fraction_static=spec.get("mem_fraction_static", 0.85),
+    ).resolve()
     ipc_dir = tempfile.mkdtemp(prefix="ferry-tp-harness-")
     with open(os.path.join(ipc_dir, "args.json"), "w") as f:
         f.write(args.to_json())
@@ -128,10 +154,13 @@ def harness(spec: dict[str, Any]) -> dict[str, Any]:
         step()
         if i >= 5:
             times.append(time.perf_counter() - start)
-    result = {**spec, "step_ms_median": 1e3 * statistics.median(times),
-              "step_ms_p90": 1e3 * sorted(times)[int(0.9 * len(times))],
-              "step_broadcast_us": 1e6 * runner.broadcast_seconds / max(1, runner.broadcasts),
-              "kv_pool_tokens": runner.pool.capacity}  # fmt: skip
+    result = {
+        **spec,
+        "step_ms_median": 1e3 * statistics.median(times),
+        "step_ms_p90": 1e3 * sorted(times)[int(0.9 * len(times))],
+        "step_broadcast_us": 1e6 * runner.broadcast_seconds / max(1, runner.broadcasts),
+        "kv_pool_tokens": runner.pool.capacity,
+    }
     if spec.get("profile"):
         result |= _profile(runner, step, batch, spec.get("trace"))
         # Against the step timed without the profiler (whose overhead stretches the profiled steps).
@@ -140,8 +169,12 @@ def harness(spec: dict[str, Any]) -> dict[str, Any]:
         weight_bytes = sum(p.numel() * p.element_size() for p in runner.model.parameters())
         kv_bytes = batch * (context + steps) * runner.pool.bytes // runner.pool.num_slots
         floor_ms = 1e3 * (weight_bytes + kv_bytes) / ceilings["bandwidth_bytes_s"]
-        result |= {"rank_weight_gib": weight_bytes / 2**30, "bandwidth_gb_s": ceilings["bandwidth_bytes_s"] / 1e9,
-                   "floor_step_ms": floor_ms, "fraction_of_floor": floor_ms / result["step_ms_median"]}  # fmt: skip
+        result |= {
+            "rank_weight_gib": weight_bytes / 2**30,
+            "bandwidth_gb_s": ceilings["bandwidth_bytes_s"] / 1e9,
+            "floor_step_ms": floor_ms,
+            "fraction_of_floor": floor_ms / result["step_ms_median"],
+        }
     if runner.device.type == "cuda":
         result["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated(runner.device) / 2**30
     return result
@@ -203,20 +236,35 @@ def _profile(runner, step, batch: int, trace: str | None) -> dict[str, Any]:
         prof.export_chrome_trace(trace)
     kernel_us = sum(e.time_range.elapsed_us() for e in kernels) / n
     nccl_us = sum(e.time_range.elapsed_us() for e in nccl) / n
-    return {"profile_mode": mode, "profiled_step_us": wall_us, "kernel_us_per_step": kernel_us,
-            "nccl_us_per_step": nccl_us, "nccl_kernels_per_step": len(nccl) / n,
-            "allreduce_share_of_kernel_time": nccl_us / max(kernel_us, 1e-9)}  # fmt: skip
+    return {
+        "profile_mode": mode,
+        "profiled_step_us": wall_us,
+        "kernel_us_per_step": kernel_us,
+        "nccl_us_per_step": nccl_us,
+        "nccl_kernels_per_step": len(nccl) / n,
+        "allreduce_share_of_kernel_time": nccl_us / max(kernel_us, 1e-9),
+    }
 
 
 def decode_steps(out: str) -> None:
     base = {"model": MODEL_8B, "batch": 64, "context": 512, "steps": 60, "profile": True}
     one = run_harness(base | {"tp": 1})
     two = run_harness(base | {"tp": 2, "trace": os.path.join(out, "tp2_decode_trace.json")})
-    record(out, {"part": "decode-step", "model": "llama-3.1-8b", "batch": 64, "context": 512,
-                 "tp1_step_ms": one.get("step_ms_median"), "tp2_step_ms": two.get("step_ms_median"),
-                 "tp2_over_tp1": two.get("step_ms_median", 0) / one.get("step_ms_median", float("inf")),
-                 "target": "<= 0.6", "tp2_allreduce_share": two.get("allreduce_share_of_step"),
-                 "tp2_step_broadcast_us": two.get("step_broadcast_us")})  # fmt: skip
+    record(
+        out,
+        {
+            "part": "decode-step",
+            "model": "llama-3.1-8b",
+            "batch": 64,
+            "context": 512,
+            "tp1_step_ms": one.get("step_ms_median"),
+            "tp2_step_ms": two.get("step_ms_median"),
+            "tp2_over_tp1": two.get("step_ms_median", 0) / one.get("step_ms_median", float("inf")),
+            "target": "<= 0.6",
+            "tp2_allreduce_share": two.get("allreduce_share_of_step"),
+            "tp2_step_broadcast_us": two.get("step_broadcast_us"),
+        },
+    )
     record(out, {"part": "decode-step-detail", "tp1": one, "tp2": two})
 
 
@@ -225,9 +273,24 @@ def decode_steps(out: str) -> None:
 
 def throughput(out: str, model: str, tp_sizes: list[int], flags: list[str], timeout: int = 270) -> None:
     for tp in tp_sizes:
-        cmd = [sys.executable, os.path.join(ROOT, "scripts/bench_offline_throughput.py"), "--model-path", model,
-               "--load-format", "dummy", "--context-length", "4096", "--tp-size", str(tp), "--roofline",
-               "--result-file", os.path.join(out, "bench.jsonl"), "--tag", f"tp{tp}", *flags]  # fmt: skip
+        cmd = [
+            sys.executable,
+            os.path.join(ROOT, "scripts/bench_offline_throughput.py"),
+            "--model-path",
+            model,
+            "--load-format",
+            "dummy",
+            "--context-length",
+            "4096",
+            "--tp-size",
+            str(tp),
+            "--roofline",
+            "--result-file",
+            os.path.join(out, "bench.jsonl"),
+            "--tag",
+            f"tp{tp}",
+            *flags,
+        ]
         print(" ".join(cmd[1:]), flush=True)
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
@@ -244,11 +307,31 @@ def big_model(out: str) -> None:
         tp1 = "loaded (unexpected on an 80 GB card)"
     except Exception as exc:
         tp1 = str(exc).splitlines()[0][:300]
-    step = run_harness({"model": MODEL_70B, "tp": 2, "batch": 64, "context": 256, "steps": 30, "floor": True,
-                        "profile": True, "mem_fraction_static": 0.95})  # fmt: skip
+    step = run_harness(
+        {
+            "model": MODEL_70B,
+            "tp": 2,
+            "batch": 64,
+            "context": 256,
+            "steps": 30,
+            "floor": True,
+            "profile": True,
+            "mem_fraction_static": 0.95,
+        }
+    )
     record(out, {"part": "70b", "tp1_start": tp1, **step, "target": ">= 0.5 fraction_of_floor"})
-    flags = ["--num-prompts", "64", "--random-input-len", "256", "--random-output-len", "256",
-             "--mem-fraction-static", "0.95", "--cuda-graph-max-bs", "64"]  # fmt: skip
+    flags = [
+        "--num-prompts",
+        "64",
+        "--random-input-len",
+        "256",
+        "--random-output-len",
+        "256",
+        "--mem-fraction-static",
+        "0.95",
+        "--cuda-graph-max-bs",
+        "64",
+    ]
     throughput(out, MODEL_70B, [2], flags, timeout=300)
 
 

@@ -43,17 +43,42 @@ from vlm_reference import (  # noqa: E402
 
 # Qwen/Qwen2.5-VL-7B-Instruct's config.json, in its released (flat) layout; token ids come from our tokenizer.
 QWEN2_5_VL_7B: dict[str, Any] = {
-    "architectures": ["Qwen2_5_VLForConditionalGeneration"], "model_type": "qwen2_5_vl",
-    "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28, "num_attention_heads": 28,
-    "num_key_value_heads": 4, "vocab_size": 152064, "max_position_embeddings": 128000, "rms_norm_eps": 1e-06,
-    "rope_theta": 1000000.0, "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
-    "hidden_act": "silu", "tie_word_embeddings": False, "use_sliding_window": False, "sliding_window": 32768,
-    "max_window_layers": 28, "attention_dropout": 0.0, "torch_dtype": "bfloat16",
-    "vision_config": {"depth": 32, "hidden_act": "silu", "hidden_size": 1280, "intermediate_size": 3420,
-                      "num_heads": 16, "in_chans": 3, "out_hidden_size": 3584, "patch_size": 14,
-                      "spatial_merge_size": 2, "spatial_patch_size": 14, "window_size": 112,
-                      "fullatt_block_indexes": [7, 15, 23, 31], "tokens_per_second": 2, "temporal_patch_size": 2},
-}  # fmt: skip
+    "architectures": ["Qwen2_5_VLForConditionalGeneration"],
+    "model_type": "qwen2_5_vl",
+    "hidden_size": 3584,
+    "intermediate_size": 18944,
+    "num_hidden_layers": 28,
+    "num_attention_heads": 28,
+    "num_key_value_heads": 4,
+    "vocab_size": 152064,
+    "max_position_embeddings": 128000,
+    "rms_norm_eps": 1e-06,
+    "rope_theta": 1000000.0,
+    "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
+    "hidden_act": "silu",
+    "tie_word_embeddings": False,
+    "use_sliding_window": False,
+    "sliding_window": 32768,
+    "max_window_layers": 28,
+    "attention_dropout": 0.0,
+    "torch_dtype": "bfloat16",
+    "vision_config": {
+        "depth": 32,
+        "hidden_act": "silu",
+        "hidden_size": 1280,
+        "intermediate_size": 3420,
+        "num_heads": 16,
+        "in_chans": 3,
+        "out_hidden_size": 3584,
+        "patch_size": 14,
+        "spatial_merge_size": 2,
+        "spatial_patch_size": 14,
+        "window_size": 112,
+        "fullatt_block_indexes": [7, 15, 23, 31],
+        "tokens_per_second": 2,
+        "temporal_patch_size": 2,
+    },
+}
 
 
 def parse_args() -> argparse.Namespace:
@@ -79,9 +104,15 @@ def build_7b_dir(out: str) -> str:
     """A config-only Qwen2.5-VL-7B folder with the default tokenizer plus Qwen's vision tokens."""
     tokenizer = vlm_tokenizer(tokenizer_dir())
     start, pad, end, video = tokenizer.convert_tokens_to_ids(VISION_TOKENS)
-    config = dict(QWEN2_5_VL_7B, vision_start_token_id=start, image_token_id=pad, vision_end_token_id=end,
-                  video_token_id=video, bos_token_id=tokenizer.bos_token_id,
-                  eos_token_id=tokenizer.eos_token_id)  # fmt: skip
+    config = dict(
+        QWEN2_5_VL_7B,
+        vision_start_token_id=start,
+        image_token_id=pad,
+        vision_end_token_id=end,
+        video_token_id=video,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "config.json"), "w") as f:
         json.dump(config, f, indent=1)
@@ -94,13 +125,18 @@ def build_7b_dir(out: str) -> str:
 
 def device_checks(work: str) -> dict[str, Any]:
     """ferry against HF on a tiny model: exact in float32, and CUDA-graph decode against eager in bf16."""
-    from engine import Engine
     from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+
+    from engine import Engine
 
     tiny = tiny_vlm_dir(os.path.join(work, "tiny"), tokenizer_dir(), head_dim=64)  # flashinfer's smallest
     a, b, c = random_image(56, 56, 1), random_image(84, 112, 2), random_image(112, 84, 3)
-    cases = [(f"What is in {PLACEHOLDER}?", [a]), (f"Compare {PLACEHOLDER} with {PLACEHOLDER}.", [a, b]),
-             (f"{PLACEHOLDER} Describe it.", [c]), ("Tell me about the sea.", [])]  # fmt: skip
+    cases = [
+        (f"What is in {PLACEHOLDER}?", [a]),
+        (f"Compare {PLACEHOLDER} with {PLACEHOLDER}.", [a, b]),
+        (f"{PLACEHOLDER} Describe it.", [c]),
+        ("Tell me about the sea.", []),
+    ]
     prompts = [f"<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n" for text, _ in cases]
     image_data = [images or None for _, images in cases]
     hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny, dtype=torch.float32).eval()
@@ -130,8 +166,10 @@ def device_checks(work: str) -> dict[str, Any]:
 
 
 def workload(n: int, size: int) -> tuple[list[str], list[Any]]:
-    prompts = [f"<|im_start|>user\n{PLACEHOLDER}Describe picture {i} in detail.<|im_end|>\n<|im_start|>assistant\n"
-               for i in range(n)]  # fmt: skip
+    prompts = [
+        f"<|im_start|>user\n{PLACEHOLDER}Describe picture {i} in detail.<|im_end|>\n<|im_start|>assistant\n"
+        for i in range(n)
+    ]
     return prompts, [random_image(size, size, seed=100 + i) for i in range(n)]
 
 
@@ -150,13 +188,20 @@ def run_ferry(model_dir: str, prompts: list[str], images: list[Any], output_len:
         wall = time.perf_counter() - start
         info = engine.get_server_info()
     tokens = sum(o["meta_info"]["completion_tokens"] for o in outs)
-    return {"prompts": len(prompts), "output_tokens": tokens, "wall_s": wall, "output_tok_s": tokens / wall,
-            "prompt_tokens": outs[0]["meta_info"]["prompt_tokens"], "device_name": info["device_name"],
-            "cuda_graph_batch_sizes": len(info["cuda_graph_batch_sizes"])}  # fmt: skip
+    return {
+        "prompts": len(prompts),
+        "output_tokens": tokens,
+        "wall_s": wall,
+        "output_tok_s": tokens / wall,
+        "prompt_tokens": outs[0]["meta_info"]["prompt_tokens"],
+        "device_name": info["device_name"],
+        "cuda_graph_batch_sizes": len(info["cuda_graph_batch_sizes"]),
+    }
 
 
-def run_hf(model_dir: str, prompts: list[str], images: list[Any], output_len: int, batch_size: int,
-           smoke: bool) -> dict[str, Any]:  # fmt: skip
+def run_hf(
+    model_dir: str, prompts: list[str], images: list[Any], output_len: int, batch_size: int, smoke: bool
+) -> dict[str, Any]:
     import inspect
 
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoTokenizer
@@ -167,18 +212,29 @@ def run_hf(model_dir: str, prompts: list[str], images: list[Any], output_len: in
         model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=dtype).to(device)
     else:
         with torch.device(device):
-            model = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(model_dir), dtype=dtype,
-                                                            attn_implementation="sdpa")  # fmt: skip
+            model = AutoModelForImageTextToText.from_config(
+                AutoConfig.from_pretrained(model_dir), dtype=dtype, attn_implementation="sdpa"
+            )
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     takes_types = "mm_token_type_ids" in inspect.signature(model.forward).parameters
     start = time.perf_counter()
     for first in range(0, len(prompts), batch_size):
-        inputs = _hf_batch(tokenizer, model.config.image_token_id, prompts[first : first + batch_size],
-                           images[first : first + batch_size], takes_types)  # fmt: skip
+        inputs = _hf_batch(
+            tokenizer,
+            model.config.image_token_id,
+            prompts[first : first + batch_size],
+            images[first : first + batch_size],
+            takes_types,
+        )
         with torch.inference_mode():
-            model.generate(**{k: v.to(device) for k, v in inputs.items()}, max_new_tokens=output_len,
-                           min_new_tokens=output_len, do_sample=False, pad_token_id=0)  # fmt: skip
+            model.generate(
+                **{k: v.to(device) for k, v in inputs.items()},
+                max_new_tokens=output_len,
+                min_new_tokens=output_len,
+                do_sample=False,
+                pad_token_id=0,
+            )
     if cuda:
         torch.cuda.synchronize()
     wall = time.perf_counter() - start
@@ -186,8 +242,13 @@ def run_hf(model_dir: str, prompts: list[str], images: list[Any], output_len: in
     del model
     if cuda:
         torch.cuda.empty_cache()
-    return {"prompts": len(prompts), "output_tokens": tokens, "wall_s": wall, "output_tok_s": tokens / wall,
-            "batch_size": batch_size}  # fmt: skip
+    return {
+        "prompts": len(prompts),
+        "output_tokens": tokens,
+        "wall_s": wall,
+        "output_tok_s": tokens / wall,
+        "batch_size": batch_size,
+    }
 
 
 def _hf_batch(tokenizer, image_token_id: int, prompts: list[str], images: list[Any], takes_types: bool) -> dict:
@@ -197,8 +258,12 @@ def _hf_batch(tokenizer, image_token_id: int, prompts: list[str], images: list[A
     grids = processed["image_grid_thw"].tolist()
     rows = [expand(tokenizer(p)["input_ids"], grids[i : i + 1], image_token_id) for i, p in enumerate(prompts)]
     ids, mask = left_pad(rows)
-    batch = {"input_ids": ids, "attention_mask": mask, "pixel_values": processed["pixel_values"],
-             "image_grid_thw": processed["image_grid_thw"]}  # fmt: skip
+    batch = {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "pixel_values": processed["pixel_values"],
+        "image_grid_thw": processed["image_grid_thw"],
+    }
     if takes_types:  # transformers 5 places M-RoPE by these
         batch["mm_token_type_ids"] = (ids == image_token_id).int()
     return batch
@@ -212,18 +277,30 @@ def report(args: argparse.Namespace, checks: dict[str, Any], ferry: dict[str, An
     for name, value in checks.items():
         print(f"| {name} | {value:.2%} |" if isinstance(value, float) else f"| {name} | {value} |")
     model = "tiny Qwen2.5-VL (smoke run)" if args.smoke else "Qwen2.5-VL-7B (dummy bf16 weights)"
-    print(f"\n{model} on {ferry['device_name']}: {args.image_size}x{args.image_size} images "
-          f"({ferry['prompt_tokens']} prompt tokens each), {args.output_len} new tokens, ignore_eos, "
-          "greedy")  # fmt: skip
+    print(
+        f"\n{model} on {ferry['device_name']}: {args.image_size}x{args.image_size} images "
+        f"({ferry['prompt_tokens']} prompt tokens each), {args.output_len} new tokens, ignore_eos, "
+        "greedy"
+    )
     print("\n| system | prompts | output tokens | wall s | output tok/s |\n|---|---|---|---|---|")
     for name, r in (("ferry", ferry), (f"HF generate (batch {hf['batch_size']})", hf)):
         print(f"| {name} | {r['prompts']} | {r['output_tokens']} | {r['wall_s']:.1f} | {r['output_tok_s']:,.0f} |")
     ratio = ferry["output_tok_s"] / hf["output_tok_s"]
     print(f"\nferry / HF: {ratio:.1f}x (target >= 5x)")
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    line = {"bench": "vlm", "model": "qwen2.5-vl-7b", "num_prompts": args.num_prompts, "image_size": args.image_size,
-            "output_len": args.output_len, "ferry": ferry, "hf": hf, "ratio": ratio, "checks": checks,
-            "date": time.strftime("%Y-%m-%d %H:%M:%S"), "commit": commit or None}  # fmt: skip
+    line = {
+        "bench": "vlm",
+        "model": "qwen2.5-vl-7b",
+        "num_prompts": args.num_prompts,
+        "image_size": args.image_size,
+        "output_len": args.output_len,
+        "ferry": ferry,
+        "hf": hf,
+        "ratio": ratio,
+        "checks": checks,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "commit": commit or None,
+    }
     with open(args.result_file, "a") as f:
         f.write(json.dumps(line) + "\n")
     print(f"appended to {args.result_file}")
@@ -237,8 +314,11 @@ def main() -> None:
     work = tempfile.mkdtemp(prefix="ferry-vlm-")
     checks = {} if args.skip_checks else device_checks(work)
     print(json.dumps(checks), flush=True)
-    model_dir = tiny_vlm_dir(os.path.join(work, "model"), tokenizer_dir()) if args.smoke else build_7b_dir(
-        os.path.join(work, "qwen2.5-vl-7b"))  # fmt: skip
+    model_dir = (
+        tiny_vlm_dir(os.path.join(work, "model"), tokenizer_dir())
+        if args.smoke
+        else build_7b_dir(os.path.join(work, "qwen2.5-vl-7b"))
+    )
     prompts, images = workload(args.num_prompts, args.image_size)
     ferry = run_ferry(model_dir, prompts, images, args.output_len, args.smoke)
     print(json.dumps(ferry), flush=True)

@@ -9,7 +9,8 @@ OpenAI-compatible service (auth, metrics, graceful shutdown) run `python -m engi
 """
 
 import contextlib
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 
 import uvicorn
 from fastapi import FastAPI, HTTPException, Request

@@ -48,15 +48,26 @@ def main() -> None:
     from engine.shared.sampling import SamplingParams
     from scheduler_proc.scheduler import Scheduler
 
-    settings = EngineArgs(model_path=args.model_path, load_format="dummy", context_length=4096,
-                          cuda_graph_max_bs=max(args.batch, 8), max_running_requests=args.batch,
-                          disable_overlap_schedule=args.disable_overlap_schedule)
+    settings = EngineArgs(
+        model_path=args.model_path,
+        load_format="dummy",
+        context_length=4096,
+        cuda_graph_max_bs=max(args.batch, 8),
+        max_running_requests=args.batch,
+        disable_overlap_schedule=args.disable_overlap_schedule,
+    )
     sched = Scheduler(settings.resolve(), Endpoints.in_dir(tempfile.mkdtemp()), zmq.Context())
     sched.io.to_detokenizer = _Sink()
     rng = random.Random(0)
     params = SamplingParams(temperature=args.temperature, max_new_tokens=4000, ignore_eos=True)
-    reqs = [GenerateRequest(rid=str(i), input_ids=[rng.randint(0, min(10000, sched.runner.shape.vocab_size - 1)) for _ in range(args.prompt_len)],
-                            sampling=params) for i in range(args.batch)]  # fmt: skip
+    reqs = [
+        GenerateRequest(
+            rid=str(i),
+            input_ids=[rng.randint(0, min(10000, sched.runner.shape.vocab_size - 1)) for _ in range(args.prompt_len)],
+            sampling=params,
+        )
+        for i in range(args.batch)
+    ]
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     sched.handle(GenerateBatch(reqs=reqs))
     while len(sched.running) < args.batch or any(r.prefilling for r in sched.running):

@@ -14,8 +14,10 @@ def runner_for(name: str, **settings):
     from engine.shared.args import EngineArgs
     from scheduler_proc.model_runner import ModelRunner
 
-    settings = dict(load_format="dummy", device="cuda", context_length=4096, max_running_requests=64,
-                    mem_fraction_static=0.5) | settings  # fmt: skip
+    settings = (
+        dict(load_format="dummy", device="cuda", context_length=4096, max_running_requests=64, mem_fraction_static=0.5)
+        | settings
+    )
     args = EngineArgs(model_path=os.path.join(CONFIGS, name), **settings).resolve()
     return ModelRunner(args)
 
@@ -32,7 +34,6 @@ def hf_copy(runner):
         for name, param in runner.model.named_parameters():
             if "qkv_proj" in name or "gate_up_proj" in name:
                 module = runner.model.get_submodule(name.rsplit(".", 1)[0])
-                kind = name.rsplit(".", 1)[1]
                 parts = ["q_proj", "k_proj", "v_proj"] if "qkv_proj" in name else ["gate_proj", "up_proj"]
                 for i, part in enumerate(parts):
                     target = name.replace("qkv_proj" if "qkv" in name else "gate_up_proj", part)
@@ -59,8 +60,16 @@ def prefill_logits(runner, prompts):
 
     entries = []
     for i, ids in enumerate(prompts):
-        req = Request(GenerateRequest(rid=str(i), input_ids=ids, sampling=SamplingParams(max_new_tokens=1),
-                                      return_logprob=True, logprob_start_len=0), seed=0)  # fmt: skip
+        req = Request(
+            GenerateRequest(
+                rid=str(i),
+                input_ids=ids,
+                sampling=SamplingParams(max_new_tokens=1),
+                return_logprob=True,
+                logprob_start_len=0,
+            ),
+            seed=0,
+        )
         req.row = runner.pool.alloc_row()
         entries.append((req, len(ids)))
     step = build_step(entries, runner.pool, [])

@@ -32,9 +32,17 @@ def tiny_model_dir(tmp_path, arch: str, tokenizer_dir: str, **overrides) -> str:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     kinds = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM"}
-    settings = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                    tie_word_embeddings=False, architectures=[kinds[arch]])  # fmt: skip
+    settings = dict(
+        vocab_size=49152,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=False,
+        architectures=[kinds[arch]],
+    )
     if arch == "qwen3":
         settings["head_dim"] = 32
     settings.update(overrides)

@@ -120,18 +120,21 @@ def _plant(tmp_path: Path, files: dict[str, str]) -> dict[str, set[str]]:
 
 
 def test_checker_finds_a_planted_cycle_and_forbidden_import(tmp_path: Path) -> None:
-    graph = _plant(tmp_path, {
-        "engine/__init__.py": "",
-        "engine/shared/__init__.py": "",
-        "engine/shared/args.py": "",
-        "engine/shared/ipc.py": "import engine.engine\n",
-        "engine/engine.py": "from engine.shared import args\nimport tokenizer_proc\n",
-        "scheduler_proc/__init__.py": "",
-        "scheduler_proc/a.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from scheduler_proc.b import B\n",
-        "scheduler_proc/b.py": "from . import a\nfrom engine.shared.args import X\n",
-        "detokenizer_proc/__init__.py": "",
-        "detokenizer_proc/d.py": "def f():\n    from scheduler_proc.a import A\n",
-        "tokenizer_proc/__init__.py": "",
-    })  # fmt: skip
+    graph = _plant(
+        tmp_path,
+        {
+            "engine/__init__.py": "",
+            "engine/shared/__init__.py": "",
+            "engine/shared/args.py": "",
+            "engine/shared/ipc.py": "import engine.engine\n",
+            "engine/engine.py": "from engine.shared import args\nimport tokenizer_proc\n",
+            "scheduler_proc/__init__.py": "",
+            "scheduler_proc/a.py": "import typing\nif typing.TYPE_CHECKING:\n    from scheduler_proc.b import B\n",
+            "scheduler_proc/b.py": "from . import a\nfrom engine.shared.args import X\n",
+            "detokenizer_proc/__init__.py": "",
+            "detokenizer_proc/d.py": "def f():\n    from scheduler_proc.a import A\n",
+            "tokenizer_proc/__init__.py": "",
+        },
+    )
     assert cycles(graph) == [["scheduler_proc.a", "scheduler_proc.b"]]
     assert forbidden(graph) == ["detokenizer_proc.d -> scheduler_proc.a", "engine.shared.ipc -> engine.engine"]

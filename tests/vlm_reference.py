@@ -6,7 +6,6 @@ import inspect
 
 import numpy as np
 import torch
-
 from reference import hf_greedy
 
 VISION_TOKENS = ["<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>"]
@@ -32,17 +31,37 @@ def tiny_vlm_dir(out, tokenizer_dir: str, head_dim: int = 16) -> str:
     unit = head_dim // 16  # time, height, width bands of the head_dim / 2 frequencies: 1/4, 3/8, 3/8, as Qwen's
     section = [2 * unit, 3 * unit, 3 * unit]
     config = Qwen2_5_VLConfig(
-        text_config=dict(vocab_size=49160, hidden_size=4 * head_dim, intermediate_size=8 * head_dim,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=2048, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id,
-                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": section}),
-        vision_config=dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=4 * head_dim,
-                           patch_size=14, spatial_merge_size=MERGE, temporal_patch_size=2, window_size=56,
-                           fullatt_block_indexes=[1]),
-        vision_start_token_id=ids[0], image_token_id=ids[1], vision_end_token_id=ids[2], video_token_id=ids[3],
-        tie_word_embeddings=False, architectures=["Qwen2_5_VLForConditionalGeneration"],
-    )  # fmt: skip
+        text_config=dict(
+            vocab_size=49160,
+            hidden_size=4 * head_dim,
+            intermediate_size=8 * head_dim,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=2048,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": section},
+        ),
+        vision_config=dict(
+            depth=3,
+            hidden_size=32,
+            intermediate_size=64,
+            num_heads=2,
+            out_hidden_size=4 * head_dim,
+            patch_size=14,
+            spatial_merge_size=MERGE,
+            temporal_patch_size=2,
+            window_size=56,
+            fullatt_block_indexes=[1],
+        ),
+        vision_start_token_id=ids[0],
+        image_token_id=ids[1],
+        vision_end_token_id=ids[2],
+        video_token_id=ids[3],
+        tie_word_embeddings=False,
+        architectures=["Qwen2_5_VLForConditionalGeneration"],
+    )
     torch.manual_seed(0)
     model = Qwen2_5_VLForConditionalGeneration(config).float()
     with torch.no_grad():  # larger-than-init weights so that tokens differ by position and content

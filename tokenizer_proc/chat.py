@@ -12,8 +12,10 @@ def chat_prompts(tokenizer: Any, messages: Any) -> Union[str, list[str]]:
     """The chat template applied to one conversation (a list of {"role", "content"} dicts) or to a
     list of them; a malformed conversation raises TypeError/ValueError naming `messages`."""
     if not isinstance(messages, (list, tuple)) or not messages:
-        raise TypeError(f"messages must be a non-empty list of {{'role', 'content'}} dicts, or a list of such lists, "
-                        f"got {short_repr(messages)}")  # fmt: skip
+        raise TypeError(
+            f"messages must be a non-empty list of {{'role', 'content'}} dicts, or a list of such lists, "
+            f"got {short_repr(messages)}"
+        )
     single = isinstance(messages[0], dict)
     conversations = [messages] if single else messages
     for c, conv in enumerate(conversations):

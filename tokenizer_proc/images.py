@@ -13,8 +13,9 @@ import io
 import json
 import os
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import numpy as np
 
@@ -44,8 +45,11 @@ class ImageProcessor:
         if os.path.exists(os.path.join(model_path, "preprocessor_config.json")):
             self.hf = processor_class.from_pretrained(model_path)
         else:
-            self.hf = processor_class(patch_size=int(vision.get("patch_size", 14)), merge_size=self.merge_size,
-                                      temporal_patch_size=int(vision.get("temporal_patch_size", 2)))  # fmt: skip
+            self.hf = processor_class(
+                patch_size=int(vision.get("patch_size", 14)),
+                merge_size=self.merge_size,
+                temporal_patch_size=int(vision.get("temporal_patch_size", 2)),
+            )
         # Threads start on first use; the engine's shutdown() ends them through close().
         self._pool = concurrent.futures.ThreadPoolExecutor(_WORKERS, thread_name_prefix="ferry-images")
 
@@ -100,8 +104,10 @@ def load_image(where: str, image: Any) -> Any:
     elif isinstance(image, str):
         pil = _open(where, _read_source(where, image))
     else:
-        raise TypeError(f"{where} must be a file path, bytes, a PIL image, a data: URL or an http(s) URL, "
-                        f"got {type(image).__name__}")  # fmt: skip
+        raise TypeError(
+            f"{where} must be a file path, bytes, a PIL image, a data: URL or an http(s) URL, "
+            f"got {type(image).__name__}"
+        )
     try:
         return pil.convert("RGB")
     except OSError as exc:  # truncated or corrupt pixel data shows only when decoded

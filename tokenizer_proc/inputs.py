@@ -5,8 +5,9 @@ a bad image found after earlier slices went out raises too, and the caller abort
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Optional, Union
+from typing import Any, Optional, Union
 
 import msgspec
 
@@ -68,8 +69,9 @@ class PreparedBatch:
         return [req for part in self.slices for req in part]
 
 
-def prepare(tokenizer: Any, limits: Limits, call: GenerateInput,
-            image_processor: Optional[ImageProcessor]) -> PreparedBatch:  # fmt: skip
+def prepare(
+    tokenizer: Any, limits: Limits, call: GenerateInput, image_processor: Optional[ImageProcessor]
+) -> PreparedBatch:
     """The call's inputs, checked, as GenerateRequests (n > 1: one per sample). Everything but the
     images is checked here; images are loaded, preprocessed and their placeholders expanded as the
     slices are taken. image_processor is None for a text-only model."""
@@ -139,9 +141,13 @@ class _CheckedCall:
         ]
 
 
-def _image_slices(processor: ImageProcessor, prompts_ids: list[list[int]], per_prompt: list[list[tuple[str, Any]]],
-                  single: bool, requests: Callable[[int, list[int], list[ImageInput]], list[GenerateRequest]],
-                  ) -> Iterator[list[GenerateRequest]]:  # fmt: skip
+def _image_slices(
+    processor: ImageProcessor,
+    prompts_ids: list[list[int]],
+    per_prompt: list[list[tuple[str, Any]]],
+    single: bool,
+    requests: Callable[[int, list[int], list[ImageInput]], list[GenerateRequest]],
+) -> Iterator[list[GenerateRequest]]:
     """Requests in slices of about _SLICE_REQUESTS, each as soon as its prompts' images are preprocessed
     (all images go to a small thread pool at once and come back in order)."""
     processed = processor.process_iter([pair for pairs in per_prompt for pair in pairs])

@@ -7,7 +7,8 @@ import asyncio
 import itertools
 import logging
 import time
-from typing import Any, AsyncIterator, Callable, Optional
+from collections.abc import AsyncIterator, Callable
+from typing import Any, Optional
 
 import zmq
 import zmq.asyncio
@@ -125,8 +126,14 @@ class TokenizerManager:
                 if finish is not None:
                     self.draining.discard(rid)
                 continue
-            state.add(batch.text_deltas[i], batch.new_token_ids[i], finish, batch.prompt_tokens[i],
-                      batch.cached_tokens[i], batch.extras[i])  # fmt: skip
+            state.add(
+                batch.text_deltas[i],
+                batch.new_token_ids[i],
+                finish,
+                batch.prompt_tokens[i],
+                batch.cached_tokens[i],
+                batch.extras[i],
+            )
             if finish is not None:
                 del self.states[rid]
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any, Optional
 
 from engine.shared.protocol import Array, FinishReason, GenerateRequest, ReqExtras
 
@@ -36,8 +37,15 @@ class ReqState:
     def finished(self) -> bool:
         return self.finish is not None or self.error is not None
 
-    def add(self, text: str, ids: list[int], finish: Optional[FinishReason], prompt_tokens: int,
-            cached_tokens: int, extras: Optional[ReqExtras]) -> None:  # fmt: skip
+    def add(
+        self,
+        text: str,
+        ids: list[int],
+        finish: Optional[FinishReason],
+        prompt_tokens: int,
+        cached_tokens: int,
+        extras: Optional[ReqExtras],
+    ) -> None:
         self.text += text
         self.output_ids += ids
         self.prompt_tokens, self.cached_tokens = prompt_tokens, cached_tokens
@@ -130,4 +138,3 @@ def _to_tensor(array: Array) -> Any:
     import torch
 
     return torch.from_numpy(np.frombuffer(array.data, dtype=array.dtype).reshape(array.shape).copy())
-

@@ -7,7 +7,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from typing import Any, AsyncIterator, Optional, Union
+from collections.abc import AsyncIterator
+from typing import Any, Optional, Union
 
 from fastapi import FastAPI, Request
 from pydantic import BaseModel, ConfigDict, field_validator
@@ -70,8 +71,9 @@ def build_app(service: Service) -> FastAPI:
     app.include_router(openai)
     routes = [*app.routes, *openai.routes]
     known_paths = {route.path for route in routes if isinstance(getattr(route, "path", None), str)}
-    app.add_middleware(RequestContext, api_key=service.settings.api_key, metrics=service.metrics,
-                       known_paths=known_paths)  # fmt: skip
+    app.add_middleware(
+        RequestContext, api_key=service.settings.api_key, metrics=service.metrics, known_paths=known_paths
+    )
     return app
 
 

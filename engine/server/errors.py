@@ -6,7 +6,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
-from typing import Any, Iterable, Iterator, Mapping, Optional, TypeVar
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any, Optional, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
@@ -23,8 +24,14 @@ _UNION_TAGS = {"str", "int", "float", "bool", "dict", "list", "none"}
 class ApiError(Exception):
     """Raised by an endpoint; answered as an OpenAI-style error body with this status."""
 
-    def __init__(self, status: int, message: str, param: Optional[str] = None,
-                 type: str = "invalid_request_error", code: Any = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: Optional[str] = None,
+        type: str = "invalid_request_error",
+        code: Any = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message

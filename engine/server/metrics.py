@@ -6,7 +6,8 @@ from __future__ import annotations
 import bisect
 import collections
 import time
-from typing import Any, AsyncIterator, Optional
+from collections.abc import AsyncIterator
+from typing import Any, Optional
 
 _TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
@@ -44,10 +45,14 @@ class Metrics:
         self.generation_tokens = 0
         self.finished: collections.Counter[str] = collections.Counter()
         self.http: collections.Counter[tuple[str, int]] = collections.Counter()
-        self.ttft = Histogram("ferry_time_to_first_token_seconds",
-                              "Seconds from receiving a request to its first generated token.", _TTFT_BUCKETS)
-        self.latency = Histogram("ferry_e2e_request_latency_seconds",
-                                 "Seconds from receiving a request to its last token.", _LATENCY_BUCKETS)
+        self.ttft = Histogram(
+            "ferry_time_to_first_token_seconds",
+            "Seconds from receiving a request to its first generated token.",
+            _TTFT_BUCKETS,
+        )
+        self.latency = Histogram(
+            "ferry_e2e_request_latency_seconds", "Seconds from receiving a request to its last token.", _LATENCY_BUCKETS
+        )
         self._tokens_per_second: collections.deque[list[int]] = collections.deque()  # [whole second, tokens]
 
     async def metered(self, stream: AsyncIterator[dict[str, Any]], started: float) -> AsyncIterator[dict[str, Any]]:
@@ -101,25 +106,50 @@ class Metrics:
         metric("ferry_engine_up", "gauge", "1 when the engine answers.", [("", int(server_info is not None))])
         if server_info is not None:
             pool, free = server_info["kv_pool_tokens"], server_info["kv_free_tokens"]
-            metric("ferry_num_requests_running", "gauge", "Requests in the running batch.",
-                   [("", server_info["num_running"])])  # fmt: skip
-            metric("ferry_num_requests_waiting", "gauge", "Requests waiting for admission.",
-                   [("", server_info["num_waiting"])])  # fmt: skip
+            metric(
+                "ferry_num_requests_running",
+                "gauge",
+                "Requests in the running batch.",
+                [("", server_info["num_running"])],
+            )
+            metric(
+                "ferry_num_requests_waiting",
+                "gauge",
+                "Requests waiting for admission.",
+                [("", server_info["num_waiting"])],
+            )
             metric("ferry_kv_pool_tokens", "gauge", "KV cache size in tokens.", [("", pool)])
             metric("ferry_kv_used_tokens", "gauge", "KV cache slots in use.", [("", pool - free)])
             metric("ferry_kv_usage", "gauge", "Share of the KV cache in use.", [("", (pool - free) / max(pool, 1))])
             if "kv_cached_tokens" in server_info:
-                metric("ferry_kv_cached_tokens", "gauge", "KV slots held by the prefix cache (evictable).",
-                       [("", server_info["kv_cached_tokens"])])  # fmt: skip
-        metric("ferry_prompt_tokens_total", "counter", "Prompt tokens of finished requests.",
-               [("", self.prompt_tokens)])  # fmt: skip
+                metric(
+                    "ferry_kv_cached_tokens",
+                    "gauge",
+                    "KV slots held by the prefix cache (evictable).",
+                    [("", server_info["kv_cached_tokens"])],
+                )
+        metric(
+            "ferry_prompt_tokens_total", "counter", "Prompt tokens of finished requests.", [("", self.prompt_tokens)]
+        )
         metric("ferry_generation_tokens_total", "counter", "Generated tokens.", [("", self.generation_tokens)])
-        metric("ferry_generation_tokens_per_second", "gauge", f"Generated tokens per second over the last "
-               f"{_RATE_WINDOW_S} s.", [("", self.tokens_per_second())])  # fmt: skip
-        metric("ferry_requests_finished_total", "counter", "Finished generations by finish reason.",
-               [(f'{{finish_reason="{reason}"}}', n) for reason, n in sorted(self.finished.items())])  # fmt: skip
+        metric(
+            "ferry_generation_tokens_per_second",
+            "gauge",
+            f"Generated tokens per second over the last {_RATE_WINDOW_S} s.",
+            [("", self.tokens_per_second())],
+        )
+        metric(
+            "ferry_requests_finished_total",
+            "counter",
+            "Finished generations by finish reason.",
+            [(f'{{finish_reason="{reason}"}}', n) for reason, n in sorted(self.finished.items())],
+        )
         http = sorted(self.http.items())
-        metric("ferry_http_requests_total", "counter", "HTTP requests by path and status.",
-               [(f'{{path="{path}",status="{status}"}}', n) for (path, status), n in http])  # fmt: skip
+        metric(
+            "ferry_http_requests_total",
+            "counter",
+            "HTTP requests by path and status.",
+            [(f'{{path="{path}",status="{status}"}}', n) for (path, status), n in http],
+        )
         lines += self.ttft.render() + self.latency.render()
         return "\n".join(lines) + "\n"

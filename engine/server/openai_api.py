@@ -4,7 +4,8 @@ events, with usage, n, stop, logprobs, seed) and /v1/models."""
 from __future__ import annotations
 
 import time
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 
 from fastapi import APIRouter, Request
 from starlette.responses import Response
@@ -33,8 +34,13 @@ def openai_router(service: Service) -> APIRouter:
     @router.get("/v1/models")
     async def models() -> Response:
         engine = service.require_engine()
-        card = {"id": service.model_name, "object": "model", "created": service.started_at, "owned_by": "ferry",
-                "max_model_len": engine.args.context_length}  # fmt: skip
+        card = {
+            "id": service.model_name,
+            "object": "model",
+            "created": service.started_at,
+            "owned_by": "ferry",
+            "max_model_len": engine.args.context_length,
+        }
         return JSONBody({"object": "list", "data": [card]})
 
     @router.post("/v1/completions")
@@ -56,9 +62,15 @@ def openai_router(service: Service) -> APIRouter:
         fields, renames = set(CompletionRequest.model_fields), {**ENGINE_TO_OPENAI, "input_ids": "prompt"}
         with engine_errors(fields, renames):
             stream = await engine.async_generate(
-                prompt, body.sampling_params(max_tokens), input_ids, stream=True,
-                rid=engine_rids(request, prompt if texts else input_ids), return_logprob=body.logprobs is not None,
-                top_logprobs_num=body.logprobs or 0, return_text_in_logprobs=True)  # fmt: skip
+                prompt,
+                body.sampling_params(max_tokens),
+                input_ids,
+                stream=True,
+                rid=engine_rids(request, prompt if texts else input_ids),
+                return_logprob=body.logprobs is not None,
+                top_logprobs_num=body.logprobs or 0,
+                return_text_in_logprobs=True,
+            )
         return await _respond(service, request, body, answer, stream, started, fields, renames)
 
     @router.post("/v1/chat/completions")
@@ -72,9 +84,14 @@ def openai_router(service: Service) -> APIRouter:
         renames = {**ENGINE_TO_OPENAI, "prompt": "messages", "image_data": "messages"}  # images come in messages
         with engine_errors(fields, renames):
             stream = await engine.async_chat(
-                [m.as_template_input() for m in body.messages], body.sampling_params(max_tokens), stream=True,
-                rid=request_rid(request), return_logprob=body.logprobs, top_logprobs_num=body.top_logprobs or 0,
-                return_text_in_logprobs=True)  # fmt: skip
+                [m.as_template_input() for m in body.messages],
+                body.sampling_params(max_tokens),
+                stream=True,
+                rid=request_rid(request),
+                return_logprob=body.logprobs,
+                top_logprobs_num=body.top_logprobs or 0,
+                return_text_in_logprobs=True,
+            )
         return await _respond(service, request, body, answer, stream, started, fields, renames)
 
     return router
@@ -86,9 +103,16 @@ def _echo_texts(engine: Engine, body: CompletionRequest) -> list[str]:
     return [p if isinstance(p, str) else engine.tokenizer.decode(p) for p in prompts]
 
 
-async def _respond(service: Service, request: Request, body: SamplingFields, answer: Answer,
-                   stream: AsyncIterator[dict[str, Any]], started: float, fields: set[str],
-                   renames: dict[str, str]) -> Response:  # fmt: skip
+async def _respond(
+    service: Service,
+    request: Request,
+    body: SamplingFields,
+    answer: Answer,
+    stream: AsyncIterator[dict[str, Any]],
+    started: float,
+    fields: set[str],
+    renames: dict[str, str],
+) -> Response:
     chunks = service.metrics.metered(stream, started)
     if body.stream:
         tail = (lambda: [answer.envelope([]) | {"usage": answer.usage()}]) if body.include_usage else list

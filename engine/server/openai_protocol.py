@@ -12,8 +12,20 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 # Engine names -> OpenAI names, for error messages about a request.
 ENGINE_TO_OPENAI = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens"}
 # Request fields passed to the engine's sampling params under the same name.
-_SAME_NAMED = ("temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty", "frequency_penalty",
-               "repetition_penalty", "ignore_eos", "stop_token_ids", "skip_special_tokens", "no_stop_trim")  # fmt: skip
+_SAME_NAMED = (
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "seed",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+    "ignore_eos",
+    "stop_token_ids",
+    "skip_special_tokens",
+    "no_stop_trim",
+)
 
 
 class _Strict(BaseModel):
@@ -151,8 +163,11 @@ class Answer:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model, "choices": choices}
 
     def usage(self) -> dict[str, int]:
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-                "total_tokens": self.prompt_tokens + self.completion_tokens}  # fmt: skip
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.prompt_tokens + self.completion_tokens,
+        }
 
     def whole(self, outputs: list[dict[str, Any]]) -> dict[str, Any]:
         for index, output in enumerate(outputs):
@@ -200,8 +215,12 @@ class CompletionAnswer(Answer):
             logprobs = completion_logprobs(output["meta_info"], offset)
             self.text_offsets[index] = offset + sum(len(t) for t in logprobs["tokens"])
         meta = output["meta_info"]
-        return {"index": index, "text": text, "logprobs": logprobs,
-                "finish_reason": finish_reason(meta["finish_reason"])}  # fmt: skip
+        return {
+            "index": index,
+            "text": text,
+            "logprobs": logprobs,
+            "finish_reason": finish_reason(meta["finish_reason"]),
+        }
 
     def whole_choice(self, index: int, output: dict[str, Any]) -> dict[str, Any]:
         return self._choice(index, output)
@@ -268,10 +287,12 @@ def chat_logprobs(meta: dict[str, Any]) -> dict[str, Any]:
     tops = meta.get("output_top_logprobs") or [[] for _ in meta.get("output_token_logprobs", [])]
     content = []
     for (logprob, _, text), position in zip(meta.get("output_token_logprobs", []), tops):
-        content.append({
-            "token": text,
-            "logprob": logprob,
-            "bytes": list(text.encode()),
-            "top_logprobs": [{"token": t, "logprob": lp, "bytes": list(t.encode())} for lp, _, t in position],
-        })  # fmt: skip
+        content.append(
+            {
+                "token": text,
+                "logprob": logprob,
+                "bytes": list(text.encode()),
+                "top_logprobs": [{"token": t, "logprob": lp, "bytes": list(t.encode())} for lp, _, t in position],
+            }
+        )
     return {"content": content}

@@ -7,13 +7,14 @@ import asyncio
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 from engine.engine import Engine
-from engine.shared.errors import EngineError
 from engine.server.errors import ApiError
 from engine.server.metrics import Metrics
+from engine.shared.errors import EngineError
 
 logger = logging.getLogger("engine.server")
 

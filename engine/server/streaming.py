@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import Any, AsyncIterator, Awaitable, Callable, Optional, TypeVar, Union
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, Optional, TypeVar, Union
 
 import msgspec
 from starlette.requests import Request
@@ -62,9 +63,12 @@ class EventStream(StreamingResponse):
 Chunk = dict[str, Any]
 
 
-async def sse_stream(chunks: AsyncIterator[Chunk], render: Callable[[Chunk], Optional[Chunk]],
-                     on_error: Callable[[Exception], Chunk], tail: Callable[[], list[Chunk]] = list,
-                     ) -> AsyncIterator[bytes]:  # fmt: skip
+async def sse_stream(
+    chunks: AsyncIterator[Chunk],
+    render: Callable[[Chunk], Optional[Chunk]],
+    on_error: Callable[[Exception], Chunk],
+    tail: Callable[[], list[Chunk]] = list,
+) -> AsyncIterator[bytes]:
     """Server-sent events: `render(chunk)` of each engine chunk (None skips it), the `tail()` events, then
     [DONE]. An exception mid-stream (the response has started: no status code left to use) is sent as
     the `on_error(exception)` event before [DONE]."""

@@ -90,7 +90,7 @@ class EngineArgs:
         if self.startup_timeout <= 0:
             raise ValueError(f"startup_timeout must be positive, got {self.startup_timeout!r}")
 
-    def resolve(self) -> "EngineArgs":
+    def resolve(self) -> EngineArgs:
         """Fill in what `auto` and None mean on this machine; returns a new, validated EngineArgs."""
         from engine.shared.model_files import resolve_model_path
 
@@ -126,7 +126,7 @@ class EngineArgs:
         return json.dumps(dataclasses.asdict(self))
 
     @classmethod
-    def from_json(cls, text: str) -> "EngineArgs":
+    def from_json(cls, text: str) -> EngineArgs:
         return cls(**json.loads(text))
 
 

@@ -10,7 +10,8 @@ import sys
 import threading
 import time
 import traceback
-from typing import Callable, Optional
+from collections.abc import Callable
+from typing import Optional
 
 import zmq
 
@@ -30,8 +31,13 @@ def child_main(role: str, run: Callable[[EngineArgs, Endpoints, zmq.Context], No
     run_child(role, sys.argv[1], int(sys.argv[2]), run, owns_ipc_dir=True)
 
 
-def run_child(role: str, ipc_dir: str, parent_pid: int, run: Callable[[EngineArgs, Endpoints, zmq.Context], None],
-              owns_ipc_dir: bool) -> None:  # fmt: skip
+def run_child(
+    role: str,
+    ipc_dir: str,
+    parent_pid: int,
+    run: Callable[[EngineArgs, Endpoints, zmq.Context], None],
+    owns_ipc_dir: bool,
+) -> None:
     """Run a child process's main loop; never returns normally. owns_ipc_dir: a direct child of the
     frontend, which removes the IPC directory if the frontend dies without doing so."""
     # Ctrl-C in a terminal reaches the whole process group; the frontend decides when children stop.

@@ -18,7 +18,7 @@ class Endpoints:
     frontend: str  # frontend's PULL: text batches, readiness, errors, control replies
 
     @classmethod
-    def in_dir(cls, directory: str) -> "Endpoints":
+    def in_dir(cls, directory: str) -> Endpoints:
         return cls(
             dir=directory,
             scheduler=f"ipc://{os.path.join(directory, 'scheduler')}",

@@ -70,8 +70,7 @@ def resolve_model_path(model_path: str | None, cache_dir: str | None = None) -> 
         return str(_resolve_gguf(path, cache))
     if path.exists():
         raise ValueError(
-            f"model_path {model_path!r} is neither a Hugging Face model folder "
-            "(with config.json) nor a .gguf file"
+            f"model_path {model_path!r} is neither a Hugging Face model folder (with config.json) nor a .gguf file"
         )
     raise ValueError(
         f"model_path {model_path!r} does not exist on disk. ferry cannot download "

@@ -10,8 +10,9 @@ from scheduler_proc.kv_pool import KVPool
 logger = logging.getLogger(__name__)
 
 
-def create_backend(name: str, pool: KVPool, device: str, num_heads: int, num_kv_heads: int,
-                   head_dim: int) -> AttentionBackend:  # fmt: skip
+def create_backend(
+    name: str, pool: KVPool, device: str, num_heads: int, num_kv_heads: int, head_dim: int
+) -> AttentionBackend:
     """name: "torch", "flashinfer" or "auto" (flashinfer on CUDA when installed, else torch)."""
     if name in ("auto", "flashinfer") and device == "cuda":
         try:

@@ -85,16 +85,35 @@ class FlashInferBackend(AttentionBackend):
         last_page_len = self.ones[: len(indptr) - 1]
         self.planned.synchronize()  # the previous plan's copy has run: its staging buffer may be rewritten
         if decoder is not None:
-            decoder.plan(indptr, indices.to(torch.int32), last_page_len, self.num_heads, self.num_kv_heads,
-                         self.head_dim, 1, q_data_type=dtype, kv_data_type=dtype)  # fmt: skip
+            decoder.plan(
+                indptr,
+                indices.to(torch.int32),
+                last_page_len,
+                self.num_heads,
+                self.num_kv_heads,
+                self.head_dim,
+                1,
+                q_data_type=dtype,
+                kv_data_type=dtype,
+            )
             self.active = decoder
             self.planned.record()
             return
         qo_indptr = torch.zeros(batch.batch_size + 1, dtype=torch.int32, pin_memory=True)
         torch.cumsum(torch.tensor(batch.extend_lens_cpu, dtype=torch.int32), 0, out=qo_indptr[1:])
-        self.prefill.plan(qo_indptr, indptr, indices.to(torch.int32), last_page_len, self.num_heads,
-                          self.num_kv_heads, self.head_dim, 1, causal=True, q_data_type=dtype,
-                          kv_data_type=dtype)  # fmt: skip
+        self.prefill.plan(
+            qo_indptr,
+            indptr,
+            indices.to(torch.int32),
+            last_page_len,
+            self.num_heads,
+            self.num_kv_heads,
+            self.head_dim,
+            1,
+            causal=True,
+            q_data_type=dtype,
+            kv_data_type=dtype,
+        )
         self.active = self.prefill
         self.planned.record()
 

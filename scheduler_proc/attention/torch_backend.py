@@ -40,8 +40,9 @@ class TorchBackend(AttentionBackend):
         self.mask = self._mask(prefix, total, valid, max_q, device)
 
     @staticmethod
-    def _mask(prefix: list[int], total: list[int], valid: torch.Tensor, max_q: int,
-              device: torch.device) -> Optional[torch.Tensor]:  # fmt: skip
+    def _mask(
+        prefix: list[int], total: list[int], valid: torch.Tensor, max_q: int, device: torch.device
+    ) -> Optional[torch.Tensor]:
         """[B, 1, Qmax, Lmax] bool, True where a query may attend; None when every query sees every key."""
         if max_q == 1:  # one query per sequence, the last position: it sees all of its own keys
             return None if min(total) == max(total) else valid[:, None, None, :].to(device)

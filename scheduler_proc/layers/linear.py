@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from scheduler_proc.layers.kernels import LinearKernel
@@ -25,8 +24,9 @@ def source_shape(source: Any) -> list[int]:
     return list(source.get_shape()) if hasattr(source, "get_shape") else list(source.shape)
 
 
-def read_block(source: Any, name: str, expected: list[int], dim: int = 0, start: int = 0,
-               end: Optional[int] = None) -> torch.Tensor:  # fmt: skip
+def read_block(
+    source: Any, name: str, expected: list[int], dim: int = 0, start: int = 0, end: Optional[int] = None
+) -> torch.Tensor:
     """source[start:end] along dim (all of it when end is None), after checking its shape: every dim
     but `dim` must be as expected, and `dim` must hold [start, end)."""
     shape = source_shape(source)
@@ -34,8 +34,10 @@ def read_block(source: Any, name: str, expected: list[int], dim: int = 0, start:
     if len(shape) != len(expected) or any(s != e for i, (s, e) in enumerate(zip(shape, expected)) if i != dim):
         raise ValueError(f"checkpoint tensor {name} has shape {shape}, expected {expected}")
     if shape[dim] < end:
-        raise ValueError(f"checkpoint tensor {name} has {shape[dim]} entries along dim {dim}; this rank "
-                         f"reads [{start}, {end}) of the {expected[dim]} expected")  # fmt: skip
+        raise ValueError(
+            f"checkpoint tensor {name} has {shape[dim]} entries along dim {dim}; this rank "
+            f"reads [{start}, {end}) of the {expected[dim]} expected"
+        )
     if dim == 0:
         return source[start:end]
     return source[:, start:end]

@@ -11,7 +11,8 @@ each rank keeps the one KV head its query heads read.
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Optional
+from collections.abc import Iterable
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -63,8 +64,11 @@ class Attention(nn.Module):
         self.head_dim = shape.head_dim
         q_size, kv_size = shape.num_heads * self.head_dim, shape.num_kv_heads * self.head_dim
         kv_shards, kv_shard = shape.kv_shard(tp.rank)
-        parts = [Part("q_proj", q_size, tp.size, tp.rank), Part("k_proj", kv_size, kv_shards, kv_shard),
-                 Part("v_proj", kv_size, kv_shards, kv_shard)]  # fmt: skip
+        parts = [
+            Part("q_proj", q_size, tp.size, tp.rank),
+            Part("k_proj", kv_size, kv_shards, kv_shard),
+            Part("v_proj", kv_size, kv_shards, kv_shard),
+        ]
         self.qkv_proj = ColumnParallelLinear(shape.hidden_size, parts, bias=shape.qkv_bias)
         self.o_proj = RowParallelLinear(q_size, shape.hidden_size, bias=False, tp=tp)
         self.q_norm = RMSNorm(self.head_dim, shape.rms_norm_eps) if shape.qk_norm else None
@@ -140,8 +144,9 @@ class DecoderModel(nn.Module):
 class CausalLM(nn.Module):
     """Decoder + LM head. forward() returns the final-normed hidden states of every input token."""
 
-    def __init__(self, config: dict[str, Any], qkv_bias: bool = False, qk_norm: bool = False,
-                 tp: Optional[TPGroup] = None) -> None:  # fmt: skip
+    def __init__(
+        self, config: dict[str, Any], qkv_bias: bool = False, qk_norm: bool = False, tp: Optional[TPGroup] = None
+    ) -> None:
         super().__init__()
         tp = tp or TPGroup()
         self.shape = ModelShape(config, qkv_bias, qk_norm, tp.size)

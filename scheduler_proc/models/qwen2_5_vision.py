@@ -20,8 +20,12 @@ from torch import nn
 from scheduler_proc.layers.norm import RMSNorm
 
 _VISION_NORM_EPS = 1e-6  # fixed in Qwen2.5-VL's vision tower, not read from its config
-_ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_pytorch_tanh": functools.partial(F.gelu, approximate="tanh"),
-                "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x)}  # fmt: skip
+_ACTIVATIONS = {
+    "silu": F.silu,
+    "gelu": F.gelu,
+    "gelu_pytorch_tanh": functools.partial(F.gelu, approximate="tanh"),
+    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
+}
 
 
 @dataclass
@@ -108,8 +112,9 @@ class PatchMerger(nn.Module):
         super().__init__()
         self.merged_dim = dim * merge_size**2
         self.ln_q = RMSNorm(dim, _VISION_NORM_EPS)
-        self.mlp = nn.Sequential(nn.Linear(self.merged_dim, self.merged_dim), nn.GELU(),
-                                 nn.Linear(self.merged_dim, out_dim))  # fmt: skip
+        self.mlp = nn.Sequential(
+            nn.Linear(self.merged_dim, self.merged_dim), nn.GELU(), nn.Linear(self.merged_dim, out_dim)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.mlp(self.ln_q(x).view(-1, self.merged_dim))

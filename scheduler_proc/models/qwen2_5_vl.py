@@ -5,7 +5,8 @@ request) and their embeddings replace the image tokens' rows before the first la
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Iterable, Iterator, Optional
+from collections.abc import Iterable, Iterator
+from typing import Any, Optional
 
 import torch
 

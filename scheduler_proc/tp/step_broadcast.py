@@ -23,12 +23,19 @@ Writes = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # req_to_token rows, p
 
 def pack_step(batch: ForwardBatch, writes: Writes) -> torch.Tensor:
     """The step as one int64 host tensor (rank 0)."""
-    on_device = [batch.input_ids, batch.positions, batch.out_cache_loc, batch.req_pool_indices, batch.logit_rows,
-                 *writes]  # fmt: skip
+    on_device = [
+        batch.input_ids,
+        batch.positions,
+        batch.out_cache_loc,
+        batch.req_pool_indices,
+        batch.logit_rows,
+        *writes,
+    ]
     assert all(t.dtype == torch.int64 for t in on_device), [t.dtype for t in on_device]
     sizes = [len(batch.input_ids), batch.batch_size, len(batch.logit_rows), len(writes[0])]
-    host = torch.tensor([STEP, *sizes, int(batch.is_decode), *batch.prefix_lens_cpu, *batch.extend_lens_cpu],
-                        dtype=torch.int64)  # fmt: skip
+    host = torch.tensor(
+        [STEP, *sizes, int(batch.is_decode), *batch.prefix_lens_cpu, *batch.extend_lens_cpu], dtype=torch.int64
+    )
     return torch.cat([host, torch.cat(on_device).cpu()])
 
 

@@ -43,7 +43,7 @@ def main() -> None:
     run_child(f"tensor-parallel rank {rank}", ipc_dir, rank0_pid, run, owns_ipc_dir=False)
 
 
-def follow_rank0(runner: "ModelRunner") -> None:
+def follow_rank0(runner: ModelRunner) -> None:
     """The loop of ranks 1..: run whatever rank 0 broadcasts, until the process is ended."""
     from scheduler_proc.tp.step_broadcast import MEMORY, STEP, unpack_step
 

@@ -20,9 +20,8 @@ from typing import Optional
 import zmq
 
 from engine.shared.args import EngineArgs
-from engine.shared.child_process import report_error
+from engine.shared.child_process import MULTICAST_OFF_ENV, report_error
 from engine.shared.ipc import Endpoints
-from engine.shared.child_process import MULTICAST_OFF_ENV
 from scheduler_proc.tp.group import TPGroup, join_group, rank_device
 
 logger = logging.getLogger(__name__)

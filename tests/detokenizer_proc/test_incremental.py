@@ -7,14 +7,21 @@ import pytest
 
 from detokenizer_proc.detokenizer import Detokenizer
 from detokenizer_proc.incremental import DecodeState
-from engine.shared.text import TextDecoder
 from engine.shared.protocol import DetokenizeSpec, FinishReason, TokenBatch
+from engine.shared.text import TextDecoder
 
 
-def spec(rid: str = "r", stop: tuple[str, ...] = (), no_stop_trim: bool = False, skip: bool = True,
-         spaces: bool = True) -> DetokenizeSpec:  # fmt: skip
-    return DetokenizeSpec(rid=rid, skip_special_tokens=skip, spaces_between_special_tokens=spaces, stop=list(stop),
-                          no_stop_trim=no_stop_trim, return_text_in_logprobs=False)  # fmt: skip
+def spec(
+    rid: str = "r", stop: tuple[str, ...] = (), no_stop_trim: bool = False, skip: bool = True, spaces: bool = True
+) -> DetokenizeSpec:
+    return DetokenizeSpec(
+        rid=rid,
+        skip_special_tokens=skip,
+        spaces_between_special_tokens=spaces,
+        stop=list(stop),
+        no_stop_trim=no_stop_trim,
+        return_text_in_logprobs=False,
+    )
 
 
 def feed(detokenizer: Detokenizer, ids: list[int], s: DetokenizeSpec, finish: FinishReason, per_step: int = 1):
@@ -127,8 +134,15 @@ def test_state_holds_an_incomplete_character():
 def test_requests_with_different_options_in_one_batch(detokenizer, tokenizer):
     ids = tokenizer("Hi there")["input_ids"] + [2]  # ... <|im_end|>
     specs = [spec("plain"), spec("shown", skip=False)]
-    batch = TokenBatch(rids=["plain", "shown"], new_token_ids=[ids, ids], finish=[LENGTH, LENGTH],
-                       prompt_tokens=[1, 1], cached_tokens=[0, 0], extras=[None, None], new_specs=specs)  # fmt: skip
+    batch = TokenBatch(
+        rids=["plain", "shown"],
+        new_token_ids=[ids, ids],
+        finish=[LENGTH, LENGTH],
+        prompt_tokens=[1, 1],
+        cached_tokens=[0, 0],
+        extras=[None, None],
+        new_specs=specs,
+    )
     assert batch_text(detokenizer, batch) == ["Hi there", "Hi there<|im_end|>"]
 
 
@@ -145,8 +159,13 @@ def spacing_tokenizer():
     backend = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     backend.decoder = decoders.WordPiece()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", cls_token="[CLS]",
-                                   sep_token="[SEP]", additional_special_tokens=["<x>"])  # fmt: skip
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        unk_token="[UNK]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        additional_special_tokens=["<x>"],
+    )
 
 
 def test_spaces_between_special_tokens_on_a_spacing_tokenizer(spacing_tokenizer):

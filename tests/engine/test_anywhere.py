@@ -11,18 +11,19 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from typing import Any, Callable
+from typing import Any
 
 import httpx
 import pytest
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
+from reference import hf_greedy
 
 from engine import Engine
-from reference import hf_greedy
 
 PROMPTS = [
     "The capital of France is",
@@ -122,8 +123,11 @@ def test_constructed_off_the_main_thread(engine, hf_default_model, tokenizer):
     expected = hf_greedy(hf_default_model, tokenizer(prompt)["input_ids"], GREEDY["max_new_tokens"])
 
     def use() -> tuple[dict, tuple[str, list[int]], dict]:
-        return (engine.generate(prompt, GREEDY), stream_ids(engine.generate(prompt, GREEDY, stream=True)),
-                asyncio.run(engine.async_generate(prompt, GREEDY)))  # fmt: skip
+        return (
+            engine.generate(prompt, GREEDY),
+            stream_ids(engine.generate(prompt, GREEDY, stream=True)),
+            asyncio.run(engine.async_generate(prompt, GREEDY)),
+        )
 
     for single, streamed, awaited in (in_a_thread(use), use()):  # from another thread, and from main
         assert single["output_ids"] == expected

@@ -17,8 +17,22 @@ def test_named_workloads_are_the_published_ones():
 
 def test_harness_runs_and_writes_a_json_line(tmp_path, capsys):
     result_file = tmp_path / "out.jsonl"
-    main(["--num-prompts", "3", "--random-input-len", "12", "--random-output-len", "4", "--device", "cpu",
-          "--max-total-tokens", "2048", "--result-file", str(result_file)])  # fmt: skip
+    main(
+        [
+            "--num-prompts",
+            "3",
+            "--random-input-len",
+            "12",
+            "--random-output-len",
+            "4",
+            "--device",
+            "cpu",
+            "--max-total-tokens",
+            "2048",
+            "--result-file",
+            str(result_file),
+        ]
+    )
     row = json.loads(result_file.read_text().splitlines()[-1])
     assert row["num_prompts"] == 3
     assert row["ferry"]["output_tokens"] == row["requested_output_tokens"]  # ignore_eos by default

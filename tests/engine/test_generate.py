@@ -5,10 +5,10 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from reference import assert_pool_free, hf_greedy
 
 from engine import Engine
 from engine.utils import async_stream_and_merge, stream_and_merge
-from reference import assert_pool_free, hf_greedy
 
 PROMPTS = [
     "The capital of France is",
@@ -123,7 +123,10 @@ def test_stop_string_is_trimmed_and_named(engine):
     out = engine.generate(PROMPTS[15], {"temperature": 0, "max_new_tokens": 20, "stop": [" 6,"]})
     assert out["meta_info"]["finish_reason"] == {"type": "stop", "matched": " 6,"}
     assert out["text"] == free[: free.index(" 6,")]
-    chunks = [c["text"] for c in engine.generate(PROMPTS[15], {"temperature": 0, "max_new_tokens": 20, "stop": [" 6,"]}, stream=True)]
+    chunks = [
+        c["text"]
+        for c in engine.generate(PROMPTS[15], {"temperature": 0, "max_new_tokens": 20, "stop": [" 6,"]}, stream=True)
+    ]
     assert "".join(chunks) == out["text"]
 
 

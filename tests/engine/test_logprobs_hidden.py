@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from reference import hf_logprobs
 
 from engine import Engine
-from reference import hf_logprobs
 
 PROMPT = "The capital of France is Paris. The capital of Germany is"
 GREEDY = {"temperature": 0, "max_new_tokens": 8, "ignore_eos": True}
@@ -92,8 +92,9 @@ def test_top_logprobs_are_sorted_and_lead_with_the_greedy_token(engine, hf_defau
 
 
 def test_return_text_in_logprobs(engine, tokenizer):
-    out = engine.generate(PROMPT, GREEDY, return_logprob=True, logprob_start_len=0, top_logprobs_num=2,
-                          return_text_in_logprobs=True)  # fmt: skip
+    out = engine.generate(
+        PROMPT, GREEDY, return_logprob=True, logprob_start_len=0, top_logprobs_num=2, return_text_in_logprobs=True
+    )
     meta = out["meta_info"]
     for name in ("input_token_logprobs", "output_token_logprobs"):
         assert all(text == tokenizer.decode([t]) for _, t, text in meta[name]), name
@@ -103,8 +104,14 @@ def test_return_text_in_logprobs(engine, tokenizer):
 
 
 def test_logprobs_are_before_temperature_and_penalties(engine, hf_default_model, prompt_ids):
-    params = {"temperature": 0.5, "repetition_penalty": 1.3, "frequency_penalty": 0.5, "max_new_tokens": 8,
-              "seed": 11, "ignore_eos": True}  # fmt: skip
+    params = {
+        "temperature": 0.5,
+        "repetition_penalty": 1.3,
+        "frequency_penalty": 0.5,
+        "max_new_tokens": 8,
+        "seed": 11,
+        "ignore_eos": True,
+    }
     out = engine.generate(PROMPT, params, return_logprob=True)
     ref = _ref(hf_default_model, prompt_ids, out["output_ids"])
     n = len(prompt_ids)
@@ -121,8 +128,7 @@ def test_input_logprobs_across_prefill_chunks(engine, hf_default_model, tokenize
     ids = tokenizer(prompt)["input_ids"]
     assert len(ids) > 600
     start = 500
-    out = engine.generate(prompt, {"temperature": 0, "max_new_tokens": 2}, return_logprob=True,
-                          logprob_start_len=start)  # fmt: skip
+    out = engine.generate(prompt, {"temperature": 0, "max_new_tokens": 2}, return_logprob=True, logprob_start_len=start)
     ref = _ref(hf_default_model, ids, out["output_ids"])
     inputs = out["meta_info"]["input_token_logprobs"]
     assert [t for _, t, _ in inputs] == ids[start:]

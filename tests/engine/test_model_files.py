@@ -18,6 +18,7 @@ import pytest
 from engine.shared import model_files
 from engine.shared.model_files import resolve_model_path
 
+
 @pytest.fixture(scope="module")
 def default_model() -> Path:
     """The default SmolLM2 folder, fetched and converted on first use."""
@@ -40,8 +41,13 @@ def gguf_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.mark.slow
 def test_default_model_folder(default_model: Path) -> None:
-    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-                 "generation_config.json"):
+    for name in (
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+    ):
         assert (default_model / name).is_file(), name
     config = json.loads((default_model / "config.json").read_text())
     assert config["model_type"] == "llama"
@@ -75,10 +81,12 @@ def test_default_model_answers_paris(default_model: Path) -> None:
     model = AutoModelForCausalLM.from_pretrained(default_model)
     inputs = tokenizer.apply_chat_template(
         [{"role": "user", "content": "What is the capital of France?"}],
-        add_generation_prompt=True, return_tensors="pt", return_dict=True,
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
     )
     out = model.generate(**inputs, max_new_tokens=16, do_sample=False)
-    text = tokenizer.decode(out[0][inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    text = tokenizer.decode(out[0][inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     assert "Paris" in text
 
 
@@ -136,6 +144,8 @@ def test_folder_with_one_gguf_resolves(default_gguf: Path, gguf_cache: Path, tmp
 
 
 def test_import_does_not_load_torch() -> None:
-    code = "import sys, engine.shared.model_files; assert 'torch' not in sys.modules and 'transformers' not in sys.modules"
+    code = (
+        "import sys, engine.shared.model_files; assert 'torch' not in sys.modules and 'transformers' not in sys.modules"
+    )
     root = Path(__file__).resolve().parents[2]
     subprocess.run([sys.executable, "-c", code], check=True, cwd=root)

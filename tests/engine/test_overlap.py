@@ -7,15 +7,22 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from engine import Engine
 from reference import assert_pool_free
 
+from engine import Engine
+
 PROMPTS = [
-    "The capital of France is", "Write a haiku about the sea:", "def fibonacci(n):", "List three colors: red,",
-    "In 1969, the first person to walk on the moon was", "Translate to French: good morning",
-    "Q: What is 12 times 12?\nA:", "Once upon a time, in a land far away,", "Water boils at", "1, 2, 3, 4,",
-]  # fmt: skip
+    "The capital of France is",
+    "Write a haiku about the sea:",
+    "def fibonacci(n):",
+    "List three colors: red,",
+    "In 1969, the first person to walk on the moon was",
+    "Translate to French: good morning",
+    "Q: What is 12 times 12?\nA:",
+    "Once upon a time, in a land far away,",
+    "Water boils at",
+    "1, 2, 3, 4,",
+]
 PARAMS = [
     {"temperature": 0, "max_new_tokens": 40},  # stops at EOS
     {"temperature": 0, "max_new_tokens": 40, "stop": ["\n"]},
@@ -27,7 +34,7 @@ PARAMS = [
     {"temperature": 0, "max_new_tokens": 1},
     {"temperature": 0, "max_new_tokens": 40},
     {"temperature": 0, "max_new_tokens": 16, "stop": ["5"]},
-]  # fmt: skip
+]
 # Under pressure, long requests whose length admission can only guess (a stop id they never reach)
 # outgrow their reservation, so some are retracted; the early-stopping ones above alone never are.
 LONG = {"temperature": 0, "max_new_tokens": 48, "ignore_eos": True, "stop_token_ids": [49151]}
@@ -59,7 +66,9 @@ def comparable(output: dict) -> dict:
 
 def logprob_values(output: dict) -> list[float]:
     meta = output["meta_info"]
-    return [v for v, _, _ in meta["output_token_logprobs"]] + [v for top in meta["output_top_logprobs"] for v, _, _ in top]
+    return [v for v, _, _ in meta["output_token_logprobs"]] + [
+        v for top in meta["output_top_logprobs"] for v, _, _ in top
+    ]
 
 
 @pytest.mark.parametrize("settings", SETTINGS, ids=["plain", "pressure-chunked"])
@@ -72,8 +81,9 @@ def test_overlap_changes_no_output(default_model_path, settings):
         np.testing.assert_allclose(logprob_values(a), logprob_values(b), atol=1e-4)
     reasons = {o["meta_info"]["finish_reason"]["type"] for o in plain}
     assert reasons == {"stop", "length"}  # both kinds of end are exercised
-    assert any(o["meta_info"]["finish_reason"]["type"] == "stop" and o["meta_info"]["completion_tokens"] < 40
-               for o in plain)  # a request ended early, while the next step was already queued
+    assert any(
+        o["meta_info"]["finish_reason"]["type"] == "stop" and o["meta_info"]["completion_tokens"] < 40 for o in plain
+    )  # a request ended early, while the next step was already queued
     for a, b in zip(over_hidden, plain_hidden):
         assert a["output_ids"] == b["output_ids"]
         assert len(a["meta_info"]["hidden_states"]) == len(b["meta_info"]["hidden_states"])

@@ -7,16 +7,20 @@ from __future__ import annotations
 
 import pytest
 import torch
+from reference import assert_pool_free
 
 from engine import Engine
-from reference import assert_pool_free
 
 SYSTEM = (
     "You are a careful assistant for a small bakery in Lyon. You answer questions about opening hours, "
     "bread, pastries and cakes in one short sentence, politely, and you never invent prices. "
 )
-QUESTIONS = ["Q: When do you open?\nA:", "Q: Do you sell croissants?\nA:", "Q: Is there a cake today?\nA:",
-             "Q: Can I order bread for Sunday?\nA:"]  # fmt: skip
+QUESTIONS = [
+    "Q: When do you open?\nA:",
+    "Q: Do you sell croissants?\nA:",
+    "Q: Is there a cake today?\nA:",
+    "Q: Can I order bread for Sunday?\nA:",
+]
 GREEDY = {"temperature": 0, "max_new_tokens": 12, "ignore_eos": True}
 
 
@@ -68,8 +72,10 @@ def test_multi_turn_chat_reuses_the_previous_turn(cached, uncached, tokenizer):
     reply = cached.chat(conversation, params)
     turn1_text = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
     turn1_len = len(tokenizer(turn1_text)["input_ids"])
-    conversation += [{"role": "assistant", "content": reply["text"]},
-                     {"role": "user", "content": "What river flows through it?"}]  # fmt: skip
+    conversation += [
+        {"role": "assistant", "content": reply["text"]},
+        {"role": "user", "content": "What river flows through it?"},
+    ]
     second = cached.chat(conversation, params)
     # The whole first prompt and (nearly) all of the reply were in the cache.
     assert second["meta_info"]["cached_tokens"] >= turn1_len + len(reply["output_ids"]) - 2

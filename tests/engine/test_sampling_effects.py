@@ -7,9 +7,9 @@ for one row or six), which also shows that each row keeps its own parameters.
 from __future__ import annotations
 
 import pytest
+from reference import assert_pool_free, hf_greedy
 
 from engine import Engine
-from reference import assert_pool_free, hf_greedy
 
 COUNTING = "1, 2, 3, 4,"  # greedy: " 5, 6, 7, 8, ..." one digit, comma or space per token
 STORY = "Once upon a time, in a land far away,"

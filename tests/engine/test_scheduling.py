@@ -10,17 +10,28 @@ import threading
 import time
 
 import pytest
-
-from engine import Engine
 from reference import assert_pool_free, tiny_model_dir
 
+from engine import Engine
+
 PROMPTS = [
-    "The capital of France is", "Write a haiku about the sea:", "def fibonacci(n):", "List three colors: red,",
-    "In 1969, the first person to walk on the moon was", "Translate to French: good morning",
-    "The quick brown fox", "Q: What is 12 times 12?\nA:", "Once upon a time, in a land far away,",
-    "The best way to learn a language is", "import numpy as np\n", "My favourite food is", "Water boils at",
-    "The largest planet in the solar system is", "Dear Sir or Madam,", "1, 2, 3, 4,",
-]  # fmt: skip
+    "The capital of France is",
+    "Write a haiku about the sea:",
+    "def fibonacci(n):",
+    "List three colors: red,",
+    "In 1969, the first person to walk on the moon was",
+    "Translate to French: good morning",
+    "The quick brown fox",
+    "Q: What is 12 times 12?\nA:",
+    "Once upon a time, in a land far away,",
+    "The best way to learn a language is",
+    "import numpy as np\n",
+    "My favourite food is",
+    "Water boils at",
+    "The largest planet in the solar system is",
+    "Dear Sir or Madam,",
+    "1, 2, 3, 4,",
+]
 # A stop id (one these outputs never reach) makes each request's length a guess for admission, as
 # with real traffic: requests that can only end by length reserve all of it and are never retracted.
 GREEDY = {"temperature": 0, "max_new_tokens": 48, "ignore_eos": True, "stop_token_ids": [49151]}
@@ -51,12 +62,16 @@ def reference(model_dir):
     return {"workload": [o["output_ids"] for o in workload], "mixed": [o["output_ids"] for o in mixed]}
 
 
-@pytest.mark.parametrize("settings", [
-    {"schedule_policy": "lpm"},
-    {"schedule_policy": "fcfs"},
-    {"disable_radix_cache": True},
-    {"schedule_policy": "fcfs", "chunked_prefill_size": 16},
-], ids=["lpm", "fcfs", "no-cache", "fcfs-chunked"])  # fmt: skip
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"schedule_policy": "lpm"},
+        {"schedule_policy": "fcfs"},
+        {"disable_radix_cache": True},
+        {"schedule_policy": "fcfs", "chunked_prefill_size": 16},
+    ],
+    ids=["lpm", "fcfs", "no-cache", "fcfs-chunked"],
+)
 def test_workload_needing_4x_the_pool_completes_with_identical_outputs(model_dir, reference, tokenizer, settings):
     needed = sum(len(ids) + GREEDY["max_new_tokens"] for ids in tokenizer(PROMPTS)["input_ids"])
     assert needed > 4 * SMALL_POOL
@@ -71,8 +86,13 @@ def test_workload_needing_4x_the_pool_completes_with_identical_outputs(model_dir
 @pytest.fixture(scope="module", params=["cache", "no-cache"])
 def chunked(model_dir, request):
     """Prefill in chunks of CHUNK tokens; two request rows, so a third request waits."""
-    with Engine(model_dir, max_total_tokens=4096, chunked_prefill_size=CHUNK, max_running_requests=2,
-                disable_radix_cache=request.param == "no-cache") as e:  # fmt: skip
+    with Engine(
+        model_dir,
+        max_total_tokens=4096,
+        chunked_prefill_size=CHUNK,
+        max_running_requests=2,
+        disable_radix_cache=request.param == "no-cache",
+    ) as e:
         yield e
 
 
@@ -89,8 +109,10 @@ def test_chunked_prefill_matches_unchunked(chunked, reference):
 
 
 def test_running_stream_keeps_receiving_tokens_while_a_long_prompt_prefills(chunked):
-    params = [{"temperature": 0, "max_new_tokens": 64, "ignore_eos": True},
-              {"temperature": 0, "max_new_tokens": 2, "ignore_eos": True}]  # fmt: skip
+    params = [
+        {"temperature": 0, "max_new_tokens": 64, "ignore_eos": True},
+        {"temperature": 0, "max_new_tokens": 2, "ignore_eos": True},
+    ]
     running_tokens_before_long_output = None
     running_tokens = 0
     for chunk in chunked.generate(input_ids=[SHORT, long_prompt(1)], sampling_params=params, stream=True):
@@ -104,18 +126,20 @@ def test_running_stream_keeps_receiving_tokens_while_a_long_prompt_prefills(chun
 
 
 def test_abort_while_decoding(chunked):
-    stream = chunked.generate(input_ids=SHORT, sampling_params={"max_new_tokens": 500, "ignore_eos": True},
-                              stream=True)  # fmt: skip
+    stream = chunked.generate(input_ids=SHORT, sampling_params={"max_new_tokens": 500, "ignore_eos": True}, stream=True)
     chunks = [next(stream), next(stream)]
     assert chunks[-1]["meta_info"]["finish_reason"] is None
     stream.close()  # aborts the request mid-decode
 
 
 def test_abort_during_chunked_prefill(chunked):
-    params = [{"temperature": 0, "max_new_tokens": 500, "ignore_eos": True},
-              {"temperature": 0, "max_new_tokens": 4, "ignore_eos": True}]  # fmt: skip
-    stream = chunked.generate(input_ids=[SHORT, long_prompt(2)], sampling_params=params, rid=["runner", "long"],
-                              stream=True)  # fmt: skip
+    params = [
+        {"temperature": 0, "max_new_tokens": 500, "ignore_eos": True},
+        {"temperature": 0, "max_new_tokens": 4, "ignore_eos": True},
+    ]
+    stream = chunked.generate(
+        input_ids=[SHORT, long_prompt(2)], sampling_params=params, rid=["runner", "long"], stream=True
+    )
     runner_tokens, long_chunks = 0, []
     for chunk in stream:
         if chunk["index"] == 0:

@@ -13,7 +13,8 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import httpx
 import openai
@@ -122,7 +123,7 @@ def _sse(response: httpx.Response) -> list[Any]:
     events = []
     for line in response.iter_lines():
         if line.startswith("data: "):
-            data = line[len("data: "):]
+            data = line[len("data: ") :]
             events.append(data if data == "[DONE]" else json.loads(data))
     return events
 
@@ -163,8 +164,11 @@ def _info(http: httpx.Client) -> dict[str, Any]:
 
 def _pool_is_free(info: dict[str, Any]) -> bool:
     """No request holds KV: what the prefix cache keeps is evictable, so it counts as free."""
-    return (info["num_running"] == 0 and info["num_waiting"] == 0
-            and info["kv_free_tokens"] + info.get("kv_cached_tokens", 0) == info["kv_pool_tokens"])  # fmt: skip
+    return (
+        info["num_running"] == 0
+        and info["num_waiting"] == 0
+        and info["kv_free_tokens"] + info.get("kv_cached_tokens", 0) == info["kv_pool_tokens"]
+    )
 
 
 # ---- same answers as the engine ----
@@ -182,7 +186,13 @@ def test_generate_answers_what_engine_generate_does(http, reference):
 
 
 def test_generate_stream_is_the_whole_answer_in_pieces(http, reference):
-    body = {"text": PROMPTS[1], "sampling_params": GREEDY, "stream": True, "return_logprob": True, "top_logprobs_num": 2}
+    body = {
+        "text": PROMPTS[1],
+        "sampling_params": GREEDY,
+        "stream": True,
+        "return_logprob": True,
+        "top_logprobs_num": 2,
+    }
     with http.stream("POST", "/generate", json=body) as response:
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("text/event-stream")
@@ -199,8 +209,10 @@ def test_generate_stream_is_the_whole_answer_in_pieces(http, reference):
 
 
 def test_generate_hidden_states_are_json_lists(http):
-    out = http.post("/generate", json={"text": PROMPTS[0], "return_hidden_states": True,
-                                       "sampling_params": {**GREEDY, "max_new_tokens": 3}}).json()  # fmt: skip
+    out = http.post(
+        "/generate",
+        json={"text": PROMPTS[0], "return_hidden_states": True, "sampling_params": {**GREEDY, "max_new_tokens": 3}},
+    ).json()
     hidden = out["meta_info"]["hidden_states"]
     info = _info(http)
     prompt_states = hidden[0]
@@ -212,12 +224,21 @@ def test_generate_hidden_states_are_json_lists(http):
 def test_openai_completions_match_the_engine(client, model_name, reference):
     want = reference["generate"][0]
     extra = {"ignore_eos": True}
-    whole = client.completions.create(model=model_name, prompt=PROMPTS[0], max_tokens=12, temperature=0, extra_body=extra)
+    whole = client.completions.create(
+        model=model_name, prompt=PROMPTS[0], max_tokens=12, temperature=0, extra_body=extra
+    )
     assert whole.choices[0].text == want["text"]
     assert whole.choices[0].finish_reason == "length"
     assert (whole.usage.prompt_tokens, whole.usage.completion_tokens) == (want["meta_info"]["prompt_tokens"], 12)
-    stream = client.completions.create(model=model_name, prompt=PROMPTS[0], max_tokens=12, temperature=0,
-                                       stream=True, stream_options={"include_usage": True}, extra_body=extra)  # fmt: skip
+    stream = client.completions.create(
+        model=model_name,
+        prompt=PROMPTS[0],
+        max_tokens=12,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body=extra,
+    )
     chunks = list(stream)
     assert "".join(c.choices[0].text for c in chunks if c.choices) == want["text"]
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
@@ -225,31 +246,45 @@ def test_openai_completions_match_the_engine(client, model_name, reference):
 
 
 def test_openai_completions_batch_logprobs_and_echo(client, model_name, reference):
-    out = client.completions.create(model=model_name, prompt=PROMPTS, max_tokens=12, temperature=0, logprobs=3,
-                                    extra_body={"ignore_eos": True})  # fmt: skip
+    out = client.completions.create(
+        model=model_name, prompt=PROMPTS, max_tokens=12, temperature=0, logprobs=3, extra_body={"ignore_eos": True}
+    )
     assert [c.index for c in out.choices] == [0, 1, 2]
     for choice, want in zip(out.choices, reference["generate"]):
         assert choice.text == want["text"]
         assert "".join(choice.logprobs.tokens) == want["text"]
         assert choice.logprobs.text_offset == [sum(map(len, choice.logprobs.tokens[:k])) for k in range(12)]
         assert len(choice.logprobs.token_logprobs) == 12 and all(lp <= 0 for lp in choice.logprobs.token_logprobs)
-        assert all(len(top) <= 3 and max(top.values()) >= lp - 1e-5
-                   for top, lp in zip(choice.logprobs.top_logprobs, choice.logprobs.token_logprobs))  # fmt: skip
+        assert all(
+            len(top) <= 3 and max(top.values()) >= lp - 1e-5
+            for top, lp in zip(choice.logprobs.top_logprobs, choice.logprobs.token_logprobs)
+        )
     assert out.usage.completion_tokens == 36
-    echoed = client.completions.create(model=model_name, prompt=PROMPTS[0], max_tokens=12, temperature=0, echo=True,
-                                       extra_body={"ignore_eos": True})  # fmt: skip
+    echoed = client.completions.create(
+        model=model_name, prompt=PROMPTS[0], max_tokens=12, temperature=0, echo=True, extra_body={"ignore_eos": True}
+    )
     assert echoed.choices[0].text == PROMPTS[0] + reference["generate"][0]["text"]
 
 
 def test_openai_chat_matches_engine_chat(client, model_name, reference):
     want = reference["chat"]
     extra = {"ignore_eos": True}
-    whole = client.chat.completions.create(model=model_name, messages=CHAT, max_tokens=12, temperature=0, extra_body=extra)
+    whole = client.chat.completions.create(
+        model=model_name, messages=CHAT, max_tokens=12, temperature=0, extra_body=extra
+    )
     assert whole.choices[0].message.role == "assistant"
     assert whole.choices[0].message.content == want["text"]
     assert whole.usage.prompt_tokens == want["meta_info"]["prompt_tokens"]
-    stream = client.chat.completions.create(model=model_name, messages=CHAT, max_tokens=12, temperature=0,
-                                            stream=True, logprobs=True, top_logprobs=2, extra_body=extra)  # fmt: skip
+    stream = client.chat.completions.create(
+        model=model_name,
+        messages=CHAT,
+        max_tokens=12,
+        temperature=0,
+        stream=True,
+        logprobs=True,
+        top_logprobs=2,
+        extra_body=extra,
+    )
     chunks = list(stream)
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == want["text"]
@@ -303,9 +338,15 @@ def test_64_concurrent_streams_all_complete(server, model_name, http):
         return i, text, tokens, saw_done and finish == {"type": "length", "matched": None}
 
     async def one_openai(oai: openai.AsyncOpenAI, i: int) -> tuple[int, str, int, bool]:
-        stream = await oai.completions.create(model=model_name, prompt=PROMPTS[i % 3], max_tokens=8, temperature=0,
-                                              stream=True, stream_options={"include_usage": True},
-                                              extra_body={"ignore_eos": True})  # fmt: skip
+        stream = await oai.completions.create(
+            model=model_name,
+            prompt=PROMPTS[i % 3],
+            max_tokens=8,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True},
+        )
         chunks = [c async for c in stream]
         text = "".join(c.choices[0].text for c in chunks if c.choices)
         finished = [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
@@ -329,8 +370,11 @@ def test_64_concurrent_streams_all_complete(server, model_name, http):
 
 def _long_request(body_extra: dict[str, Any]) -> dict[str, Any]:
     # Far longer than the test waits: only an abort frees its slots in time.
-    return {"text": PROMPTS[0], "sampling_params": {"temperature": 0, "max_new_tokens": 4000, "ignore_eos": True},
-            **body_extra}  # fmt: skip
+    return {
+        "text": PROMPTS[0],
+        "sampling_params": {"temperature": 0, "max_new_tokens": 4000, "ignore_eos": True},
+        **body_extra,
+    }
 
 
 def test_dropped_stream_is_aborted_and_frees_its_kv(server, http):
@@ -380,7 +424,11 @@ def test_dropped_non_stream_request_is_aborted(server, http):
         ("/v1/chat/completions", {"messages": []}, "messages"),
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": 1}]}, "messages[0].content"),
         ("/v1/chat/completions", {"messages": CHAT, "top_logprobs": 99}, "top_logprobs"),
-        ("/v1/chat/completions", {"messages": CHAT, "stream_options": {"include_usage": "yes"}}, "stream_options.include_usage"),
+        (
+            "/v1/chat/completions",
+            {"messages": CHAT, "stream_options": {"include_usage": "yes"}},
+            "stream_options.include_usage",
+        ),
     ],
 )
 def test_bad_requests_get_400_naming_the_field(http, model_name, path, body, param):
@@ -416,8 +464,13 @@ def test_a_taken_port_fails_at_once_before_loading_the_model(tmp_path):
         taken.listen()
         port = taken.getsockname()[1]
         start = time.monotonic()
-        done = subprocess.run([sys.executable, "-m", "engine.serve", "--port", str(port)], cwd=ROOT,
-                              capture_output=True, text=True, timeout=120)  # fmt: skip
+        done = subprocess.run(
+            [sys.executable, "-m", "engine.serve", "--port", str(port)],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
     assert done.returncode == 1
     assert f"cannot listen on 127.0.0.1:{port}" in done.stderr and "in use" in done.stderr, done.stderr
     assert "starting the engine" not in done.stderr
@@ -425,8 +478,14 @@ def test_a_taken_port_fails_at_once_before_loading_the_model(tmp_path):
 
 
 def test_help_shows_the_server_defaults():
-    text = subprocess.run([sys.executable, "-m", "engine.serve", "--help"], cwd=ROOT, capture_output=True,
-                          text=True, timeout=60, env={**os.environ, "COLUMNS": "200"}).stdout  # fmt: skip
+    text = subprocess.run(
+        [sys.executable, "-m", "engine.serve", "--help"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "COLUMNS": "200"},
+    ).stdout
     options = {block.split()[0]: " ".join(block.split()) for block in re.split(r"\n(?=  --)", text)[1:]}
     assert "(default: 30000)" in options["--port"]
     assert "--no-access-log one log line per HTTP request (default: True)" in options["--access-log,"]
@@ -434,8 +493,13 @@ def test_help_shows_the_server_defaults():
 
 def test_api_key_is_required_except_on_health(server, model_name):
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": API_KEY}):
-        for method, path in (("GET", "/v1/models"), ("GET", "/get_server_info"), ("GET", "/metrics"),
-                             ("POST", "/generate"), ("POST", "/flush_cache")):  # fmt: skip
+        for method, path in (
+            ("GET", "/v1/models"),
+            ("GET", "/get_server_info"),
+            ("GET", "/metrics"),
+            ("POST", "/generate"),
+            ("POST", "/flush_cache"),
+        ):
             response = httpx.request(method, server.url + path, headers=headers, json={"text": "hi"}, timeout=60)
             assert response.status_code == 401, (path, headers)
             assert response.json()["error"]["code"] == "invalid_api_key"
@@ -471,8 +535,11 @@ def _metric(text: str, name: str) -> float:
 def test_metrics_count_tokens_and_time_first_tokens(http, model_name):
     before = http.get("/metrics").text
     http.post("/generate", json={"text": PROMPTS[0], "sampling_params": {**GREEDY, "max_new_tokens": 5}})
-    with http.stream("POST", "/v1/completions", json={"model": model_name, "prompt": PROMPTS[1], "max_tokens": 7,
-                                                      "ignore_eos": True, "stream": True}) as response:  # fmt: skip
+    with http.stream(
+        "POST",
+        "/v1/completions",
+        json={"model": model_name, "prompt": PROMPTS[1], "max_tokens": 7, "ignore_eos": True, "stream": True},
+    ) as response:
         assert _sse(response)[-1] == "[DONE]"
     after = http.get("/metrics").text
     assert _metric(after, "ferry_generation_tokens_total") - _metric(before, "ferry_generation_tokens_total") == 12
@@ -489,14 +556,29 @@ def test_metrics_count_tokens_and_time_first_tokens(http, model_name):
 
 
 def test_every_engine_setting_is_a_flag():
-    from engine.shared.args import EngineArgs, field_names
     from engine.serve import parse_args
+    from engine.shared.args import EngineArgs, field_names
 
-    settings, engine_settings = parse_args(["--port", "31000", "--context-length", "4096", "--disable-cuda-graph",
-                                            "--mem-fraction-static", "0.5", "--dtype", "float32"])  # fmt: skip
+    settings, engine_settings = parse_args(
+        [
+            "--port",
+            "31000",
+            "--context-length",
+            "4096",
+            "--disable-cuda-graph",
+            "--mem-fraction-static",
+            "0.5",
+            "--dtype",
+            "float32",
+        ]
+    )
     assert (settings.host, settings.port, settings.api_key) == ("127.0.0.1", 31000, None)
-    assert engine_settings == {"context_length": 4096, "disable_cuda_graph": True, "mem_fraction_static": 0.5,
-                               "dtype": "float32"}  # fmt: skip
+    assert engine_settings == {
+        "context_length": 4096,
+        "disable_cuda_graph": True,
+        "mem_fraction_static": 0.5,
+        "dtype": "float32",
+    }
     assert parse_args([])[1] == {}  # flags not given keep EngineArgs' defaults
     for name in field_names():
         default = getattr(EngineArgs(), name)
@@ -519,8 +601,12 @@ def test_sigterm_lets_running_requests_finish_then_exits_0(tmp_path):
         started = threading.Semaphore(0)
 
         def stream(name: str) -> None:
-            with httpx.stream("POST", f"{srv.url}/generate", timeout=300,
-                              json={"text": PROMPTS[0], "sampling_params": params, "stream": True}) as response:  # fmt: skip
+            with httpx.stream(
+                "POST",
+                f"{srv.url}/generate",
+                timeout=300,
+                json={"text": PROMPTS[0], "sampling_params": params, "stream": True},
+            ) as response:
                 events = []
                 for line in response.iter_lines():
                     if line.startswith("data: "):
@@ -530,15 +616,20 @@ def test_sigterm_lets_running_requests_finish_then_exits_0(tmp_path):
                 results[name] = events
 
         def whole() -> None:
-            results["whole"] = httpx.post(f"{srv.url}/generate", timeout=300,
-                                          json={"text": PROMPTS[1], "sampling_params": params}).json()  # fmt: skip
+            results["whole"] = httpx.post(
+                f"{srv.url}/generate", timeout=300, json={"text": PROMPTS[1], "sampling_params": params}
+            ).json()
 
-        threads = [threading.Thread(target=stream, args=(f"s{i}",)) for i in range(3)] + [threading.Thread(target=whole)]
+        threads = [threading.Thread(target=stream, args=(f"s{i}",)) for i in range(3)] + [
+            threading.Thread(target=whole)
+        ]
         for t in threads:
             t.start()
         for _ in range(3):
             assert started.acquire(timeout=START_TIMEOUT_S)
-        assert _wait_for(lambda: httpx.get(f"{srv.url}/get_server_info", timeout=60).json()["num_running"] == 4, "4 running")
+        assert _wait_for(
+            lambda: httpx.get(f"{srv.url}/get_server_info", timeout=60).json()["num_running"] == 4, "4 running"
+        )
         srv.proc.send_signal(signal.SIGTERM)
         # No new connections while the running requests finish.
         _wait_for(lambda: not _accepts_connections(srv.port), "the listening socket to close")

@@ -15,14 +15,14 @@ import threading
 
 import pytest
 import torch
+from reference import hf_greedy, tiny_model_dir
+from test_lifecycle import PROJECT_ROOT, alive, live_children, wait_until
 
 from engine import Engine
 from engine.shared.args import EngineArgs, read_model_config
 from engine.shared.errors import EngineError
-from reference import hf_greedy, tiny_model_dir
 from scheduler_proc.loader import build_model
 from scheduler_proc.tp.group import TPGroup
-from test_lifecycle import PROJECT_ROOT, alive, live_children, wait_until
 
 SMALL = {"max_total_tokens": 4096, "max_running_requests": 8}  # a small KV pool starts fast
 LONG = {"temperature": 0, "max_new_tokens": 1000, "ignore_eos": True}  # a minute of decoding on a CPU
@@ -31,8 +31,10 @@ KV_LAYOUTS = {"qwen3": {"num_key_value_heads": 1}, "llama": {}}  # 1 KV head: re
 
 @pytest.fixture(scope="module")
 def tiny_dirs(tmp_path_factory, default_model_path) -> dict[str, str]:
-    return {arch: tiny_model_dir(tmp_path_factory.mktemp(arch), arch, default_model_path, **overrides)
-            for arch, overrides in KV_LAYOUTS.items()}  # fmt: skip
+    return {
+        arch: tiny_model_dir(tmp_path_factory.mktemp(arch), arch, default_model_path, **overrides)
+        for arch, overrides in KV_LAYOUTS.items()
+    }
 
 
 @pytest.fixture(params=sorted(KV_LAYOUTS))

@@ -8,9 +8,9 @@ import threading
 import time
 
 import pytest
+from reference import assert_pool_free
 
 from engine import Engine
-from reference import assert_pool_free
 
 OK = {"temperature": 0, "max_new_tokens": 2}
 LONG_PROMPT = "word " * 8000  # about 8000 tokens: with max_new_tokens it passes the 8192 context
@@ -71,37 +71,82 @@ CASES = [
     ("input-ids-str", "generate", gen(prompt=None, input_ids="1 2 3"), TypeError, ["input_ids"]),
     ("input-ids-ragged", "generate", gen(prompt=None, input_ids=[[1, 2], 3]), TypeError, ["input_ids"]),
     ("over-context", "generate", sp(max_new_tokens=9000), ValueError, ["max_new_tokens", "context length"]),
-    ("long-prompt-over-context", "generate", gen(prompt=LONG_PROMPT, sampling_params=OK | {"max_new_tokens": 500}),
-     ValueError, ["tokens", "max_new_tokens=500", "context length"]),  # fmt: skip
-    ("logprob-start-below", "generate", gen(return_logprob=True, logprob_start_len=-2), ValueError,
-     ["logprob_start_len", "-2"]),  # fmt: skip
-    ("logprob-start-past-prompt", "generate", gen(return_logprob=True, logprob_start_len=50), ValueError,
-     ["logprob_start_len", "50"]),  # fmt: skip
+    (
+        "long-prompt-over-context",
+        "generate",
+        gen(prompt=LONG_PROMPT, sampling_params=OK | {"max_new_tokens": 500}),
+        ValueError,
+        ["tokens", "max_new_tokens=500", "context length"],
+    ),
+    (
+        "logprob-start-below",
+        "generate",
+        gen(return_logprob=True, logprob_start_len=-2),
+        ValueError,
+        ["logprob_start_len", "-2"],
+    ),
+    (
+        "logprob-start-past-prompt",
+        "generate",
+        gen(return_logprob=True, logprob_start_len=50),
+        ValueError,
+        ["logprob_start_len", "50"],
+    ),
     ("logprob-start-str", "generate", gen(logprob_start_len="0"), TypeError, ["logprob_start_len"]),
-    ("top-logprobs-negative", "generate", gen(return_logprob=True, top_logprobs_num=-1), ValueError,
-     ["top_logprobs_num"]),  # fmt: skip
+    (
+        "top-logprobs-negative",
+        "generate",
+        gen(return_logprob=True, top_logprobs_num=-1),
+        ValueError,
+        ["top_logprobs_num"],
+    ),
     ("return-logprob-str", "generate", gen(return_logprob="yes"), TypeError, ["return_logprob"]),
     ("hidden-states-str", "generate", gen(return_hidden_states="yes"), TypeError, ["return_hidden_states"]),
     ("stream-str", "generate", gen(stream="yes"), TypeError, ["stream"]),
     ("rid-int", "generate", gen(rid=5), TypeError, ["rid"]),
     ("rid-list-length", "generate", gen(prompt=["a", "b"], rid=["x"]), ValueError, ["rid", "1", "2"]),
     ("rid-duplicate", "generate", gen(prompt=["a", "b"], rid=["x", "x"]), ValueError, ["rid"]),
-    ("params-list-length", "generate", gen(prompt=["a", "b"], sampling_params=[OK, OK, OK]), ValueError,
-     ["sampling_params", "3", "2"]),  # fmt: skip
-    ("params-list-bad-entry", "generate", gen(prompt=["a", "b"], sampling_params=[OK, {"top_p": 2}]), ValueError,
-     ["top_p"]),  # fmt: skip
+    (
+        "params-list-length",
+        "generate",
+        gen(prompt=["a", "b"], sampling_params=[OK, OK, OK]),
+        ValueError,
+        ["sampling_params", "3", "2"],
+    ),
+    (
+        "params-list-bad-entry",
+        "generate",
+        gen(prompt=["a", "b"], sampling_params=[OK, {"top_p": 2}]),
+        ValueError,
+        ["top_p"],
+    ),
     ("chat-str", "chat", {"messages": "hi"}, TypeError, ["messages"]),
     ("chat-empty", "chat", {"messages": []}, TypeError, ["messages"]),
     ("chat-no-role", "chat", {"messages": [{"content": "hi"}]}, TypeError, ["messages[0]", "role"]),
     ("chat-role-int", "chat", {"messages": [{"role": 5, "content": "hi"}]}, TypeError, ["role"]),
     ("chat-no-content", "chat", {"messages": [{"role": "user"}]}, TypeError, ["messages[0]", "content"]),
     ("chat-content-int", "chat", {"messages": [{"role": "user", "content": 5}]}, TypeError, ["content"]),
-    ("chat-second-conversation", "chat", {"messages": [[{"role": "user", "content": "a"}], ["b"]]}, TypeError,
-     ["messages[1][0]"]),  # fmt: skip
-    ("chat-list-content", "chat", {"messages": [{"role": "user", "content": ["parts"]}]}, ValueError,
-     ["messages", "chat template"]),  # fmt: skip
-    ("chat-bad-params", "chat", {"messages": [{"role": "user", "content": "hi"}], "sampling_params": {"n": -1}},
-     ValueError, ["n must"]),  # fmt: skip
+    (
+        "chat-second-conversation",
+        "chat",
+        {"messages": [[{"role": "user", "content": "a"}], ["b"]]},
+        TypeError,
+        ["messages[1][0]"],
+    ),
+    (
+        "chat-list-content",
+        "chat",
+        {"messages": [{"role": "user", "content": ["parts"]}]},
+        ValueError,
+        ["messages", "chat template"],
+    ),
+    (
+        "chat-bad-params",
+        "chat",
+        {"messages": [{"role": "user", "content": "hi"}], "sampling_params": {"n": -1}},
+        ValueError,
+        ["n must"],
+    ),
 ]
 
 
@@ -151,8 +196,9 @@ def test_abort_by_rid_from_another_thread(engine):
     result: dict = {}
 
     def caller() -> None:
-        result["out"] = engine.generate("Count to a million: 1, 2, 3,", {"max_new_tokens": 4000, "ignore_eos": True},
-                                        rid="long-one")  # fmt: skip
+        result["out"] = engine.generate(
+            "Count to a million: 1, 2, 3,", {"max_new_tokens": 4000, "ignore_eos": True}, rid="long-one"
+        )
 
     thread = threading.Thread(target=caller)
     thread.start()

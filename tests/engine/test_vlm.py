@@ -11,8 +11,6 @@ import base64
 
 import pytest
 import torch
-
-from engine import Engine
 from reference import assert_pool_free
 from vlm_reference import (
     PLACEHOLDER,
@@ -24,6 +22,8 @@ from vlm_reference import (
     random_image,
     tiny_vlm_dir,
 )
+
+from engine import Engine
 
 GREEDY = {"temperature": 0, "max_new_tokens": 16, "ignore_eos": True}
 IMAGE_A = random_image(56, 56, seed=1)  # 2x2 merged patches: 4 tokens, one attention window
@@ -149,11 +149,23 @@ def test_hidden_states_and_logprobs_of_an_image_prompt(engine, hf_vlm, vlm_token
     ids = expand(vlm_tokenizer(prompt)["input_ids"], processed["image_grid_thw"].tolist(), hf_vlm.config.image_token_id)
     hf_vlm.model.rope_deltas = None
     input_ids = torch.tensor([ids])
-    hf_logprobs = torch.log_softmax(hf_vlm(
-        input_ids, pixel_values=processed["pixel_values"], image_grid_thw=processed["image_grid_thw"],
-        mm_token_type_ids=(input_ids == hf_vlm.config.image_token_id).int()).logits[0], dim=-1)  # fmt: skip
-    out = engine.generate(prompt, {"temperature": 0, "max_new_tokens": 2}, image_data=images, return_logprob=True,
-                          logprob_start_len=0, return_hidden_states=True)  # fmt: skip
+    hf_logprobs = torch.log_softmax(
+        hf_vlm(
+            input_ids,
+            pixel_values=processed["pixel_values"],
+            image_grid_thw=processed["image_grid_thw"],
+            mm_token_type_ids=(input_ids == hf_vlm.config.image_token_id).int(),
+        ).logits[0],
+        dim=-1,
+    )
+    out = engine.generate(
+        prompt,
+        {"temperature": 0, "max_new_tokens": 2},
+        image_data=images,
+        return_logprob=True,
+        logprob_start_len=0,
+        return_hidden_states=True,
+    )
     meta = out["meta_info"]
     assert meta["prompt_tokens"] == len(ids)
     got = meta["input_token_logprobs"]
@@ -168,9 +180,16 @@ def test_hidden_states_and_logprobs_of_an_image_prompt(engine, hf_vlm, vlm_token
 
 def test_chat_takes_openai_image_parts(engine, references):
     data_url = "data:image/png;base64," + base64.b64encode(png_bytes(IMAGE_A)).decode()
-    messages = [{"role": "user", "content": [{"type": "text", "text": "What is in "},
-                                             {"type": "image_url", "image_url": {"url": data_url}},
-                                             {"type": "text", "text": "?"}]}]  # fmt: skip
+    messages = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "What is in "},
+                {"type": "image_url", "image_url": {"url": data_url}},
+                {"type": "text", "text": "?"},
+            ],
+        }
+    ]
     assert engine.chat(messages, GREEDY)["output_ids"] == references["one image"]
     two = [messages, [{"role": "user", "content": "Tell me about the sea."}]]
     assert [o["output_ids"] for o in engine.chat(two, GREEDY)] == [references["one image"], references["text only"]]
@@ -192,11 +211,18 @@ def test_openai_server_chat_with_image_url(engine, references, image_server):
     service = Service(ServerSettings(), {})
     service.engine, service.model_name = engine, "tiny-vl"  # the module's engine, no second one
     client = TestClient(build_app(service))
-    parts = [{"type": "text", "text": "What is in "},
-             {"type": "image_url", "image_url": {"url": f"{image_server.url}/a.png"}},
-             {"type": "text", "text": "?"}]  # fmt: skip
-    body = {"model": "tiny-vl", "messages": [{"role": "user", "content": parts}], "temperature": 0, "max_tokens": 16,
-            "ignore_eos": True}  # fmt: skip
+    parts = [
+        {"type": "text", "text": "What is in "},
+        {"type": "image_url", "image_url": {"url": f"{image_server.url}/a.png"}},
+        {"type": "text", "text": "?"},
+    ]
+    body = {
+        "model": "tiny-vl",
+        "messages": [{"role": "user", "content": parts}],
+        "temperature": 0,
+        "max_tokens": 16,
+        "ignore_eos": True,
+    }
     reply = client.post("/v1/chat/completions", json=body)
     assert reply.status_code == 200, reply.text
     expected = engine.tokenizer.decode(references["one image"], skip_special_tokens=True)

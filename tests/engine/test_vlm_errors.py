@@ -6,11 +6,11 @@ from __future__ import annotations
 import socket
 
 import pytest
+from reference import assert_pool_free
+from vlm_reference import PLACEHOLDER, ImageServer, hf_vlm_greedy, png_bytes, random_image, tiny_vlm_dir
 
 import tokenizer_proc.images
 from engine import Engine
-from reference import assert_pool_free
-from vlm_reference import PLACEHOLDER, ImageServer, hf_vlm_greedy, png_bytes, random_image, tiny_vlm_dir
 
 GREEDY = {"temperature": 0, "max_new_tokens": 8, "ignore_eos": True}
 IMAGE = random_image(56, 56, seed=1)
@@ -74,8 +74,9 @@ BAD = {
 
 
 @pytest.mark.parametrize("case", list(BAD))
-def test_bad_image_data_is_a_value_error_and_the_engine_keeps_serving(case, engine, good_ids, image_server,
-                                                                     not_an_image, monkeypatch):  # fmt: skip
+def test_bad_image_data_is_a_value_error_and_the_engine_keeps_serving(
+    case, engine, good_ids, image_server, not_an_image, monkeypatch
+):
     prompt, make, words = BAD[case]
     monkeypatch.setattr(tokenizer_proc.images, "FETCH_TIMEOUT_S", 1.0)  # the slow URL answers after 3 s
     image = make({"server": image_server.url, "not_an_image": not_an_image})
@@ -100,8 +101,9 @@ def test_bad_image_in_a_batch_fails_the_call_before_anything_runs(engine, good_i
 
 
 def test_image_data_for_a_text_model_is_a_value_error(default_model_path):
-    from tokenizer_proc.inputs import GenerateInput, Limits, prepare
     from transformers import AutoTokenizer
+
+    from tokenizer_proc.inputs import GenerateInput, Limits, prepare
 
     tokenizer = AutoTokenizer.from_pretrained(default_model_path)
     call = GenerateInput(prompt="Hi", image_data=IMAGE)
@@ -109,8 +111,7 @@ def test_image_data_for_a_text_model_is_a_value_error(default_model_path):
         prepare(tokenizer, Limits(49152, 2048, 4096), call, image_processor=None)
 
 
-def test_a_long_image_batch_runs_while_later_images_load_and_a_late_bad_one_aborts_it(engine, good_ids,
-                                                                                      image_server):  # fmt: skip
+def test_a_long_image_batch_runs_while_later_images_load_and_a_late_bad_one_aborts_it(engine, good_ids, image_server):
     """Image batches go out in slices as their images are ready: the scheduler works on the first
     prompts while a slow image (3 s, then 404) loads; when it fails, the call raises naming it and
     the requests already sent are aborted at once (each would otherwise decode 1,900 tokens)."""

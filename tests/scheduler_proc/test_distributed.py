@@ -33,8 +33,16 @@ print("ok", rank)
 def test_collectives_of_two_gloo_ranks(tmp_path):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [PROJECT_ROOT, os.environ.get("PYTHONPATH")])))
     init_file = str(tmp_path / "init")
-    ranks = [subprocess.Popen([sys.executable, "-c", RANK_SCRIPT, str(r), init_file], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]  # fmt: skip
+    ranks = [
+        subprocess.Popen(
+            [sys.executable, "-c", RANK_SCRIPT, str(r), init_file],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in (0, 1)
+    ]
     results = [p.communicate(timeout=120) for p in ranks]
     for rank, (proc, (out, err)) in enumerate(zip(ranks, results)):
         assert proc.returncode == 0 and f"ok {rank}" in out, err[-3000:]

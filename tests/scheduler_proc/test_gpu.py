@@ -40,8 +40,10 @@ def test_prefill_logits_match_hf(name):
         torch.cuda.empty_cache()
     rel, agree = _agreement(ours, ref32)
     hf_rel, hf_agree = _agreement(ref16, ref32)
-    print(f"{name} over {len(ref32)} positions: ferry bf16 vs HF fp32: relative error {rel:.2e}, top-1 "
-          f"{agree:.2%}; HF bf16 vs HF fp32: {hf_rel:.2e}, {hf_agree:.2%}")  # fmt: skip
+    print(
+        f"{name} over {len(ref32)} positions: ferry bf16 vs HF fp32: relative error {rel:.2e}, top-1 "
+        f"{agree:.2%}; HF bf16 vs HF fp32: {hf_rel:.2e}, {hf_agree:.2%}"
+    )
     assert rel < 2e-2
     # As faithful as HF's own bf16 path, up to a few near-tie positions (random models have many).
     assert agree >= min(0.99, hf_agree - 0.01)
@@ -50,8 +52,13 @@ def test_prefill_logits_match_hf(name):
 def _engine(**settings):
     from engine import Engine
 
-    return Engine(model_path=os.path.join(CONFIGS, "qwen2.5-0.5b"), load_format="dummy", context_length=4096,
-                  mem_fraction_static=0.6, **settings)  # fmt: skip
+    return Engine(
+        model_path=os.path.join(CONFIGS, "qwen2.5-0.5b"),
+        load_format="dummy",
+        context_length=4096,
+        mem_fraction_static=0.6,
+        **settings,
+    )
 
 
 def test_cuda_graph_decode_equals_eager_and_batch_invariance():
@@ -68,8 +75,10 @@ def test_cuda_graph_decode_equals_eager_and_batch_invariance():
     graph_vs_eager = sum(a != b for x, y in zip(batched, eager) for a, b in zip(x, y)) / tokens
     batch_vs_alone = sum(a != b for x, y in zip(batched, alone) for a, b in zip(x, y)) / tokens
     first_divergence = sum(x != y for x, y in zip(batched, alone))
-    print(f"token mismatch: graph vs eager {graph_vs_eager:.2%}, batch vs alone {batch_vs_alone:.2%} "
-          f"({first_divergence}/64 sequences differ anywhere)")  # fmt: skip
+    print(
+        f"token mismatch: graph vs eager {graph_vs_eager:.2%}, batch vs alone {batch_vs_alone:.2%} "
+        f"({first_divergence}/64 sequences differ anywhere)"
+    )
     assert graph_vs_eager <= 0.02
     # bf16 kernels tile differently at other batch sizes; a near-tie flips and the rest of that
     # sequence follows, so count diverging sequences (the device showed 4 of 64).

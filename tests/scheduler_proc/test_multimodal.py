@@ -20,9 +20,14 @@ PAD = 99
 def image(offset: int, rows: int, cols: int, content_hash: int) -> ImageInput:
     """An image of rows x cols merged patches (2x2 patches each) whose tokens start at offset."""
     pixels = np.zeros((rows * cols * 4, 3), dtype=np.float32)
-    return ImageInput(pixel_values=Array(pixels.tobytes(), list(pixels.shape), "float32"),
-                      grid_thw=[1, 2 * rows, 2 * cols], merge_size=2, offset=offset, num_tokens=rows * cols,
-                      content_hash=content_hash)  # fmt: skip
+    return ImageInput(
+        pixel_values=Array(pixels.tobytes(), list(pixels.shape), "float32"),
+        grid_thw=[1, 2 * rows, 2 * cols],
+        merge_size=2,
+        offset=offset,
+        num_tokens=rows * cols,
+        content_hash=content_hash,
+    )
 
 
 def request(rid: str, images: list[ImageInput], length: int) -> Request:
@@ -63,10 +68,16 @@ def test_a_prefilling_request_with_another_image_is_not_worth_waiting_for():
 
 def _batch(entries) -> ForwardBatch:
     positions = torch.cat([torch.arange(r.kv_len, r.kv_len + n) for r, n in entries])
-    return ForwardBatch(input_ids=torch.zeros(len(positions), dtype=torch.int64), positions=positions,
-                        out_cache_loc=positions, req_pool_indices=torch.zeros(len(entries), dtype=torch.int64),
-                        prefix_lens_cpu=[r.kv_len for r, _ in entries], extend_lens_cpu=[n for _, n in entries],
-                        logit_rows=positions, is_decode=all(n == 1 for _, n in entries))  # fmt: skip
+    return ForwardBatch(
+        input_ids=torch.zeros(len(positions), dtype=torch.int64),
+        positions=positions,
+        out_cache_loc=positions,
+        req_pool_indices=torch.zeros(len(entries), dtype=torch.int64),
+        prefix_lens_cpu=[r.kv_len for r, _ in entries],
+        extend_lens_cpu=[n for _, n in entries],
+        logit_rows=positions,
+        is_decode=all(n == 1 for _, n in entries),
+    )
 
 
 def test_a_chunk_cutting_an_image_gets_3d_positions_and_its_rows_of_the_image():
@@ -74,8 +85,11 @@ def test_a_chunk_cutting_an_image_gets_3d_positions_and_its_rows_of_the_image():
     req.kv_len = 4  # the chunk [4, 9): image tokens 2..5, then one text token
     batch = _batch([(text, 4), (req, 5)])
     attach_images(batch, [(text, 4), (req, 5)])
-    assert batch.rope_positions.tolist() == [[0, 1, 2, 3, 2, 2, 2, 2, 5], [0, 1, 2, 3, 2, 3, 3, 3, 5],
-                                             [0, 1, 2, 3, 4, 2, 3, 4, 5]]  # fmt: skip
+    assert batch.rope_positions.tolist() == [
+        [0, 1, 2, 3, 2, 2, 2, 2, 5],
+        [0, 1, 2, 3, 2, 3, 3, 3, 5],
+        [0, 1, 2, 3, 4, 2, 3, 4, 5],
+    ]
     [part] = batch.image_parts
     assert (part.index, part.start, part.end, part.row) == (0, 2, 6, 4)
 

@@ -10,8 +10,16 @@ from scheduler_proc.radix_cache import NoCache, RadixCache, common_prefix_len
 
 
 def make_pool(num_tokens: int = 64) -> KVPool:
-    return KVPool(num_layers=1, num_slots=num_tokens + 1, num_kv_heads=1, head_dim=2, dtype=torch.float32,
-                  device=torch.device("cpu"), max_requests=4, max_context=num_tokens + 1)  # fmt: skip
+    return KVPool(
+        num_layers=1,
+        num_slots=num_tokens + 1,
+        num_kv_heads=1,
+        head_dim=2,
+        dtype=torch.float32,
+        device=torch.device("cpu"),
+        max_requests=4,
+        max_context=num_tokens + 1,
+    )
 
 
 def held(tree: RadixCache) -> int:

@@ -9,9 +9,14 @@ from scheduler_proc.sampler import SamplingBatch, SamplingState
 
 
 def _batch(rows: list[int], positions: list[int], any_filter: bool = False) -> SamplingBatch:
-    return SamplingBatch(rows=torch.tensor(rows), positions=torch.tensor(positions),
-                         logit_index=torch.arange(len(rows)), all_greedy=False, any_penalty=False,
-                         any_filter=any_filter)  # fmt: skip
+    return SamplingBatch(
+        rows=torch.tensor(rows),
+        positions=torch.tensor(positions),
+        logit_index=torch.arange(len(rows)),
+        all_greedy=False,
+        any_penalty=False,
+        any_filter=any_filter,
+    )
 
 
 def test_samples_follow_the_distribution():

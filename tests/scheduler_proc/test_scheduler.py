@@ -9,12 +9,12 @@ import tempfile
 import msgspec
 import pytest
 import zmq
+from reference import tiny_model_dir
 
 from engine.shared.args import EngineArgs
 from engine.shared.ipc import Endpoints
 from engine.shared.protocol import AbortRequest, GenerateBatch, GenerateRequest, TokenBatch
 from engine.shared.sampling import SamplingParams
-from reference import tiny_model_dir
 from scheduler_proc.scheduler import Scheduler
 
 
@@ -30,8 +30,9 @@ class Outputs:
 
     def send(self, data: bytes) -> None:
         batch = self._decoder.decode(data)
-        for rid, ids, finish, cached, extras in zip(batch.rids, batch.new_token_ids, batch.finish,
-                                                    batch.cached_tokens, batch.extras):  # fmt: skip
+        for rid, ids, finish, cached, extras in zip(
+            batch.rids, batch.new_token_ids, batch.finish, batch.cached_tokens, batch.extras
+        ):
             assert rid not in self.finish, f"{rid} got output after it finished"
             self.ids.setdefault(rid, []).extend(ids)
             for name in ("input_token_logprobs", "output_token_logprobs", "hidden_states"):
@@ -118,12 +119,19 @@ def test_retraction_keeps_every_slot_accounted_and_outputs_whole(model_dir, cach
     assert small.scheduler.pool.num_free_slots() == small.scheduler.pool.capacity
 
 
-@pytest.mark.parametrize("cache,overlap", [(True, False), (False, False), (True, True)],
-                         ids=["cache", "no-cache", "cache-overlap"])  # fmt: skip
+@pytest.mark.parametrize(
+    "cache,overlap", [(True, False), (False, False), (True, True)], ids=["cache", "no-cache", "cache-overlap"]
+)
 def test_abort_at_every_stage_frees_its_slots(model_dir, cache, overlap):
     # With overlap, each abort lands while a step holding the request is in flight.
-    d = Driver(model_dir, max_total_tokens=200, chunked_prefill_size=8, max_running_requests=2,
-               disable_radix_cache=not cache, disable_overlap_schedule=not overlap)  # fmt: skip
+    d = Driver(
+        model_dir,
+        max_total_tokens=200,
+        chunked_prefill_size=8,
+        max_running_requests=2,
+        disable_radix_cache=not cache,
+        disable_overlap_schedule=not overlap,
+    )
     s = d.scheduler
     d.submit("decoding", prompt(1, 10), max_new_tokens=150)
     d.submit("prefilling", prompt(2, 40), max_new_tokens=20)
