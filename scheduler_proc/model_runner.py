@@ -212,8 +212,7 @@ class ModelRunner:
         return StepOutput(hidden, logits, sampled)
 
     def _sample(self, logits: torch.Tensor, sampling: SamplingBatch) -> SampledIds:
-        # Indexing copies: sampling modifies its logits in place, and `logits` must stay whole for logprobs.
-        ids = self.sampling.sample(logits[sampling.logit_index], sampling)
+        ids = self.sampling.sample(logits, sampling)
         self.sampling.record(sampling.rows, ids)
         host = torch.empty(ids.shape, dtype=ids.dtype, pin_memory=self.device.type == "cuda")
         host.copy_(ids, non_blocking=True)

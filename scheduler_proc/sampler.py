@@ -100,7 +100,17 @@ class SamplingState:
         return self._output_counts, self._seen
 
     def sample(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-        """logits [S, V] float32 (modified in place) -> next token ids [S] int64."""
+        """The step's logits [R, V] (left unmodified) -> next token ids [S] int64 of its rows batch.logit_index."""
+        plain = not (batch.bias or batch.banned or batch.any_penalty or batch.any_filter)
+        if plain and logits.is_cuda:  # temperature (or greedy) alone: one kernel reads the rows in place
+            from scheduler_proc.fused_sample import fused_sample
+
+            uniform = _row_uniform(self.seed[batch.rows], batch.positions)
+            return fused_sample(logits, batch.logit_index, self.temperature[batch.rows], uniform)
+        return self._sample_rows(logits[batch.logit_index].float(), batch)
+
+    def _sample_rows(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        """logits [S, V] float32, a copy (modified in place) -> next token ids [S] int64."""
         if batch.bias:
             index, token, value = zip(*batch.bias)
             logits[self._ids(index), self._ids(token)] += to_device(list(value), torch.float32, self.device)

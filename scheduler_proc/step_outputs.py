@@ -20,7 +20,8 @@ def read_step_outputs(step: Step, hidden: torch.Tensor, logits: torch.Tensor, sa
     next_ids: list[Optional[int]] = [None] * len(step.entries)
     for i, token in zip(step.sample_entries, sampled):
         next_ids[i] = token
-    logprobs = torch.log_softmax(logits, dim=-1) if any(r.msg.return_logprob for r, _ in step.entries) else None
+    wants = any(r.msg.return_logprob for r, _ in step.entries)
+    logprobs = torch.log_softmax(logits.float(), dim=-1) if wants else None
     t0 = 0
     for i, (req, n) in enumerate(step.entries):
         if req.finish is not None:

@@ -64,4 +64,4 @@ class ParallelLMHead(VocabParallelEmbedding):
         if hidden.shape[0] == 0:  # a step that needs no logits (a prompt's middle chunk): on every rank alike
             return hidden.new_zeros(0, self.vocab_size, dtype=torch.float32) if self.tp.is_first else None
         logits = self.tp.gather_last_dim(self.matmul(hidden, self.weight))
-        return logits[:, : self.vocab_size].float() if logits is not None else None
+        return logits[:, : self.vocab_size] if logits is not None else None
