@@ -36,7 +36,7 @@ test: model lint
 test-gpu:
 	# On the device machine: its own torch, plus carried wheels (scripts/gpu_wheels.sh) for the rest.
 	python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-	PYTHONPATH=/tmp/site:$(CURDIR) python3 -m pytest -q -m gpu tests
+	PYTHONPATH=/tmp/site:$(CURDIR) python3 -m pytest -q -m gpu tests/scheduler_proc/test_gpu.py
 
 bench-cpu: model
 	$(PY) scripts/bench_cpu.py
