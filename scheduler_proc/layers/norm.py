@@ -32,6 +32,14 @@ class RMSNorm(nn.Module):
         out = self._torch_norm(x)
         return out if residual is None else (out, residual)
 
+    def forward_inplace(self, x: torch.Tensor) -> None:
+        """x = norm(x) over its last dim, in place; x may be a strided view (per-head q/k norms)."""
+        fi = flashinfer_for(x)
+        if fi is not None:
+            fi.rmsnorm(x, self.weight, self.eps, out=x)
+        else:
+            x.copy_(self._torch_norm(x))
+
     def _torch_norm(self, x: torch.Tensor) -> torch.Tensor:
         # As HF transformers: statistics in float32, scale in the input dtype.
         dtype = x.dtype
