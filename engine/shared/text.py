@@ -20,12 +20,23 @@ class TextDecoder:
         self.added: dict[int, tuple[str, bool]] = {
             i: (getattr(t, "content", str(t)), bool(getattr(t, "special", True))) for i, t in added.items()
         }
+        # The Rust tokenizer decodes a whole batch in one call; transformers' batch_decode first walks every
+        # id in Python (most of the detokenizer's time at batch 512). Its clean-up of spaces is all it adds:
+        # a tokenizer that asks for that keeps the transformers path.
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        cleans = getattr(tokenizer, "clean_up_tokenization_spaces", False)
+        self._decode_batch = backend.decode_batch if backend is not None and not cleans else None
+
+    def _batch_decode(self, id_lists: list[list[int]], skip_special_tokens: bool) -> list[str]:
+        if self._decode_batch is not None:
+            return self._decode_batch(id_lists, skip_special_tokens=skip_special_tokens)
+        return self.tokenizer.batch_decode(id_lists, skip_special_tokens=skip_special_tokens)
 
     def decode(
         self, id_lists: list[list[int]], skip_special_tokens: bool, spaces_between_special_tokens: bool
     ) -> list[str]:
         if spaces_between_special_tokens or not self.added:
-            return self.tokenizer.batch_decode(id_lists, skip_special_tokens=skip_special_tokens)
+            return self._batch_decode(id_lists, skip_special_tokens)
         runs: list[list[int]] = []  # text runs between added tokens, decoded together in one call
         layouts: list[list[Union[int, str]]] = []  # per id list: run indices and added tokens' text
         for ids in id_lists:
@@ -45,5 +56,5 @@ class TextDecoder:
                 layout.append(len(runs))
                 runs.append(run)
             layouts.append(layout)
-        texts = self.tokenizer.batch_decode(runs, skip_special_tokens=skip_special_tokens) if runs else []
+        texts = self._batch_decode(runs, skip_special_tokens) if runs else []
         return ["".join(texts[p] if isinstance(p, int) else p for p in layout) for layout in layouts]

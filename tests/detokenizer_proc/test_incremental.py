@@ -3,6 +3,8 @@ the decode options, with the default model's tokenizer fed one token at a time."
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from detokenizer_proc.detokenizer import Detokenizer
@@ -191,3 +193,20 @@ def test_spaces_option_leaves_byte_level_text_alone(tokenizer):
     decoder = TextDecoder(tokenizer)
     expected = ["Hi<|im_end|><|im_start|> there"]
     assert decoder.decode([ids], False, False) == decoder.decode([ids], False, True) == expected
+
+
+@pytest.mark.parametrize("skip", [True, False])
+def test_batch_decoding_equals_transformers(tokenizer, skip):
+    """TextDecoder decodes through the Rust tokenizer in one call: the same text as transformers' batch_decode."""
+    rng = random.Random(7)
+    special = sorted(tokenizer.all_special_ids)
+    id_lists = [
+        [
+            rng.choice(special) if rng.random() < 0.1 else rng.randrange(tokenizer.vocab_size)
+            for _ in range(rng.randint(0, 12))
+        ]
+        for _ in range(64)
+    ]
+    assert TextDecoder(tokenizer)._decode_batch is not None  # the fast path is the one under test
+    expected = tokenizer.batch_decode(id_lists, skip_special_tokens=skip)
+    assert TextDecoder(tokenizer).decode(id_lists, skip, True) == expected
