@@ -6,12 +6,14 @@ from __future__ import annotations
 import asyncio
 import atexit
 import logging
+import time
 import weakref
 from collections.abc import AsyncIterator, Iterator
 from typing import Any, Optional, Union
 
 from engine.loop_thread import LoopThread
 from engine.processes import ChildProcesses
+from engine.progress import BatchProgress, wants_progress
 from engine.shared.args import EngineArgs, field_names
 from engine.shared.errors import EngineError
 from engine.shared.protocol import GenerateRequest
@@ -44,8 +46,11 @@ class Engine:
         if unknown:
             raise TypeError(f"Engine() got unknown setting(s) {unknown}; valid settings: {field_names()}")
         self._closed = True
+        started = time.perf_counter()
         args = EngineArgs(model_path=model_path, **settings)
+        _log_to_stderr(args.log_level)
         self.args = args.resolve()
+        logger.info("starting ferry: %s on %s (%s)", self.args.model_path, self.args.device, self.args.dtype)
         from transformers import AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(self.args.tokenizer_path)
@@ -65,6 +70,14 @@ class Engine:
         self._processes.worker_pids = info.get("tp_worker_pids", [])  # shutdown() waits for them too
         self._limits = Limits(info["vocab_size"], self.args.context_length, info["kv_pool_tokens"])
         atexit.register(_shutdown_ref, weakref.ref(self))
+        logger.info(
+            "engine ready in %.1fs: %s on %s, KV pool %d tokens, context %d",
+            time.perf_counter() - started,
+            self.args.model_path,
+            info.get("device_name", self.args.device),
+            info["kv_pool_tokens"],
+            self.args.context_length,
+        )
 
     async def _make_manager(self) -> TokenizerManager:
         return TokenizerManager(self._processes.endpoints, self._token_text)
@@ -88,7 +101,7 @@ class Engine:
         return_text_in_logprobs: bool = False,
         return_hidden_states: Optional[bool] = None,
         image_data: Any = None,
-        use_tqdm: bool = False,
+        use_tqdm: Optional[bool] = None,
     ) -> Union[dict[str, Any], list[dict[str, Any]], Iterator[dict[str, Any]]]:
         """Generate for one prompt (returns a dict) or a list (returns a list, in order).
 
@@ -105,6 +118,9 @@ class Engine:
         list of prompts one entry per prompt (an image, a list of images or None). An image is a file
         path, bytes, a PIL image, a `data:image/...;base64,` URL or an http(s) URL. The prompt holds one
         `<|vision_start|><|image_pad|><|vision_end|>` per image, as the chat template writes it.
+
+        `use_tqdm`: a progress bar (prompts done, input and output tok/s); by default on for a batch of
+        32 prompts or more when stderr is a terminal.
         """
         call = GenerateInput(
             prompt=prompt,
@@ -129,7 +145,7 @@ class Engine:
         except BaseException:
             self._loop.run(self._abort([s.rid for s in states]))  # a later image failed: nothing half-done
             raise
-        outputs = self._loop.run(self._wait(states, batch.size, use_tqdm))
+        outputs = self._loop.run(self._wait(states, use_tqdm))
         return outputs[0] if batch.single else outputs
 
     async def async_generate(
@@ -178,7 +194,7 @@ class Engine:
         except BaseException:
             await self._loop.run_async(self._abort([s.rid for s in states]))
             raise
-        outputs = await self._loop.run_async(self._wait(states, batch.size, use_tqdm=False))
+        outputs = await self._loop.run_async(self._wait(states, use_tqdm=False))
         return outputs[0] if batch.single else outputs
 
     def chat(
@@ -215,17 +231,16 @@ class Engine:
     async def _submit(self, reqs: list[GenerateRequest]) -> list[ReqState]:
         return self._manager.submit(reqs)
 
-    async def _wait(self, states: list[ReqState], size: int, use_tqdm: bool) -> list[dict[str, Any]]:
-        progress = None
-        if use_tqdm:
-            from tqdm.auto import tqdm
-
-            progress = tqdm(total=size, desc="generate", unit="req")
+    async def _wait(self, states: list[ReqState], use_tqdm: Optional[bool]) -> list[dict[str, Any]]:
+        if not wants_progress(use_tqdm, len(states)):
+            return await self._manager.wait_all(states)
+        progress = BatchProgress(states)
+        watcher = asyncio.ensure_future(progress.watch())
         try:
-            return await self._manager.wait_all(states, progress)
+            return await self._manager.wait_all(states)
         finally:
-            if progress is not None:
-                progress.close()
+            watcher.cancel()
+            progress.close()
 
     # ---- control ----
 
@@ -292,3 +307,19 @@ def _shutdown_ref(ref: weakref.ref[Engine]) -> None:
     engine = ref()
     if engine is not None:
         engine.shutdown()
+
+
+def _log_to_stderr(level: str) -> None:
+    """Unless the application set up logging itself, the frontend's lines go to stderr at `level`, as the
+    child processes' do (vLLM and SGLang users expect to see loading and start-up as they happen)."""
+    package = logging.getLogger("engine")
+    ours = [h for h in package.handlers if h.get_name() == "ferry"]
+    if logging.getLogger().handlers or (package.handlers and not ours):
+        return
+    if not ours:
+        handler = logging.StreamHandler()
+        handler.set_name("ferry")
+        handler.setFormatter(logging.Formatter("[%(asctime)s frontend] %(levelname)s %(name)s: %(message)s"))
+        package.addHandler(handler)
+    known = isinstance(logging.getLevelName(level.upper()), int)
+    package.setLevel(level.upper() if known else logging.INFO)

@@ -35,6 +35,7 @@ class CudaGraphRunner:
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.hidden: dict[int, torch.Tensor] = {}
         start = time.perf_counter()
+        logger.info("capturing CUDA graphs for %d decode batch sizes (1..%d)", len(self.sizes), max_batch_size)
         pool = torch.cuda.graph_pool_handle()
         for size in reversed(self.sizes):
             backend.make_graph_decoder(size, max_batch_size)

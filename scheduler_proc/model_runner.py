@@ -57,6 +57,9 @@ class ModelRunner:
             torch.cuda.set_device(self.device)
         self.config = read_model_config(args.model_path)
         start = time.perf_counter()
+        architecture = (self.config.get("architectures") or ["?"])[0]
+        weights = "random weights" if args.load_format == "dummy" else args.model_path
+        logger.info("loading %s (%s, %s) on %s", architecture, weights, args.dtype, self.device)
         self.model = build_model(
             self.config, args.load_format, args.model_path, self.dtype, self.device, args.random_seed, self.tp
         )

@@ -159,13 +159,11 @@ class TokenizerManager:
         if live and self.error is None:
             self.to_scheduler.send(self.out_codec.encode(AbortRequest(rids=live)))
 
-    async def wait_all(self, states: list[ReqState], progress: Any = None) -> list[dict[str, Any]]:
+    async def wait_all(self, states: list[ReqState]) -> list[dict[str, Any]]:
         """Wait for submitted requests, in order; cancelling this coroutine aborts the unfinished ones."""
         try:
             for state in states:
                 await state.wait_finished()
-                if progress is not None:
-                    progress.update(1)
             return [state.result() for state in states]
         finally:
             self.abort([s.rid for s in states if not s.finished])

@@ -28,6 +28,7 @@ class EngineArgs:
     dtype: str = "auto"  # auto: bfloat16 on GPU, float32 on CPU
     device: str = "auto"  # auto: cuda when available, else cpu
     context_length: Optional[int] = None  # defaults to the model's max_position_embeddings
+    allow_long_context: bool = False  # let context_length exceed the model's max_position_embeddings (untrained)
     max_running_requests: Optional[int] = None  # None: 1024 on GPU, 64 on CPU; never more than the KV pool's tokens
     max_total_tokens: Optional[int] = None  # caps the KV pool size in tokens
     max_prefill_tokens: int = 16384  # token budget of one prefill step
@@ -47,7 +48,7 @@ class EngineArgs:
     random_seed: int = 0  # seeds dummy weights and unseeded sampling
     tp_size: int = 1  # tensor parallelism: GPUs (or CPU processes) that share one model, one process each
     base_gpu_id: int = 0  # rank r runs on cuda:(base_gpu_id + r)
-    log_level: str = "warning"  # logging level of every process
+    log_level: str = "info"  # logging level of every process; "warning" quiets the start-up lines
     cache_dir: Optional[str] = None  # where converted models go; default ~/.cache/ferry
     startup_timeout: float = 600.0  # seconds to wait for the child processes to be ready
 
@@ -59,8 +60,9 @@ class EngineArgs:
         _choice("attention_backend", self.attention_backend, _ATTENTION_BACKENDS)
         _choice("log_level", self.log_level.lower(), _LOG_LEVELS)
         _choice("schedule_policy", self.schedule_policy, _SCHEDULE_POLICIES)
-        if not isinstance(self.disable_radix_cache, bool):
-            raise ValueError(f"disable_radix_cache must be a bool, got {self.disable_radix_cache!r}")
+        for name in ("disable_radix_cache", "allow_long_context"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         for name in ("context_length", "max_running_requests", "max_total_tokens"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value <= 0):
@@ -95,6 +97,8 @@ class EngineArgs:
         from engine.shared.model_files import resolve_model_path
 
         self.validate()
+        if self.device == "cuda":  # before any work: no model download, conversion or child process first
+            _check_cuda()
         resolved = dataclasses.replace(self)
         resolved.model_path = resolve_model_path(self.model_path, self.cache_dir)
         if self.tokenizer_path:
@@ -116,6 +120,12 @@ class EngineArgs:
         model_max = int(config.get("max_position_embeddings", 4096))
         if resolved.context_length is None:
             resolved.context_length = model_max
+        elif resolved.context_length > model_max and not resolved.allow_long_context:
+            raise ValueError(
+                f"context_length={resolved.context_length} is above the model's maximum of {model_max} tokens "
+                "(max_position_embeddings in its config.json): positions past it were never trained. "
+                "Pass allow_long_context=True to run with it anyway."
+            )
         _check_tp_shape(resolved.tp_size, config)
         if resolved.device == "cuda":
             _check_gpu_count(resolved.base_gpu_id + resolved.tp_size)
@@ -157,6 +167,26 @@ def _check_tp_shape(tp_size: int, config: dict[str, Any]) -> None:
             raise ValueError(f"tp_size={tp_size} does not divide the model's {name}={value}")
     if (kv_heads >= tp_size and kv_heads % tp_size) or (kv_heads < tp_size and tp_size % kv_heads):
         raise ValueError(f"tp_size={tp_size} must divide, or be a multiple of, num_key_value_heads={kv_heads}")
+
+
+def _check_cuda() -> None:
+    """device="cuda" needs a CUDA build of torch and a visible NVIDIA device; say which is missing, at once."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        torch_version = version("torch")
+    except PackageNotFoundError:
+        torch_version = ""
+    if torch_version.endswith("+cpu"):
+        raise ValueError(f"device='cuda', but CUDA is not available: torch {torch_version} is a CPU-only build")
+    if not _cuda_available():
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        why = (
+            f"CUDA_VISIBLE_DEVICES={visible!r} hides every GPU"
+            if visible in ("", "-1")
+            else "no NVIDIA driver or GPU on this machine (/dev/nvidia0 is missing)"
+        )
+        raise ValueError(f"device='cuda', but CUDA is not available: {why}")
 
 
 def _check_gpu_count(needed: int) -> None:

@@ -60,7 +60,8 @@ def run_child(
         run(args, endpoints, context)
     except BaseException as exc:  # report anything, then die: the frontend turns it into an exception
         text = traceback.format_exc()
-        logger.error("%s failed: %s", role, text)
+        # One line here: the traceback reaches the caller once, in the EngineError the frontend raises.
+        logger.error("%s failed: %s: %s", role, type(exc).__name__, exc)
         report_error(context, endpoints, role, f"{type(exc).__name__}: {exc}", text)
         os._exit(1)
     os._exit(0)

@@ -154,3 +154,10 @@ def test_sampling_params_objects_work_like_dicts(engine):
     assert [o["output_ids"] for o in as_list] == [o["output_ids"] for o in as_dicts]
     with pytest.raises(TypeError, match="sampling_params must be a dict or SamplingParams"):
         engine.generate(PROMPTS[0], sampling_params=3)
+
+
+def test_a_batch_shows_progress_with_token_rates(engine, capfd):
+    outputs = engine.generate(PROMPTS, {"temperature": 0, "max_new_tokens": 8}, use_tqdm=True)
+    err = capfd.readouterr().err
+    assert len(outputs) == len(PROMPTS)
+    assert f"{len(PROMPTS)}/{len(PROMPTS)}" in err and "output" in err and "tok/s" in err

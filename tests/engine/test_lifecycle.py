@@ -143,7 +143,7 @@ def broken_model_dir(request, tmp_path, default_model_path) -> tuple[str, str]:
     return str(tmp_path), "NotARealModelForCausalLM"
 
 
-def test_scheduler_failure_raises_its_error_from_the_constructor(broken_model_dir):
+def test_scheduler_failure_raises_its_error_from_the_constructor(broken_model_dir, capfd):
     model_dir, error_text = broken_model_dir
     before = live_children()
     # A hang would end at startup_timeout with another message; the child's own error must come first.
@@ -153,6 +153,9 @@ def test_scheduler_failure_raises_its_error_from_the_constructor(broken_model_di
     assert "scheduler process failed" in message
     assert error_text in message and "Traceback" in message
     assert live_children() == before
+    # Reported once: the traceback is in the exception; the child's own log says one line.
+    logged = capfd.readouterr().err
+    assert "Traceback" not in logged and "scheduler failed: " in logged
 
 
 def test_a_dead_scheduler_fails_a_waiting_generate():
