@@ -15,6 +15,7 @@ from typing import Any, Optional
 
 import torch
 
+from engine.shared.model_config import architecture, check_model_config
 from scheduler_proc.models.decoder import CausalLM
 from scheduler_proc.models.registry import ARCHITECTURES
 from scheduler_proc.tp.group import TPGroup
@@ -32,9 +33,8 @@ def build_model(
     tp: Optional[TPGroup] = None,
 ) -> CausalLM:
     """Build on the meta device (no memory), materialise on `device`, then fill the weights."""
-    arch = (config.get("architectures") or [""])[0]
-    if arch not in ARCHITECTURES:
-        raise ValueError(f"model architecture {arch!r} is not supported; supported: {sorted(ARCHITECTURES)}")
+    check_model_config(config)
+    arch = architecture(config)
     with torch.device("meta"):
         model = ARCHITECTURES[arch](config, tp=tp or TPGroup())
     model = model.to(dtype).to_empty(device=device)

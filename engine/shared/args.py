@@ -9,6 +9,8 @@ import os
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from engine.shared.model_config import check_model_config
+
 logger = logging.getLogger(__name__)
 
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -116,6 +118,7 @@ class EngineArgs:
         model_max = int(config.get("max_position_embeddings", 4096))
         if resolved.context_length is None:
             resolved.context_length = model_max
+        check_model_config(config)
         _check_tp_shape(resolved.tp_size, config)
         if resolved.device == "cuda":
             _check_gpu_count(resolved.base_gpu_id + resolved.tp_size)
@@ -152,7 +155,10 @@ def _check_tp_shape(tp_size: int, config: dict[str, Any]) -> None:
     heads = int(config.get("num_attention_heads", 0))
     kv_heads = int(config.get("num_key_value_heads") or heads)
     intermediate = int(config.get("intermediate_size", 0))
-    for name, value in (("num_attention_heads", heads), ("intermediate_size", intermediate)):
+    checked = [("num_attention_heads", heads), ("intermediate_size", intermediate)]
+    if config.get("moe_intermediate_size"):  # each expert's MLP is split like the dense one
+        checked.append(("moe_intermediate_size", int(config["moe_intermediate_size"])))
+    for name, value in checked:
         if value % tp_size:
             raise ValueError(f"tp_size={tp_size} does not divide the model's {name}={value}")
     if (kv_heads >= tp_size and kv_heads % tp_size) or (kv_heads < tp_size and tp_size % kv_heads):
