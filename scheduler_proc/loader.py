@@ -31,8 +31,10 @@ def build_model(
     device: torch.device,
     seed: int,
     tp: Optional[TPGroup] = None,
+    is_embedding: bool = False,
 ) -> CausalLM:
-    """Build on the meta device (no memory), materialise on `device`, then fill the weights."""
+    """Build on the meta device (no memory), materialise on `device`, then fill the weights. An embedding
+    model's checkpoint may lack the LM head (it is never used)."""
     check_model_config(config)
     arch = architecture(config)
     with torch.device("meta"):
@@ -45,6 +47,9 @@ def build_model(
     weights = random_weights(model, seed, device) if load_format == "dummy" else iter_safetensors(model_dir)
     loaded = model.load_weights(weights)
     missing = sorted({name for name, _ in model.named_parameters()} - loaded)
+    if is_embedding and "lm_head.weight" in missing:
+        missing.remove("lm_head.weight")
+        model.lm_head.weight.data.zero_()
     if missing:
         more = "..." if len(missing) > 5 else ""
         raise ValueError(f"checkpoint in {model_dir} lacks weights for {missing[:5]}{more}")

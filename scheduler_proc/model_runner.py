@@ -58,7 +58,14 @@ class ModelRunner:
         self.config = read_model_config(args.model_path)
         start = time.perf_counter()
         self.model = build_model(
-            self.config, args.load_format, args.model_path, self.dtype, self.device, args.random_seed, self.tp
+            self.config,
+            args.load_format,
+            args.model_path,
+            self.dtype,
+            self.device,
+            args.random_seed,
+            self.tp,
+            args.is_embedding,
         )
         if self.device.type == "cuda":
             torch.cuda.empty_cache()  # loading's temporaries must not count as used when the pool is sized

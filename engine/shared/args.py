@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from engine.shared.model_config import check_model_config
+from engine.shared.pooling import read_pooling_config
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +47,7 @@ class EngineArgs:
     profile_steps: int = 0  # record device/host time of up to this many steps (server info "step_profile")
     attention_backend: str = "auto"  # auto: flashinfer on GPU when installed, else torch
     return_hidden_states: bool = False  # default for requests that do not say
+    is_embedding: bool = False  # an embedding model: Engine.encode() pools prompts' hidden states; no generate()
     random_seed: int = 0  # seeds dummy weights and unseeded sampling
     tp_size: int = 1  # tensor parallelism: GPUs (or CPU processes) that share one model, one process each
     base_gpu_id: int = 0  # rank r runs on cuda:(base_gpu_id + r)
@@ -81,6 +83,8 @@ class EngineArgs:
             raise ValueError(f"cpu_kv_pool_bytes must be a positive int, got {cpu_pool!r}")
         if not isinstance(self.cuda_graph_max_bs, int) or self.cuda_graph_max_bs < 1:
             raise ValueError(f"cuda_graph_max_bs must be a positive int, got {self.cuda_graph_max_bs!r}")
+        if not isinstance(self.is_embedding, bool):
+            raise ValueError(f"is_embedding must be a bool, got {self.is_embedding!r}")
         if not isinstance(self.disable_overlap_schedule, bool):
             raise ValueError(f"disable_overlap_schedule must be a bool, got {self.disable_overlap_schedule!r}")
         if not isinstance(self.profile_steps, int) or self.profile_steps < 0:
@@ -119,6 +123,8 @@ class EngineArgs:
         if resolved.context_length is None:
             resolved.context_length = model_max
         check_model_config(config)
+        if resolved.is_embedding:
+            read_pooling_config(resolved.model_path)  # a pooling ferry lacks is refused here
         _check_tp_shape(resolved.tp_size, config)
         if resolved.device == "cuda":
             _check_gpu_count(resolved.base_gpu_id + resolved.tp_size)

@@ -206,6 +206,8 @@ class CausalLM(nn.Module):
         for name, source in weights:
             for old, new in self.checkpoint_renames:
                 name = name.replace(old, new)
+            if name.startswith(_BARE_DECODER):  # saved from the bare decoder (AutoModel), as embedding models are
+                name = "model." + name
             if "rotary_emb" in name or (name == "lm_head.weight" and self.shape.tie_word_embeddings):
                 continue
             owner, kind = name.rsplit(".", 1)
@@ -255,6 +257,7 @@ class CausalLM(nn.Module):
 
 
 _SHARDED = (RowParallelLinear, VocabParallelEmbedding)  # layers with their own `load`
+_BARE_DECODER = ("layers.", "embed_tokens.", "norm.")
 
 
 class LlamaForCausalLM(CausalLM):
