@@ -13,6 +13,8 @@ from scheduler_proc.request import Request
 
 
 class Pooler:
+    """The engine's pooling (one per embedding engine); each request's partial result lives on the request."""
+
     def __init__(self, config: PoolingConfig) -> None:
         self.config = config
 

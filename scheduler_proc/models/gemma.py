@@ -28,6 +28,8 @@ from scheduler_proc.tp.group import TPGroup
 
 
 class GemmaDecoderLayer(nn.Module):
+    """Attention and MLP, each between two norms (Gemma's "sandwich"), threaded with a residual."""
+
     def __init__(self, shape: ModelShape, layer_id: int, rotary: RotaryEmbedding, tp: TPGroup) -> None:
         super().__init__()
         size, eps = shape.hidden_size, shape.rms_norm_eps
@@ -53,6 +55,8 @@ class GemmaDecoderLayer(nn.Module):
 
 
 class GemmaModel(nn.Module):
+    """The scaled embedding, the layers (each with the rotary of its kind) and the final norm."""
+
     def __init__(self, shape: ModelShape, tp: TPGroup, rotary_for: Callable[[int], RotaryEmbedding]) -> None:
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(shape.vocab_size, shape.hidden_size, tp)
@@ -71,6 +75,8 @@ class GemmaModel(nn.Module):
 
 
 class Gemma2ForCausalLM(CausalLM):
+    """Gemma 2: soft-capped attention scores and final logits, one RoPE base for every layer."""
+
     def __init__(self, config: dict[str, Any], tp: Optional[TPGroup] = None, qk_norm: bool = False) -> None:
         super().__init__({"tie_word_embeddings": True, **config}, qk_norm=qk_norm, tp=tp)
         softcap = config.get("final_logit_softcapping")
@@ -88,6 +94,8 @@ class Gemma2ForCausalLM(CausalLM):
 
 
 class Gemma3ForCausalLM(Gemma2ForCausalLM):
+    """Gemma 3 (text): per-head q/k norms; local and global layers rotate with their own RoPE."""
+
     def __init__(self, config: dict[str, Any], tp: Optional[TPGroup] = None) -> None:
         super().__init__(config, tp=tp, qk_norm=True)
 

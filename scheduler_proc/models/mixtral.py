@@ -15,6 +15,8 @@ from scheduler_proc.tp.group import TPGroup
 
 
 class MixtralForCausalLM(LlamaForCausalLM):
+    """Llama's decoder with a SparseMoE layer in place of every MLP."""
+
     checkpoint_renames = ((".block_sparse_moe.", ".mlp."),)
 
     def make_mlp(self, config: dict[str, Any], layer_id: int, tp: TPGroup) -> nn.Module:

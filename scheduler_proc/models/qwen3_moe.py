@@ -15,6 +15,8 @@ from scheduler_proc.tp.group import TPGroup
 
 
 class Qwen3MoeForCausalLM(CausalLM):
+    """Qwen3's decoder with SparseMoE layers where the config puts them."""
+
     def __init__(self, config: dict[str, Any], tp: Optional[TPGroup] = None) -> None:
         super().__init__(config, qk_norm=True, tp=tp)
 
