@@ -48,24 +48,55 @@ def roofline(
     heads = config["num_attention_heads"]
     kv_heads = config.get("num_key_value_heads") or heads
     head_dim = config.get("head_dim") or hidden // heads
-    vocab, inter = config["vocab_size"], config["intermediate_size"]
-    params = layers * (hidden * head_dim * (heads + 2 * kv_heads) + heads * head_dim * hidden + 3 * hidden * inter)
-    params += vocab * hidden * (1 if config.get("tie_word_embeddings") else 2)
-    weight_bytes, kv_bytes_per_token = 2 * params, 2 * 2 * layers * kv_heads * head_dim
+    batch = min(len(workload.input_ids), int(settings.get("max_running_requests") or len(workload.input_ids)))
+    params, read_per_step, active = model_params(config, batch)
+    weight_bytes, kv_bytes_per_token = 2 * read_per_step, 2 * 2 * layers * kv_heads * head_dim
     ceilings = measure_ceilings()
     tp_size = int(settings.get("tp_size", 1))
     # Every request decodes at once (the engine's batch holds them all), so there are max(out) steps.
     steps = max(workload.output_lens)
     kv_read = sum(n * len(ids) + n * (n - 1) / 2 for ids, n in zip(workload.input_ids, workload.output_lens))
     decode_s = (steps * weight_bytes + kv_read * kv_bytes_per_token) / (tp_size * ceilings["bandwidth_bytes_s"])
-    prefill_s = 2 * params * workload.input_tokens / (tp_size * ceilings["matmul_flops"])
+    prefill_s = 2 * active * workload.input_tokens / (tp_size * ceilings["matmul_flops"])
     floor = workload.output_tokens / (decode_s + prefill_s)
     return {
         **ceilings,
         "tp_size": tp_size,
+        "params": params,
+        "active_params": active,
         "weight_bytes": weight_bytes,
         "decode_floor_s": decode_s,
         "prefill_floor_s": prefill_s,
         "floor_output_tok_s": floor,
         "fraction_of_floor": ferry["output_tok_s"] / floor,
     }
+
+
+def model_params(config: dict[str, Any], batch: int) -> tuple[int, float, int]:
+    """(all parameters, parameters a decode step of `batch` sequences reads, parameters one token
+    computes with). Dense models read and compute with all of them. A mixture of experts computes with
+    its top-k experts per token (the active parameters) and a step reads the experts any of its tokens
+    chose: with uniform routing, num_experts * (1 - (1 - k / num_experts) ** batch) of them."""
+    hidden, layers, heads = config["hidden_size"], config["num_hidden_layers"], config["num_attention_heads"]
+    kv_heads = config.get("num_key_value_heads") or heads
+    head_dim = config.get("head_dim") or hidden // heads
+    attention = hidden * head_dim * (heads + 2 * kv_heads) + heads * head_dim * hidden
+    embeddings = config["vocab_size"] * hidden * (1 if config.get("tie_word_embeddings") else 2)
+    dense_mlp = 3 * hidden * config["intermediate_size"]
+    experts = int(config.get("num_experts") or config.get("num_local_experts") or 0)
+    if not experts:
+        total = layers * (attention + dense_mlp) + embeddings
+        return total, total, total
+    top_k, expert = (
+        int(config["num_experts_per_tok"]),
+        3 * hidden * int(config.get("moe_intermediate_size") or config["intermediate_size"]),
+    )
+    step = int(config.get("decoder_sparse_step", 1))
+    sparse = [i for i in range(layers) if i not in (config.get("mlp_only_layers") or []) and (i + 1) % step == 0]
+    shared = layers * attention + (layers - len(sparse)) * dense_mlp + embeddings + len(sparse) * hidden * experts
+    touched = experts * (1 - (1 - top_k / experts) ** batch)
+    return (
+        shared + len(sparse) * experts * expert,
+        shared + len(sparse) * touched * expert,
+        shared + len(sparse) * top_k * expert,
+    )

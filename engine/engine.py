@@ -197,6 +197,46 @@ class Engine:
         outputs = await self._loop.run_async(self._wait(states, use_tqdm=False))
         return outputs[0] if batch.single else outputs
 
+    # ---- embeddings ----
+
+    def encode(
+        self, prompt: Prompt = None, input_ids: InputIds = None, *, rid: Union[str, list[str], None] = None
+    ) -> Union[dict[str, Any], list[dict[str, Any]]]:
+        """Embed one prompt (returns a dict) or a list of them (a list, in order), on an engine started
+        with is_embedding=True. Give exactly one of `prompt` (str or list of str) and `input_ids`.
+        Each output is {"embedding": [float] * hidden_size, "meta_info": {"id", "finish_reason",
+        "prompt_tokens", "e2e_latency"}}: the prompt's final hidden states pooled as the model folder's
+        sentence-transformers config says (modules.json), else the last token's, L2-normalised."""
+        batch = self._prepare_encode(prompt, input_ids, rid)
+        states = self._loop.run(self._submit(batch.all()))
+        outputs = self._loop.run(self._wait(states, batch.size, use_tqdm=False))
+        return outputs[0] if batch.single else outputs
+
+    async def async_encode(
+        self, prompt: Prompt = None, input_ids: InputIds = None, *, rid: Union[str, list[str], None] = None
+    ) -> Union[dict[str, Any], list[dict[str, Any]]]:
+        """The awaitable form of `encode`, from any event loop."""
+        batch = self._prepare_encode(prompt, input_ids, rid)
+        states = await self._loop.run_async(self._submit(batch.all()))
+        outputs = await self._loop.run_async(self._wait(states, batch.size, use_tqdm=False))
+        return outputs[0] if batch.single else outputs
+
+    def _prepare_encode(self, prompt: Prompt, input_ids: InputIds, rid: Union[str, list[str], None]) -> PreparedBatch:
+        self._check_open()
+        if not self.args.is_embedding:
+            raise ValueError("encode() needs an embedding engine: Engine(model_path, is_embedding=True)")
+        call = GenerateInput(
+            prompt=prompt,
+            input_ids=input_ids,
+            sampling_params={"max_new_tokens": 0},
+            rid=rid,
+            return_hidden_states=False,
+            embed=True,
+        )
+        return prepare(self.tokenizer, self._limits, call, self._image_processor)
+
+    # ---- chat ----
+
     def chat(
         self, messages: Union[list[dict], list[list[dict]]], sampling_params: SamplingArg = None, **kwargs: Any
     ) -> Any:
@@ -224,6 +264,8 @@ class Engine:
 
     def _prepare(self, call: GenerateInput) -> PreparedBatch:
         self._check_open()
+        if self.args.is_embedding:
+            raise ValueError("this engine was started with is_embedding=True: it embeds with encode(), not generate()")
         if call.return_hidden_states is None:
             call.return_hidden_states = self.args.return_hidden_states
         return prepare(self.tokenizer, self._limits, call, self._image_processor)

@@ -4,6 +4,9 @@ retracted, and room made by eviction when the pool runs short.
 
 Slot ownership: a request's row of req_to_token lists its slots; the first `req.shared_len` belong
 to the prefix cache (locked through `req.cache_node`), the rest up to `req.kv_len` to the request.
+
+Embedding requests never hand their KV to the cache: each pools every row of its prompt, so none
+could start from a cached prefix, and their KV would only crowd out generation's.
 """
 
 from __future__ import annotations
@@ -67,13 +70,13 @@ class CacheManager:
     def cache_prefix(self, req: Request) -> None:
         """Put the tokens req computed so far into the tree (still locked by req), so requests
         arriving now share them: the other samples of one prompt, concurrent shared prefixes."""
-        if self.cache.enabled:
+        if self.cache.enabled and not req.msg.embed:
             self._share(req)
 
     def release(self, req: Request, keep: bool = True) -> None:
         """req leaves the pool (finished, aborted or retracted): its computed tokens go to the tree
         (keep, and the cache on) or back to the free list; its row is freed."""
-        if keep:
+        if keep and not req.msg.embed:
             self._share(req)
         self.pool.free_slots(self.pool.req_to_token[req.row, req.shared_len : req.kv_len])
         self.cache.unlock(req.cache_node)

@@ -15,6 +15,7 @@ from typing import Any, Optional
 
 import torch
 
+from engine.shared.model_config import architecture, check_model_config
 from scheduler_proc.models.decoder import CausalLM
 from scheduler_proc.models.registry import ARCHITECTURES
 from scheduler_proc.tp.group import TPGroup
@@ -30,11 +31,12 @@ def build_model(
     device: torch.device,
     seed: int,
     tp: Optional[TPGroup] = None,
+    is_embedding: bool = False,
 ) -> CausalLM:
-    """Build on the meta device (no memory), materialise on `device`, then fill the weights."""
-    arch = (config.get("architectures") or [""])[0]
-    if arch not in ARCHITECTURES:
-        raise ValueError(f"model architecture {arch!r} is not supported; supported: {sorted(ARCHITECTURES)}")
+    """Build on the meta device (no memory), materialise on `device`, then fill the weights. An embedding
+    model's checkpoint may lack the LM head (it is never used)."""
+    check_model_config(config)
+    arch = architecture(config)
     with torch.device("meta"):
         model = ARCHITECTURES[arch](config, tp=tp or TPGroup())
     model = model.to(dtype).to_empty(device=device)
@@ -45,6 +47,9 @@ def build_model(
     weights = random_weights(model, seed, device) if load_format == "dummy" else iter_safetensors(model_dir)
     loaded = model.load_weights(weights)
     missing = sorted({name for name, _ in model.named_parameters()} - loaded)
+    if is_embedding and "lm_head.weight" in missing:
+        missing.remove("lm_head.weight")
+        model.lm_head.weight.data.zero_()
     if missing:
         more = "..." if len(missing) > 5 else ""
         raise ValueError(f"checkpoint in {model_dir} lacks weights for {missing[:5]}{more}")

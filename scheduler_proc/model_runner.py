@@ -61,7 +61,14 @@ class ModelRunner:
         weights = "random weights" if args.load_format == "dummy" else args.model_path
         logger.info("loading %s (%s, %s) on %s", architecture, weights, args.dtype, self.device)
         self.model = build_model(
-            self.config, args.load_format, args.model_path, self.dtype, self.device, args.random_seed, self.tp
+            self.config,
+            args.load_format,
+            args.model_path,
+            self.dtype,
+            self.device,
+            args.random_seed,
+            self.tp,
+            args.is_embedding,
         )
         if self.device.type == "cuda":
             torch.cuda.empty_cache()  # loading's temporaries must not count as used when the pool is sized
@@ -77,6 +84,7 @@ class ModelRunner:
             self.shape.num_heads_per_rank,
             self.shape.num_kv_heads_per_rank,
             self.shape.head_dim,
+            self.shape.layer_attention(),
         )
         self.sampling = SamplingState(self.pool.max_requests, self.shape.vocab_size, self.device)
         self.graphs = self._make_graphs()  # every rank captures the same sizes in the same order: in lockstep

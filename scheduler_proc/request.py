@@ -36,6 +36,7 @@ class Request:
         self.closed = False  # its finish has been sent: nothing more goes out
         self.extras: Optional[ReqExtras] = None  # logprobs / hidden states since the last TokenBatch
         self._prompt_hidden: list[np.ndarray] = []
+        self.pooled: Any = None  # an embedding request's pooled hidden states so far (pooling.py)
         stops = msg.sampling.stop
         # Enough tokens to hold any stop string, even one byte per token.
         self.stop_window = 4 * max((len(s.encode()) for s in stops), default=0) + 2
@@ -90,7 +91,7 @@ class Request:
         needed), nor positions whose per-token outputs (input logprobs, prompt hidden states) are
         still owed."""
         owed_from = self.num_tokens
-        if self.msg.return_hidden_states:
+        if self.msg.return_hidden_states or self.msg.embed:  # every prompt row is owed (embed: pooled)
             owed_from = 0
         elif self.msg.return_logprob and self.msg.logprob_start_len >= 0:
             owed_from = max(self.msg.logprob_start_len, 1) - 1  # the position scoring the first asked token

@@ -21,12 +21,14 @@ import zmq
 
 from engine.shared.args import EngineArgs
 from engine.shared.ipc import Endpoints
+from engine.shared.pooling import read_pooling_config
 from engine.shared.protocol import AbortRequest, ControlRequest, FinishReason, GenerateBatch
 from scheduler_proc.cache_manager import CacheManager
 from scheduler_proc.finish import FinishChecker
 from scheduler_proc.in_flight import InFlight
 from scheduler_proc.model_runner import ModelRunner
 from scheduler_proc.policy import NewTokenEstimate, order_waiting, waits_for_shared_prefix
+from scheduler_proc.pooling import Pooler
 from scheduler_proc.radix_cache import create_prefix_cache
 from scheduler_proc.request import Request
 from scheduler_proc.scheduler_io import Message, SchedulerIO
@@ -69,6 +71,7 @@ class Scheduler:
         self.num_retractions = 0
         self.overlap = not args.disable_overlap_schedule
         self.in_flight: Optional[InFlight] = None  # the launched step whose outputs are not read yet
+        self.pooler = Pooler(read_pooling_config(args.model_path)) if args.is_embedding else None
 
     # ---- the loop ----
 
@@ -281,7 +284,7 @@ class Scheduler:
         launched.tokens_read()
         try:
             tokens = self.runner.wait(output.sampled)
-            next_ids = read_step_outputs(step, output.hidden, output.logits, tokens)
+            next_ids = read_step_outputs(step, output.hidden, output.logits, tokens, self.pooler)
         except Exception as exc:
             self.fail_step(step, exc)
             return

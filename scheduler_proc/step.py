@@ -80,7 +80,7 @@ def build_step(entries: list[tuple[Request, int]], pool: KVPool, eos_ids: list[i
     )
     attach_images(batch, entries)
     sampling = _sampling_batch(entries, sample_entries, sample_rows, eos_ids, device)
-    keep_hidden = any(req.msg.return_hidden_states for req, _ in entries)
+    keep_hidden = any(req.msg.return_hidden_states or req.msg.embed for req, _ in entries)
     return Step(
         entries, batch, sampling, keep_hidden, sample_entries, logit_spans, input_starts, starts, pending_inputs
     )

@@ -8,15 +8,18 @@ from typing import Optional
 
 import torch
 
+from scheduler_proc.pooling import Pooler
 from scheduler_proc.request import Request
 from scheduler_proc.step import Step
 
 logger = logging.getLogger(__name__)
 
 
-def read_step_outputs(step: Step, hidden: torch.Tensor, logits: torch.Tensor, sampled: list[int]) -> list:
-    """Record logprobs and hidden states on the requests; returns the new token per entry (or None).
-    A request that finished while the step ran (aborted, or ended by the step before) gets nothing."""
+def read_step_outputs(
+    step: Step, hidden: torch.Tensor, logits: torch.Tensor, sampled: list[int], pooler: Optional[Pooler] = None
+) -> list:
+    """Record logprobs, hidden states and embeddings on the requests; returns the new token per entry (or
+    None). A request that finished while the step ran (aborted, or ended by the step before) gets nothing."""
     next_ids: list[Optional[int]] = [None] * len(step.entries)
     for i, token in zip(step.sample_entries, sampled):
         next_ids[i] = token
@@ -36,6 +39,8 @@ def read_step_outputs(step: Step, hidden: torch.Tensor, logits: torch.Tensor, sa
                 rows = hidden[t0 + skip : t0 + n].float().cpu().numpy()
                 prompt_len = len(req.input_ids)
                 req.add_hidden(rows, prompt=start + skip < prompt_len, prompt_done=start + n >= prompt_len)
+            if req.msg.embed and pooler is not None and skip < n:
+                pooler.add(req, hidden[t0 + skip : t0 + n], start + skip)
         except Exception as exc:  # one request's extras failing ends that request (at its finish check) alone
             logger.exception("recording the outputs of request %s failed", req.rid)
             req.error = f"{type(exc).__name__}: {exc}"

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The benchmark rows of docs/benchmarks.md, run on the device (inside scripts/device_run.sh).
 # Usage: bash scripts/device_bench.sh <set> ; sets: small (Qwen2.5-0.5B), qwen3 (Qwen3-0.6B), large
-# (Llama-3.1-8B), prefix (radix cache on/off), overlap (Qwen2.5-0.5B nanovllm with and without overlap)
+# (Llama-3.1-8B), prefix (radix cache on/off), overlap (Qwen2.5-0.5B nanovllm with and without overlap),
+# moe (the fused MoE layer against the per-expert loop, then Qwen3-30B-A3B on the three workloads)
 set -u
 out=${OUT:-/tmp}/bench.jsonl
 bench() { timeout 300 python3 scripts/bench_offline_throughput.py --load-format dummy --context-length 4096 \
@@ -22,6 +23,11 @@ case "$1" in
     bench --model-path configs/llama-3.1-8b --workload 512x256 --roofline
     bench --model-path configs/llama-3.1-8b --workload nanovllm --roofline
     bench --model-path configs/llama-3.1-8b --workload decode-heavy --roofline --cuda-graph-max-bs 512 ;;
+  moe)
+    timeout 300 python3 scripts/bench_moe.py --result-file "$out"
+    bench --model-path configs/qwen3-30b-a3b --workload 512x256 --roofline
+    bench --model-path configs/qwen3-30b-a3b --workload nanovllm --roofline
+    bench --model-path configs/qwen3-30b-a3b --workload decode-heavy --roofline --cuda-graph-max-bs 512 ;;
   prefix)
     bench --model-path configs/qwen2.5-0.5b --workload prefix
     bench --model-path configs/qwen2.5-0.5b --workload prefix --disable-radix-cache ;;

@@ -31,7 +31,17 @@ def tiny_model_dir(tmp_path, arch: str, tokenizer_dir: str, **overrides) -> str:
 
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    kinds = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM"}
+    kinds = {
+        "qwen2": "Qwen2ForCausalLM",
+        "qwen3": "Qwen3ForCausalLM",
+        "llama": "LlamaForCausalLM",
+        "mistral": "MistralForCausalLM",
+        "phi3": "Phi3ForCausalLM",
+        "gemma2": "Gemma2ForCausalLM",
+        "gemma3_text": "Gemma3ForCausalLM",
+        "qwen3_moe": "Qwen3MoeForCausalLM",
+        "mixtral": "MixtralForCausalLM",
+    }
     settings = dict(
         vocab_size=49152,
         hidden_size=64,

@@ -43,6 +43,7 @@ class GenerateInput:
     top_logprobs_num: Union[int, list[int], None] = None
     return_text_in_logprobs: bool = False
     return_hidden_states: Optional[bool] = None  # None: the engine's return_hidden_states setting
+    embed: bool = False  # encode(): each prompt's pooled hidden state, nothing generated
 
 
 @dataclass
@@ -136,6 +137,7 @@ class _CheckedCall:
                 return_text_in_logprobs=call.return_text_in_logprobs,
                 return_hidden_states=call.return_hidden_states,
                 images=images,
+                embed=call.embed,
             )
             for k in range(p.n)
         ]

@@ -26,6 +26,7 @@ class ReqState:
         self.output_ids: list[int] = []
         self.logprobs: dict[str, list] = {name: [] for name in _LOGPROB_FIELDS}
         self.hidden_states: list[Any] = []
+        self.embedding: Optional[list[float]] = None
         self.finish: Optional[FinishReason] = None
         self.prompt_tokens = len(req.input_ids)
         self.cached_tokens = 0
@@ -56,6 +57,8 @@ class ReqState:
                     self.logprobs[name] += values
             if extras.hidden_states:
                 self.hidden_states += [_to_tensor(a) for a in extras.hidden_states]
+            if extras.embedding is not None:
+                self.embedding = _to_tensor(extras.embedding).tolist()
         self.finish = finish
         self.event.set()
 
@@ -92,6 +95,14 @@ class ReqState:
         return chunk["meta_info"]["finish_reason"] is not None
 
     def result(self) -> dict[str, Any]:
+        if self.req.embed:  # SGLang's encode() output
+            meta = {
+                "id": self.rid,
+                "finish_reason": self.finish.to_dict() if self.finish is not None else None,
+                "prompt_tokens": self.prompt_tokens,
+                "e2e_latency": time.perf_counter() - self.created,
+            }
+            return {"embedding": self.embedding, "meta_info": meta}
         return self._output(delta=False)
 
     def _new_extras(self) -> bool:

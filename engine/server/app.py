@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, field_validator
 from starlette.exceptions import HTTPException
 from starlette.responses import PlainTextResponse, Response
 
+from engine.server.embeddings import embeddings_router
 from engine.server.errors import ApiError, api_error_for, engine_errors, parse_body
 from engine.server.middleware import RequestContext, engine_rids
 from engine.server.openai_api import openai_router
@@ -67,9 +68,10 @@ def build_app(service: Service) -> FastAPI:
     app = FastAPI(title="ferry", lifespan=lifespan)
     _add_error_handlers(app)
     _add_native_routes(app, service)
-    openai = openai_router(service)
+    openai, embeddings = openai_router(service), embeddings_router(service)
     app.include_router(openai)
-    routes = [*app.routes, *openai.routes]
+    app.include_router(embeddings)
+    routes = [*app.routes, *openai.routes, *embeddings.routes]
     known_paths = {route.path for route in routes if isinstance(getattr(route, "path", None), str)}
     app.add_middleware(
         RequestContext, api_key=service.settings.api_key, metrics=service.metrics, known_paths=known_paths

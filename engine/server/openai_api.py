@@ -33,15 +33,7 @@ def openai_router(service: Service) -> APIRouter:
 
     @router.get("/v1/models")
     async def models() -> Response:
-        engine = service.require_engine()
-        card = {
-            "id": service.model_name,
-            "object": "model",
-            "created": service.started_at,
-            "owned_by": "ferry",
-            "max_model_len": engine.args.context_length,
-        }
-        return JSONBody({"object": "list", "data": [card]})
+        return JSONBody({"object": "list", "data": [_model_card(service)]})
 
     @router.post("/v1/completions")
     async def completions(request: Request) -> Response:
@@ -95,6 +87,17 @@ def openai_router(service: Service) -> APIRouter:
         return await _respond(service, request, body, answer, stream, started, fields, renames)
 
     return router
+
+
+def _model_card(service: Service) -> dict[str, Any]:
+    engine = service.require_engine()
+    return {
+        "id": service.model_name,
+        "object": "model",
+        "created": service.started_at,
+        "owned_by": "ferry",
+        "max_model_len": engine.args.context_length,
+    }
 
 
 def _echo_texts(engine: Engine, body: CompletionRequest) -> list[str]:

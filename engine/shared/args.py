@@ -9,6 +9,9 @@ import os
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from engine.shared.model_config import check_model_config
+from engine.shared.pooling import read_pooling_config
+
 logger = logging.getLogger(__name__)
 
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -45,6 +48,7 @@ class EngineArgs:
     profile_steps: int = 0  # record device/host time of up to this many steps (server info "step_profile")
     attention_backend: str = "auto"  # auto: flashinfer on GPU when installed, else torch
     return_hidden_states: bool = False  # default for requests that do not say
+    is_embedding: bool = False  # an embedding model: Engine.encode() pools prompts' hidden states; no generate()
     random_seed: int = 0  # seeds dummy weights and unseeded sampling
     tp_size: int = 1  # tensor parallelism: GPUs (or CPU processes) that share one model, one process each
     base_gpu_id: int = 0  # rank r runs on cuda:(base_gpu_id + r)
@@ -81,6 +85,8 @@ class EngineArgs:
             raise ValueError(f"cpu_kv_pool_bytes must be a positive int, got {cpu_pool!r}")
         if not isinstance(self.cuda_graph_max_bs, int) or self.cuda_graph_max_bs < 1:
             raise ValueError(f"cuda_graph_max_bs must be a positive int, got {self.cuda_graph_max_bs!r}")
+        if not isinstance(self.is_embedding, bool):
+            raise ValueError(f"is_embedding must be a bool, got {self.is_embedding!r}")
         if not isinstance(self.disable_overlap_schedule, bool):
             raise ValueError(f"disable_overlap_schedule must be a bool, got {self.disable_overlap_schedule!r}")
         if not isinstance(self.profile_steps, int) or self.profile_steps < 0:
@@ -126,6 +132,9 @@ class EngineArgs:
                 "(max_position_embeddings in its config.json): positions past it were never trained. "
                 "Pass allow_long_context=True to run with it anyway."
             )
+        check_model_config(config)
+        if resolved.is_embedding:
+            read_pooling_config(resolved.model_path)  # a pooling ferry lacks is refused here
         _check_tp_shape(resolved.tp_size, config)
         if resolved.device == "cuda":
             _check_gpu_count(resolved.base_gpu_id + resolved.tp_size)
@@ -162,7 +171,10 @@ def _check_tp_shape(tp_size: int, config: dict[str, Any]) -> None:
     heads = int(config.get("num_attention_heads", 0))
     kv_heads = int(config.get("num_key_value_heads") or heads)
     intermediate = int(config.get("intermediate_size", 0))
-    for name, value in (("num_attention_heads", heads), ("intermediate_size", intermediate)):
+    checked = [("num_attention_heads", heads), ("intermediate_size", intermediate)]
+    if config.get("moe_intermediate_size"):  # each expert's MLP is split like the dense one
+        checked.append(("moe_intermediate_size", int(config["moe_intermediate_size"])))
+    for name, value in checked:
         if value % tp_size:
             raise ValueError(f"tp_size={tp_size} does not divide the model's {name}={value}")
     if (kv_heads >= tp_size and kv_heads % tp_size) or (kv_heads < tp_size and tp_size % kv_heads):

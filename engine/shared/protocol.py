@@ -58,6 +58,7 @@ class GenerateRequest(msgspec.Struct):
     return_text_in_logprobs: bool = False
     return_hidden_states: bool = False
     images: list[ImageInput] = []  # in prompt order; their tokens are already expanded in input_ids
+    embed: bool = False  # an embedding request: the prompt's pooled hidden state comes back (ReqExtras.embedding)
 
 
 class GenerateBatch(msgspec.Struct, tag="generate"):
@@ -95,13 +96,14 @@ class DetokenizeSpec(msgspec.Struct, array_like=True):
 
 
 class ReqExtras(msgspec.Struct, omit_defaults=True):
-    """Optional per-request payloads: logprobs as (logprob, token_id) pairs and hidden states."""
+    """Optional per-request payloads: logprobs as (logprob, token_id) pairs, hidden states, an embedding."""
 
     input_token_logprobs: Optional[list[tuple[Optional[float], int]]] = None
     input_top_logprobs: Optional[list[list[tuple[float, int]]]] = None
     output_token_logprobs: Optional[list[tuple[float, int]]] = None
     output_top_logprobs: Optional[list[list[tuple[float, int]]]] = None
     hidden_states: Optional[list[Array]] = None
+    embedding: Optional[Array] = None  # an embedding request's pooled vector [hidden], float32
 
 
 class TokenBatch(msgspec.Struct, tag="tokens"):

@@ -3,17 +3,25 @@
 from __future__ import annotations
 
 import logging
+from typing import Optional
 
-from scheduler_proc.attention.base import AttentionBackend
+from scheduler_proc.attention.base import AttentionBackend, LayerAttention
 from scheduler_proc.kv_pool import KVPool
 
 logger = logging.getLogger(__name__)
 
 
 def create_backend(
-    name: str, pool: KVPool, device: str, num_heads: int, num_kv_heads: int, head_dim: int
+    name: str,
+    pool: KVPool,
+    device: str,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    layers: Optional[list[LayerAttention]] = None,
 ) -> AttentionBackend:
-    """name: "torch", "flashinfer" or "auto" (flashinfer on CUDA when installed, else torch)."""
+    """name: "torch", "flashinfer" or "auto" (flashinfer on CUDA when installed, else torch); layers:
+    each layer's window, scale and soft cap (None: plain causal attention everywhere)."""
     if name in ("auto", "flashinfer") and device == "cuda":
         try:
             from scheduler_proc.attention.flashinfer_backend import FlashInferBackend
@@ -22,9 +30,9 @@ def create_backend(
                 raise
             logger.warning("flashinfer is not installed (%s); using the torch SDPA attention backend", exc)
         else:
-            return FlashInferBackend(pool, num_heads, num_kv_heads, head_dim)
+            return FlashInferBackend(pool, num_heads, num_kv_heads, head_dim, layers)
     elif name == "flashinfer":
         raise ValueError("attention_backend='flashinfer' needs device='cuda'")
     from scheduler_proc.attention.torch_backend import TorchBackend
 
-    return TorchBackend(pool)
+    return TorchBackend(pool, layers)

@@ -5,6 +5,10 @@ decodes uses the decode kernel; any step with prompt tokens uses the causal page
 prefix + new tokens (the new tokens' KV is written to the pool first), so cached prefixes need nothing
 special. CUDA-graph decode keeps one decode wrapper per captured batch size with fixed index buffers.
 
+flashinfer fixes a layer's sliding window (`window_left`), score scale and soft cap when it plans, so
+layers that differ there (Gemma's local and global layers) get a wrapper each, planned once per step
+over the same KV indices (the window masks the keys outside it; they are still in the index list).
+
 Every host tensor a plan copies to the device is pinned: a copy from pageable memory waits for the stream
 to drain, which would hold the host behind the step in flight and leave the device idle while the next
 step is planned (overlap scheduling lost).
@@ -14,12 +18,12 @@ from __future__ import annotations
 
 import builtins
 import sys
-from typing import Any
+from typing import Any, Optional
 
 import flashinfer
 import torch
 
-from scheduler_proc.attention.base import AttentionBackend
+from scheduler_proc.attention.base import AttentionBackend, LayerAttention
 from scheduler_proc.forward_batch import ForwardBatch
 from scheduler_proc.kv_pool import KVPool
 
@@ -41,21 +45,36 @@ def _fast_plan_max() -> None:
 
 
 class FlashInferBackend(AttentionBackend):
-    def __init__(self, pool: KVPool, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
-        super().__init__(pool)
+    def __init__(
+        self,
+        pool: KVPool,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        layers: Optional[list[LayerAttention]] = None,
+    ) -> None:
+        super().__init__(pool, layers)
         _fast_plan_max()
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         device = pool.device
+        # Shared by every wrapper: it holds one run's scratch, and runs follow one another on the stream.
         self.workspace = torch.empty(_WORKSPACE_BYTES, dtype=torch.uint8, device=device)
+        self.kinds = list(dict.fromkeys(self.layers))  # distinct layer kinds, one plan (wrapper) each
+        self.kind_of_layer = [self.kinds.index(layer) for layer in self.layers]
         # Tensor-core decode pays off once several query heads share a KV head.
         self.decode_tensor_cores = num_heads // num_kv_heads >= 4
         # fa2, not "auto" (fa3 on Hopper): over page-size-1 KV, fa3 ran mixed prefill+decode steps 1.2-2x slower
         # (scripts/bench_attention.py on an H200).
-        self.prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD", backend="fa2")
-        self.decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
-            self.workspace, "NHD", use_tensor_cores=self.decode_tensor_cores
-        )
-        self.graph_decoders: dict[int, flashinfer.BatchDecodeWithPagedKVCacheWrapper] = {}
+        self.prefill = [
+            flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD", backend="fa2") for _ in self.kinds
+        ]
+        self.decode = [
+            flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+                self.workspace, "NHD", use_tensor_cores=self.decode_tensor_cores
+            )
+            for _ in self.kinds
+        ]
+        self.graph_decoders: dict[int, list[flashinfer.BatchDecodeWithPagedKVCacheWrapper]] = {}
         self.graph_indices: torch.Tensor | None = None  # shared by every captured batch size
         self.active = self.decode
         self.out_cache_loc: torch.Tensor | None = None
@@ -99,41 +118,35 @@ class FlashInferBackend(AttentionBackend):
             indices = torch.cat([indices, torch.zeros(pad, dtype=indices.dtype, device=indices.device)])
         self._plan_with(batch, indptr, indices, self.graph_decoders[padded])
 
-    def _plan_with(self, batch: ForwardBatch, indptr: torch.Tensor, indices: torch.Tensor, decoder) -> None:
+    def _plan_with(self, batch: ForwardBatch, indptr: torch.Tensor, indices: torch.Tensor, decoders) -> None:
+        """Plan every layer kind's wrapper: the decoders given, or the prefill wrappers when None."""
         dtype = self.pool.k_buffer.dtype
         last_page_len = self.ones[: len(indptr) - 1]
-        self.planned.synchronize()  # the previous plan's copy has run: its staging buffer may be rewritten
-        if decoder is not None:
-            decoder.plan(
-                indptr,
-                indices.to(torch.int32),
-                last_page_len,
-                self.num_heads,
-                self.num_kv_heads,
-                self.head_dim,
-                1,
-                q_data_type=dtype,
-                kv_data_type=dtype,
-            )
-            self.active = decoder
-            self.planned.record()
-            return
-        qo_indptr = torch.zeros(batch.batch_size + 1, dtype=torch.int32, pin_memory=True)
-        torch.cumsum(torch.tensor(batch.extend_lens_cpu, dtype=torch.int32), 0, out=qo_indptr[1:])
-        self.prefill.plan(
-            qo_indptr,
-            indptr,
-            indices.to(torch.int32),
-            last_page_len,
-            self.num_heads,
-            self.num_kv_heads,
-            self.head_dim,
-            1,
-            causal=True,
-            q_data_type=dtype,
-            kv_data_type=dtype,
-        )
-        self.active = self.prefill
+        indices = indices.to(torch.int32)
+        shape = (self.num_heads, self.num_kv_heads, self.head_dim, 1)
+        self.planned.synchronize()  # the previous plan's copies have run: their staging buffers may be rewritten
+        if decoders is not None:
+            for kind, decoder in zip(self.kinds, decoders):
+                decoder.plan(
+                    indptr, indices, last_page_len, *shape, q_data_type=dtype, kv_data_type=dtype, **_options(kind)
+                )
+            self.active = decoders
+        else:
+            qo_indptr = torch.zeros(batch.batch_size + 1, dtype=torch.int32, pin_memory=True)
+            torch.cumsum(torch.tensor(batch.extend_lens_cpu, dtype=torch.int32), 0, out=qo_indptr[1:])
+            for kind, prefill in zip(self.kinds, self.prefill):
+                prefill.plan(
+                    qo_indptr,
+                    indptr,
+                    indices,
+                    last_page_len,
+                    *shape,
+                    causal=True,
+                    q_data_type=dtype,
+                    kv_data_type=dtype,
+                    **_options(kind),
+                )
+            self.active = self.prefill
         self.planned.record()
 
     # ---- CUDA graphs ----
@@ -142,15 +155,21 @@ class FlashInferBackend(AttentionBackend):
         device = self.pool.device
         if self.graph_indices is None:
             self.graph_indices = torch.zeros(self.pool.num_slots + max_batch_size, dtype=torch.int32, device=device)
-        self.graph_decoders[batch_size] = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
-            self.workspace,
-            "NHD",
-            use_cuda_graph=True,
-            use_tensor_cores=self.decode_tensor_cores,
-            paged_kv_indptr_buffer=torch.zeros(batch_size + 1, dtype=torch.int32, device=device),
-            paged_kv_indices_buffer=self.graph_indices,
-            paged_kv_last_page_len_buffer=torch.ones(batch_size, dtype=torch.int32, device=device),
-        )
+        # The kinds' wrappers share their index buffers: each plan writes the same indices into them.
+        indptr_buffer = torch.zeros(batch_size + 1, dtype=torch.int32, device=device)
+        last_page_len_buffer = torch.ones(batch_size, dtype=torch.int32, device=device)
+        self.graph_decoders[batch_size] = [
+            flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+                self.workspace,
+                "NHD",
+                use_cuda_graph=True,
+                use_tensor_cores=self.decode_tensor_cores,
+                paged_kv_indptr_buffer=indptr_buffer,
+                paged_kv_indices_buffer=self.graph_indices,
+                paged_kv_last_page_len_buffer=last_page_len_buffer,
+            )
+            for _ in self.kinds
+        ]
 
     # ---- per layer ----
 
@@ -159,5 +178,11 @@ class FlashInferBackend(AttentionBackend):
         k_buf[self.out_cache_loc] = k
         v_buf[self.out_cache_loc] = v
         kv = (k_buf.unsqueeze(1), v_buf.unsqueeze(1))  # [slots, page_size=1, Hkv, D]
-        out = self.active.run(q, kv)
+        out = self.active[self.kind_of_layer[layer_id]].run(q, kv)
         return out.reshape(q.shape[0], -1)
+
+
+def _options(kind: LayerAttention) -> dict[str, Any]:
+    """flashinfer's plan arguments for a layer kind: window_left counts the keys before the query."""
+    window_left = kind.window - 1 if kind.window is not None else -1
+    return {"window_left": window_left, "logits_soft_cap": kind.softcap, "sm_scale": kind.scale}

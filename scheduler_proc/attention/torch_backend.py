@@ -1,9 +1,10 @@
 """Attention in plain torch: gather each sequence's KV from the pool into a padded batch, then SDPA.
 
-The reference backend (CPU, or GPU without flashinfer). One gather index and one mask are built per
-step and shared by every layer. Rows move with index_select / index_copy_ (whole [Hkv, D] rows at a
-time), not advanced indexing, which on CPU copies element by element; a decode step (one query per
-sequence) needs no query padding at all.
+The reference backend (CPU, or GPU without flashinfer). One gather index per step, and one mask per
+distinct sliding window, are built per step and shared by every layer. Rows move with index_select /
+index_copy_ (whole [Hkv, D] rows at a time), not advanced indexing, which on CPU copies element by
+element; a decode step (one query per sequence) needs no query padding at all. Layers with soft-capped
+scores (Gemma 2) take a plain matmul-softmax path, which SDPA cannot express.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from scheduler_proc.attention.base import AttentionBackend
+from scheduler_proc.attention.base import AttentionBackend, LayerAttention
 from scheduler_proc.forward_batch import ForwardBatch
 
 
@@ -37,21 +38,8 @@ class TorchBackend(AttentionBackend):
         rows = self.pool.req_to_token[batch.req_pool_indices, :max_kv]
         # Keys past a sequence's end read slot 0 (never handed out) and are masked.
         self.kv_index = torch.where(valid.to(device), rows, torch.zeros_like(rows)).view(-1)
-        self.mask = self._mask(prefix, total, valid, max_q, device)
-
-    @staticmethod
-    def _mask(
-        prefix: list[int], total: list[int], valid: torch.Tensor, max_q: int, device: torch.device
-    ) -> Optional[torch.Tensor]:
-        """[B, 1, Qmax, Lmax] bool, True where a query may attend; None when every query sees every key."""
-        if max_q == 1:  # one query per sequence, the last position: it sees all of its own keys
-            return None if min(total) == max(total) else valid[:, None, None, :].to(device)
-        prefix_t = torch.tensor(prefix, dtype=torch.int64)
-        query_pos = prefix_t[:, None] + torch.arange(max_q)[None, :]  # [B, Qmax] absolute positions
-        key_pos = torch.arange(valid.shape[1])
-        mask = (key_pos[None, None, :] <= query_pos[:, :, None]) & valid[:, None, :]
-        mask[:, :, 0] |= ~mask.any(-1)  # padded query rows see one key, so no row is all -inf
-        return mask[:, None].to(device)
+        windows = {layer.window for layer in self.layers}
+        self.masks = {w: _mask(prefix, total, valid, max_q, w, device) for w in windows}
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int) -> torch.Tensor:
         k_buf, v_buf = self.pool.k_buffer[layer_id], self.pool.v_buffer[layer_id]
@@ -65,14 +53,52 @@ class TorchBackend(AttentionBackend):
             q_pad = q.new_zeros(batch_size * max_q, num_heads, head_dim).index_copy_(0, self.q_index, q)
             q_pad = q_pad.view(batch_size, max_q, num_heads, head_dim)
         kv_shape = (batch_size, max_kv, k.shape[1], head_dim)
-        keys = k_buf.index_select(0, self.kv_index).view(kv_shape)
-        values = v_buf.index_select(0, self.kv_index).view(kv_shape)
-        out = F.scaled_dot_product_attention(
-            q_pad.transpose(1, 2),
-            keys.transpose(1, 2),
-            values.transpose(1, 2),
-            attn_mask=self.mask,
-            enable_gqa=num_heads != k.shape[1],
-        )
+        keys = k_buf.index_select(0, self.kv_index).view(kv_shape).transpose(1, 2)
+        values = v_buf.index_select(0, self.kv_index).view(kv_shape).transpose(1, 2)
+        layer = self.layers[layer_id]
+        mask = self.masks[layer.window]
+        if layer.softcap is None:
+            out = F.scaled_dot_product_attention(
+                q_pad.transpose(1, 2),
+                keys,
+                values,
+                attn_mask=mask,
+                scale=layer.scale,
+                enable_gqa=num_heads != k.shape[1],
+            )
+        else:
+            out = _softcapped_attention(q_pad.transpose(1, 2), keys, values, mask, layer)
         out = out.transpose(1, 2).reshape(batch_size * max_q, num_heads * head_dim)
         return out if self.q_index is None else out.index_select(0, self.q_index)
+
+
+def _mask(
+    prefix: list[int], total: list[int], valid: torch.Tensor, max_q: int, window: Optional[int], device: torch.device
+) -> Optional[torch.Tensor]:
+    """[B, 1, Qmax, Lmax] bool, True where a query may attend; None when every query sees every key."""
+    if max_q == 1 and window is None:  # one query per sequence, the last position: it sees all of its own keys
+        return None if min(total) == max(total) else valid[:, None, None, :].to(device)
+    prefix_t = torch.tensor(prefix, dtype=torch.int64)
+    query_pos = prefix_t[:, None] + torch.arange(max_q)[None, :]  # [B, Qmax] absolute positions
+    key_pos = torch.arange(valid.shape[1])
+    mask = (key_pos[None, None, :] <= query_pos[:, :, None]) & valid[:, None, :]
+    if window is not None:  # as HF: key k is seen from query q when q - window < k <= q
+        mask &= key_pos[None, None, :] > query_pos[:, :, None] - window
+    mask[:, :, 0] |= ~mask.any(-1)  # padded query rows see one key, so no row is all -inf
+    return mask[:, None].to(device)
+
+
+def _softcapped_attention(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: Optional[torch.Tensor], layer: LayerAttention
+) -> torch.Tensor:
+    """q [B, Hq, Q, D] over keys/values [B, Hkv, L, D], as HF's eager Gemma 2 attention: scaled scores,
+    soft-capped, masked, softmax in float32."""
+    groups = q.shape[1] // keys.shape[1]
+    keys, values = keys.repeat_interleave(groups, dim=1), values.repeat_interleave(groups, dim=1)
+    scale = layer.scale if layer.scale is not None else q.shape[-1] ** -0.5
+    scores = torch.matmul(q, keys.transpose(2, 3)) * scale
+    scores = torch.tanh(scores / layer.softcap) * layer.softcap
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.matmul(probs, values)

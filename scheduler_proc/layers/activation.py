@@ -1,4 +1,4 @@
-"""SiLU(gate) * up over a fused [gate | up] projection."""
+"""act(gate) * up over a fused [gate | up] projection: SiLU (most models) or tanh-approximated GELU (Gemma)."""
 
 from __future__ import annotations
 
@@ -16,3 +16,14 @@ class SiluAndMul(nn.Module):
             return fi.silu_and_mul(gate_up)
         gate, up = gate_up.chunk(2, dim=-1)
         return F.silu(gate) * up
+
+
+class GeluTanhAndMul(nn.Module):
+    """GELU(gate, tanh approximation) * up: HF's `gelu_pytorch_tanh`."""
+
+    def forward(self, gate_up: torch.Tensor) -> torch.Tensor:
+        fi = flashinfer_for(gate_up)
+        if fi is not None:
+            return fi.gelu_tanh_and_mul(gate_up)
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.gelu(gate, approximate="tanh") * up

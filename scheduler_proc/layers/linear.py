@@ -84,6 +84,19 @@ class ColumnParallelLinear(nn.Linear):
         target = self.weight if kind == "weight" else self.bias
         target.data[self.offsets[index] : self.offsets[index + 1]].copy_(block)
 
+    def load_fused(self, kind: str, source: Any, name: str) -> None:
+        """A checkpoint that stores the parts as one tensor, side by side in order (Phi-3's qkv_proj and
+        gate_up_proj): this rank's block of each part."""
+        total = sum(p.size for p in self.parts)
+        expected = [total, self.in_features] if kind == "weight" else [total]
+        target = self.weight if kind == "weight" else self.bias
+        part_start = 0
+        for index, part in enumerate(self.parts):
+            start = part_start + part.shard * part.local_size
+            block = read_block(source, name, expected, 0, start, start + part.local_size)
+            target.data[self.offsets[index] : self.offsets[index + 1]].copy_(block)
+            part_start += part.size
+
     def checkpoint_shapes(self, name: str) -> dict[str, list[int]]:
         """Full checkpoint shapes of this layer's tensors, this module being called `name`; the
         checkpoint names its parts beside it (self_attn.qkv_proj holds self_attn.q_proj ...)."""

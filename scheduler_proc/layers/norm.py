@@ -46,3 +46,25 @@ class RMSNorm(nn.Module):
         x32 = x.to(torch.float32)
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(dtype)
+
+
+class GemmaRMSNorm(RMSNorm):
+    """Gemma's RMSNorm: the checkpoint's weight w scales by (1 + w), and the whole norm runs in float32."""
+
+    def forward(
+        self, x: torch.Tensor, residual: Optional[torch.Tensor] = None
+    ) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """norm(x), or with a residual: (norm(x + residual), x + residual)."""
+        fi = flashinfer_for(x)
+        if fi is not None and x.dim() == 2:
+            if residual is None:
+                return fi.gemma_rmsnorm(x, self.weight, self.eps)
+            fi.gemma_fused_add_rmsnorm(x, residual, self.weight, self.eps)
+            return x, residual
+        if residual is not None:
+            x = x + residual
+            residual = x
+        x32 = x.float()
+        out = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps) * (1.0 + self.weight.float())
+        out = out.to(x.dtype)
+        return out if residual is None else (out, residual)

@@ -1,4 +1,10 @@
-"""Rotary position embedding (NeoX layout, as Llama and Qwen), with Llama-3 frequency scaling."""
+"""Rotary position embedding (NeoX layout, as Llama and Qwen), with linear, Llama-3 and LongRoPE (Phi-3)
+frequency scaling.
+
+LongRoPE has two sets of frequencies; HF picks one per forward pass from the sequence's length, which
+a KV cache cannot follow (keys already cached keep their rotation). Here each position keeps one:
+positions below original_max_position_embeddings rotate with the short factors, later ones with the long
+factors; a sequence that stays below that length gets exactly HF's rotation."""
 
 from __future__ import annotations
 
@@ -16,8 +22,16 @@ def rope_parameters(config: dict[str, Any]) -> tuple[float, Optional[dict[str, A
     params = config.get("rope_parameters") or {}
     theta = float(params.get("rope_theta", config.get("rope_theta", 10000.0)))
     scaling = config.get("rope_scaling") or params
-    if (scaling.get("rope_type") or scaling.get("type") or "default") == "default":
-        scaling = None
+    kind = scaling.get("rope_type") or scaling.get("type") or "default"
+    if kind == "default":
+        return theta, None
+    if kind in ("longrope", "su"):  # Phi-3 keeps these two beside the scaling, not in it
+        original = scaling.get("original_max_position_embeddings") or config.get("original_max_position_embeddings")
+        extra = {
+            "original_max_position_embeddings": original,
+            "max_position_embeddings": config.get("max_position_embeddings"),
+        }
+        scaling = {**scaling, **extra}
     return theta, scaling
 
 
@@ -29,7 +43,7 @@ def _inv_freq(dim: int, theta: float, scaling: Optional[dict[str, Any]]) -> torc
     if kind == "linear":
         return inv_freq / float(scaling["factor"])
     if kind != "llama3":
-        raise ValueError(f"rope_scaling type {kind!r} is not supported (supported: default, linear, llama3)")
+        raise ValueError(f"rope_scaling type {kind!r} is not supported (supported: default, linear, llama3, longrope)")
     factor = float(scaling["factor"])
     low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
     old_len = float(scaling["original_max_position_embeddings"])
@@ -39,6 +53,23 @@ def _inv_freq(dim: int, theta: float, scaling: Optional[dict[str, Any]]) -> torc
     smoothed = (1 - smooth) * scaled / factor + smooth * scaled
     medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
     return torch.where(medium, smoothed, scaled)
+
+
+def _longrope_freqs(
+    positions: torch.Tensor, dim: int, theta: float, scaling: dict[str, Any]
+) -> tuple[torch.Tensor, float]:
+    """[positions, dim / 2] angles (short factors below the original length, long from there) and the
+    attention factor HF multiplies cos and sin by."""
+    original = int(scaling["original_max_position_embeddings"])
+    factor = scaling.get("factor") or int(scaling["max_position_embeddings"]) / original
+    mscale = scaling.get("attention_factor")
+    if mscale is None:
+        mscale = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+    exponent = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
+    short = 1.0 / (torch.tensor(scaling["short_factor"], dtype=torch.float32) * theta**exponent)
+    long = 1.0 / (torch.tensor(scaling["long_factor"], dtype=torch.float32) * theta**exponent)
+    inv_freq = torch.where(positions[:, None] < original, short[None, :], long[None, :])
+    return positions[:, None] * inv_freq, float(mscale)
 
 
 class RotaryEmbedding(nn.Module):
@@ -56,10 +87,14 @@ class RotaryEmbedding(nn.Module):
         """Compute the cos/sin table (again after the model is materialised from the meta device)."""
         max_positions, theta, scaling = self._settings
         with torch.device("cpu"):
-            inv_freq = _inv_freq(self.head_dim, theta, scaling)
-            freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
+            positions = torch.arange(max_positions, dtype=torch.float32)
+            kind = (scaling or {}).get("rope_type") or (scaling or {}).get("type")
+            if kind in ("longrope", "su"):
+                freqs, mscale = _longrope_freqs(positions, self.head_dim, theta, scaling)
+            else:
+                freqs, mscale = torch.outer(positions, _inv_freq(self.head_dim, theta, scaling)), 1.0
         # [max_positions, head_dim]: cos half then sin half, the layout flashinfer's kernel reads.
-        cache = torch.cat([freqs.cos(), freqs.sin()], dim=-1)
+        cache = torch.cat([freqs.cos() * mscale, freqs.sin() * mscale], dim=-1)
         self.cos_sin_cache = cache.to(self.cos_sin_cache.device)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> None:

@@ -1,7 +1,10 @@
-"""The Llama-family decoder (Llama, Qwen2, Qwen3): attention and MLP blocks threaded with a residual.
+"""The Llama-family decoder (Llama, Mistral, Phi-3, Qwen2, Qwen3): attention and MLP blocks threaded with
+a residual; the shared blocks of the other families' model files (mixture-of-experts, Gemma).
 
-The three architectures differ only in switches read from config.json: q/k/v bias (Qwen2, or Llama's
-`attention_bias`), per-head q/k RMSNorm (Qwen3) and an explicit `head_dim` (Qwen3).
+The architectures here differ only in switches read from config.json: q/k/v bias (Qwen2, or Llama's
+`attention_bias`), per-head q/k RMSNorm (Qwen3), an explicit `head_dim` (Qwen3), each layer's sliding
+window (Mistral, Phi-3, Qwen with `use_sliding_window`), and Phi-3's fused q|k|v and gate|up tensors in the
+checkpoint (loaded into the same fused layers the others fill part by part).
 
 Under tensor parallelism (Megatron) each rank holds its share of the attention heads and of the MLP:
 column-parallel q|k|v and gate|up, row-parallel o_proj and down_proj (one all-reduce each per layer),
@@ -11,12 +14,14 @@ each rank keeps the one KV head its query heads read.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Optional
 
 import torch
 from torch import nn
 
+from engine.shared.model_config import layer_windows
+from scheduler_proc.attention.base import LayerAttention
 from scheduler_proc.forward_batch import ForwardBatch
 from scheduler_proc.layers.activation import SiluAndMul
 from scheduler_proc.layers.embedding import ParallelLMHead, VocabParallelEmbedding
@@ -47,6 +52,16 @@ class ModelShape:
         self.tp_size = tp_size
         self.num_heads_per_rank = self.num_heads // tp_size
         self.num_kv_heads_per_rank = max(1, self.num_kv_heads // tp_size)
+        self.layer_windows = layer_windows(config)
+        # Gemma: q.k scaled by query_pre_attn_scalar ** -0.5 instead of head_dim ** -0.5, scores soft-capped.
+        scalar = config.get("query_pre_attn_scalar")
+        self.attention_scale = float(scalar) ** -0.5 if scalar is not None else None
+        softcap = config.get("attn_logit_softcapping")
+        self.attention_softcap = float(softcap) if softcap is not None else None
+
+    def layer_attention(self) -> list[LayerAttention]:
+        """Each layer's window, scale and soft cap, for the attention backend."""
+        return [LayerAttention(w, self.attention_scale, self.attention_softcap) for w in self.layer_windows]
 
     def kv_shard(self, rank: int) -> tuple[int, int]:
         """(number of KV-head blocks, the block this rank keeps): split, or replicated across the
@@ -57,7 +72,9 @@ class ModelShape:
 
 
 class Attention(nn.Module):
-    def __init__(self, shape: ModelShape, layer_id: int, rotary: RotaryEmbedding, tp: TPGroup) -> None:
+    def __init__(
+        self, shape: ModelShape, layer_id: int, rotary: RotaryEmbedding, tp: TPGroup, norm: type[RMSNorm] = RMSNorm
+    ) -> None:
         super().__init__()
         self.layer_id = layer_id
         self.num_heads, self.num_kv_heads = shape.num_heads_per_rank, shape.num_kv_heads_per_rank
@@ -71,8 +88,8 @@ class Attention(nn.Module):
         ]
         self.qkv_proj = ColumnParallelLinear(shape.hidden_size, parts, bias=shape.qkv_bias)
         self.o_proj = RowParallelLinear(q_size, shape.hidden_size, bias=False, tp=tp)
-        self.q_norm = RMSNorm(self.head_dim, shape.rms_norm_eps) if shape.qk_norm else None
-        self.k_norm = RMSNorm(self.head_dim, shape.rms_norm_eps) if shape.qk_norm else None
+        self.q_norm = norm(self.head_dim, shape.rms_norm_eps) if shape.qk_norm else None
+        self.k_norm = norm(self.head_dim, shape.rms_norm_eps) if shape.qk_norm else None
         self.rotary = rotary
         self.split = [p.local_size for p in parts]
 
@@ -91,25 +108,27 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, shape: ModelShape, tp: TPGroup) -> None:
+    """down(act(gate(x)) * up(x)): SiLU, or the activation given (Gemma's tanh GELU)."""
+
+    def __init__(self, shape: ModelShape, tp: TPGroup, act: Optional[nn.Module] = None) -> None:
         super().__init__()
         size = shape.intermediate_size
         parts = [Part("gate_proj", size, tp.size, tp.rank), Part("up_proj", size, tp.size, tp.rank)]
         self.gate_up_proj = ColumnParallelLinear(shape.hidden_size, parts, bias=shape.mlp_bias)
         self.down_proj = RowParallelLinear(size, shape.hidden_size, bias=shape.mlp_bias, tp=tp)
-        self.act = SiluAndMul()
+        self.act = act or SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, shape: ModelShape, layer_id: int, rotary: RotaryEmbedding, tp: TPGroup) -> None:
+    def __init__(self, shape: ModelShape, layer_id: int, rotary: RotaryEmbedding, tp: TPGroup, mlp: nn.Module) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(shape.hidden_size, shape.rms_norm_eps)
         self.self_attn = Attention(shape, layer_id, rotary, tp)
         self.post_attention_layernorm = RMSNorm(shape.hidden_size, shape.rms_norm_eps)
-        self.mlp = MLP(shape, tp)
+        self.mlp = mlp  # a dense MLP, or a mixture of experts (layers/moe.py)
 
     def forward(
         self, hidden: torch.Tensor, residual: Optional[torch.Tensor], batch: ForwardBatch
@@ -125,11 +144,11 @@ class DecoderLayer(nn.Module):
 
 
 class DecoderModel(nn.Module):
-    def __init__(self, shape: ModelShape, tp: TPGroup) -> None:
+    def __init__(self, shape: ModelShape, tp: TPGroup, mlp_for: Callable[[int], nn.Module]) -> None:
         super().__init__()
         rotary = RotaryEmbedding(shape.head_dim, shape.max_positions, shape.rope_theta, shape.rope_scaling)
         self.embed_tokens = VocabParallelEmbedding(shape.vocab_size, shape.hidden_size, tp)
-        self.layers = nn.ModuleList(DecoderLayer(shape, i, rotary, tp) for i in range(shape.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(shape, i, rotary, tp, mlp_for(i)) for i in range(shape.num_layers))
         self.norm = RMSNorm(shape.hidden_size, shape.rms_norm_eps)
 
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
@@ -141,7 +160,12 @@ class DecoderModel(nn.Module):
 
 
 class CausalLM(nn.Module):
-    """Decoder + LM head. forward() returns the final-normed hidden states of every input token."""
+    """Decoder + LM head. forward() returns the final-normed hidden states of every input token.
+
+    A family's model file overrides make_mlp (mixture-of-experts layers) or make_model (another layer
+    shape), and lists checkpoint_renames (its checkpoint's names -> ours) where they differ."""
+
+    checkpoint_renames: tuple[tuple[str, str], ...] = ()
 
     def __init__(
         self, config: dict[str, Any], qkv_bias: bool = False, qk_norm: bool = False, tp: Optional[TPGroup] = None
@@ -149,9 +173,15 @@ class CausalLM(nn.Module):
         super().__init__()
         tp = tp or TPGroup()
         self.shape = ModelShape(config, qkv_bias, qk_norm, tp.size)
-        self.model = DecoderModel(self.shape, tp)
+        self.model = self.make_model(config, tp)
         self.lm_head = ParallelLMHead(self.shape.vocab_size, self.shape.hidden_size, tp)
         self.tie_weights()
+
+    def make_model(self, config: dict[str, Any], tp: TPGroup) -> nn.Module:
+        return DecoderModel(self.shape, tp, lambda layer_id: self.make_mlp(config, layer_id, tp))
+
+    def make_mlp(self, config: dict[str, Any], layer_id: int, tp: TPGroup) -> nn.Module:
+        return MLP(self.shape, tp)
 
     def tie_weights(self) -> None:
         """Share the embedding with the LM head when the config says so (again after to_empty())."""
@@ -173,13 +203,24 @@ class CausalLM(nn.Module):
         fused = self._fused_parts()
         loaded: set[str] = set()
         for name, source in weights:
+            for old, new in self.checkpoint_renames:
+                name = name.replace(old, new)
+            if name.startswith(_BARE_DECODER):  # saved from the bare decoder (AutoModel), as embedding models are
+                name = "model." + name
             if "rotary_emb" in name or (name == "lm_head.weight" and self.shape.tie_word_embeddings):
                 continue
             owner, kind = name.rsplit(".", 1)
-            if owner in fused:
+            if ".experts." in owner:  # model.layers.0.mlp.experts.7.up_proj: one expert's projection
+                moe, expert = owner.split(".experts.", 1)
+                index, projection = expert.split(".", 1)
+                loaded.add(f"{moe}.{modules[moe].load_expert(int(index), projection, source, name)}")
+            elif owner in fused:
                 module_name, index = fused[owner]
                 modules[module_name].load_part(index, kind, source, name)
                 loaded.add(f"{module_name}.{kind}")
+            elif isinstance(modules.get(owner), ColumnParallelLinear):  # all parts in one tensor (Phi-3)
+                modules[owner].load_fused(kind, source, name)
+                loaded.add(name)
             elif isinstance(modules.get(owner), _SHARDED):
                 modules[owner].load(kind, source, name)
                 loaded.add(name)
@@ -196,7 +237,7 @@ class CausalLM(nn.Module):
         for module_name, module in self.named_modules():
             if module is self.lm_head and self.shape.tie_word_embeddings:
                 continue
-            if isinstance(module, (ColumnParallelLinear, *_SHARDED)):
+            if module is not self and hasattr(module, "checkpoint_shapes"):  # sharded layers, experts
                 shapes.update(module.checkpoint_shapes(module_name))
                 continue
             for param_name, param in module.named_parameters(recurse=False):
@@ -215,6 +256,7 @@ class CausalLM(nn.Module):
 
 
 _SHARDED = (RowParallelLinear, VocabParallelEmbedding)  # layers with their own `load`
+_BARE_DECODER = ("layers.", "embed_tokens.", "norm.")
 
 
 class LlamaForCausalLM(CausalLM):
@@ -232,8 +274,19 @@ class Qwen3ForCausalLM(CausalLM):
         super().__init__(config, qk_norm=True, tp=tp)
 
 
+class MistralForCausalLM(LlamaForCausalLM):
+    """Llama with a sliding window on every layer (when its config sets one)."""
+
+
+class Phi3ForCausalLM(LlamaForCausalLM):
+    """Llama in the layers; fused q|k|v and gate|up tensors in the checkpoint, LongRoPE scaling
+    (layers/rotary.py) and a sliding window on every layer (when its config sets one)."""
+
+
 ARCHITECTURES: dict[str, type[CausalLM]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
+    "MistralForCausalLM": MistralForCausalLM,
+    "Phi3ForCausalLM": Phi3ForCausalLM,
     "Qwen2ForCausalLM": Qwen2ForCausalLM,
     "Qwen3ForCausalLM": Qwen3ForCausalLM,
 }

@@ -39,3 +39,19 @@ def test_harness_runs_and_writes_a_json_line(tmp_path, capsys):
     assert row["ferry"]["output_tok_s"] > 0
     assert row["engine_settings"] == {"device": "cpu", "max_total_tokens": 2048}
     assert "output tok/s" in capsys.readouterr().out
+
+
+def test_the_floor_of_a_mixture_of_experts_counts_the_experts_a_step_reads():
+    import os
+
+    from engine.bench_roofline import model_params
+    from engine.shared.args import read_model_config
+
+    configs = os.path.join(os.path.dirname(__file__), "..", "..", "configs")
+    moe = read_model_config(os.path.join(configs, "qwen3-30b-a3b"))
+    total, read_one, active = model_params(moe, batch=1)
+    assert round(total / 1e9, 1) == 30.5 and round(active / 1e9, 2) == 3.35  # Qwen3-30B-A3B's published sizes
+    assert read_one == active  # one token reads its own experts only
+    assert active < model_params(moe, batch=8)[1] < total and abs(model_params(moe, 256)[1] - total) < 1e6
+    dense = read_model_config(os.path.join(configs, "llama-3.1-8b"))
+    assert len(set(model_params(dense, batch=64))) == 1  # a dense model reads and computes with all of it

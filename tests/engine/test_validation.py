@@ -187,6 +187,13 @@ def test_nothing_leaks_after_rejected_calls(engine):
     assert_pool_free(engine)
 
 
+def test_encode_on_a_generation_engine_is_an_error(engine):
+    with pytest.raises(ValueError, match="is_embedding=True"):
+        engine.encode("Hello")
+    with pytest.raises(ValueError, match="is_embedding=True"):
+        asyncio.run(engine.async_encode(["Hello", "there"]))
+
+
 def test_rejected_stream_raises_before_iterating(engine):
     with pytest.raises(ValueError, match="top_p"):
         engine.generate("Hello", {"top_p": 0}, stream=True)

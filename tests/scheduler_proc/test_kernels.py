@@ -1,4 +1,5 @@
-"""CPU fast paths: the oneDNN packed-weight linear and the torch attention backend, against plain torch."""
+"""CPU fast paths: the oneDNN packed-weight linear and the torch attention backend (causal, sliding window,
+score scale and soft cap), against plain torch."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from scheduler_proc.attention.base import LayerAttention
 from scheduler_proc.attention.torch_backend import TorchBackend
 from scheduler_proc.forward_batch import ForwardBatch
 from scheduler_proc.kv_pool import KVPool
@@ -48,21 +50,34 @@ def test_linear_keeps_autograd_when_grad_is_on():
     assert layer.weight.grad is not None and layer.matmul._packed is None
 
 
-def _reference_attention(q, k_all, v_all, prefix, extend):
-    """Per sequence: causal attention of its new queries over its whole KV, in plain SDPA."""
+def _reference_attention(q, k_all, v_all, prefix, extend, layer):
+    """Per sequence: causal attention of its new queries over its whole KV (keys within the window), scores
+    scaled and soft-capped as the layer says, written out plainly."""
     outs, t0 = [], 0
     for seq, (p, e) in enumerate(zip(prefix, extend)):
-        qs = q[t0 : t0 + e].transpose(0, 1)[None]  # [1, H, e, D]
-        ks, vs = k_all[seq][: p + e].transpose(0, 1)[None], v_all[seq][: p + e].transpose(0, 1)[None]
-        mask = torch.arange(p + e)[None, :] <= (p + torch.arange(e))[:, None]
-        out = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, enable_gqa=True)
-        outs.append(out[0].transpose(0, 1).reshape(e, -1))
+        qs = q[t0 : t0 + e].transpose(0, 1)  # [H, e, D]
+        groups = qs.shape[0] // k_all[seq].shape[1]
+        ks = k_all[seq][: p + e].transpose(0, 1).repeat_interleave(groups, 0)
+        vs = v_all[seq][: p + e].transpose(0, 1).repeat_interleave(groups, 0)
+        query_pos, key_pos = (p + torch.arange(e))[:, None], torch.arange(p + e)[None, :]
+        mask = key_pos <= query_pos
+        if layer.window is not None:
+            mask &= key_pos > query_pos - layer.window
+        scores = qs @ ks.transpose(1, 2) * (layer.scale or qs.shape[-1] ** -0.5)
+        if layer.softcap is not None:
+            scores = torch.tanh(scores / layer.softcap) * layer.softcap
+        out = torch.softmax(scores.masked_fill(~mask, float("-inf")), -1) @ vs
+        outs.append(out.transpose(0, 1).reshape(e, -1))
         t0 += e
     return torch.cat(outs)
 
 
+LAYER_KINDS = [LayerAttention(), LayerAttention(window=3), LayerAttention(window=1, scale=0.3, softcap=2.0)]
+
+
+@pytest.mark.parametrize("layer", LAYER_KINDS, ids=["causal", "window", "window-scale-softcap"])
 @pytest.mark.parametrize("prefix,extend", [([5, 9, 2], [1, 1, 1]), ([0, 4, 7], [6, 1, 3]), ([3, 3], [1, 1])])
-def test_torch_backend_matches_per_sequence_attention(prefix, extend):
+def test_torch_backend_matches_per_sequence_attention(prefix, extend, layer):
     torch.manual_seed(0)
     heads, kv_heads, dim = 6, 2, 8
     pool = KVPool(1, 64, kv_heads, dim, torch.float32, torch.device("cpu"), 4, 32)
@@ -85,10 +100,11 @@ def test_torch_backend_matches_per_sequence_attention(prefix, extend):
         logit_rows=torch.zeros(0, dtype=torch.int64),
         is_decode=all(e == 1 for e in extend),
     )
-    backend = TorchBackend(pool)
+    backend = TorchBackend(pool, [layer])
     backend.plan(batch)
     q = torch.randn(sum(extend), heads, dim)
     k_new = torch.cat([k[p:] for k, p in zip(k_all, prefix)])
     v_new = torch.cat([v[p:] for v, p in zip(v_all, prefix)])
     out = backend.forward(q, k_new, v_new, 0)
-    torch.testing.assert_close(out, _reference_attention(q, k_all, v_all, prefix, extend), rtol=1e-5, atol=1e-5)
+    expected = _reference_attention(q, k_all, v_all, prefix, extend, layer)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
