@@ -64,7 +64,18 @@ class GemmaRMSNorm(RMSNorm):
         if residual is not None:
             x = x + residual
             residual = x
+        out = self._torch_norm(x)
+        return out if residual is None else (out, residual)
+
+    def forward_inplace(self, x: torch.Tensor) -> None:
+        """x = norm(x) over its last dim, in place; x may be a strided view (Gemma 3's per-head q/k norms)."""
+        fi = flashinfer_for(x)
+        if fi is not None:
+            fi.gemma_rmsnorm(x, self.weight, self.eps, out=x)
+        else:
+            x.copy_(self._torch_norm(x))
+
+    def _torch_norm(self, x: torch.Tensor) -> torch.Tensor:
         x32 = x.float()
         out = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps) * (1.0 + self.weight.float())
-        out = out.to(x.dtype)
-        return out if residual is None else (out, residual)
+        return out.to(x.dtype)
