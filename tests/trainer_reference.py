@@ -18,9 +18,7 @@ os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
 
 def variant_dir(model_dir: str, out: Path, seed: int) -> str:
     """Model B: model_dir's config and tokenizer with other random weights (as tiny_model_dir draws them)."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model = hf_model(model_dir)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for param in model.parameters():
@@ -36,9 +34,12 @@ def variant_dir(model_dir: str, out: Path, seed: int) -> str:
 
 
 def hf_model(model_dir: str):
-    from transformers import AutoModelForCausalLM
+    """The folder's model in float32, by the class its config names (a VL model's too)."""
+    import transformers
 
-    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    config = transformers.AutoConfig.from_pretrained(model_dir)
+    model_class = getattr(transformers, config.architectures[0])
+    return model_class.from_pretrained(model_dir, dtype=torch.float32).eval()
 
 
 def free_port() -> int:
