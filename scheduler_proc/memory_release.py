@@ -43,16 +43,19 @@ class MemoryOccupation:
         runner, before = self.runner, self._device_bytes()
         runner.graphs = None  # its graphs and their private memory pool go with it
         _synchronize(runner.device)
+        self.released.add("cuda_graph")
         with torch.inference_mode(False), torch.no_grad():
             if "weights" in tags and "weights" not in self.released:
+                # Every copy first: a failure (host memory) leaves the weights where they were.
                 self.saved_weights = [(s, _save(s, runner.device)) for s in _unique_storages(self._weights())]
                 for storage, _ in self.saved_weights:
                     storage.resize_(0)
+                self.released.add("weights")
             if "kv_cache" in tags and "kv_cache" not in self.released:
                 self.kv_sizes = [(s, s.nbytes()) for s in _unique_storages(self._kv_tensors())]
                 for storage, _ in self.kv_sizes:
                     storage.resize_(0)
-        self.released |= set(tags) | {"cuda_graph"}
+                self.released.add("kv_cache")
         gc.collect()  # nothing may keep a graph's pool alive past this point
         if runner.device.type == "cuda":
             torch.cuda.empty_cache()

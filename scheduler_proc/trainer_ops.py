@@ -125,10 +125,11 @@ class TrainerOps:
         if "weights" in self.memory.released:
             raise UpdateRefused(_WEIGHTS_AWAY)
         count = update_from_tensors(self.runner.model, named)
-        return self._updated(f"updated {count} parameters from {len(named)} tensors")
+        sources = {t.device for _, t in named if t.is_cuda}  # the caller's GPUs, which the copies read
+        return self._updated(f"updated {count} parameters from {len(named)} tensors", sources)
 
     def _update_from_distributed(self, op: UpdateFromDistributed) -> OpResult:
-        if op.group_name not in self.groups.groups:
+        if op.group_name not in self.groups:
             raise UpdateRefused(f"no weight update group named {op.group_name!r}; call init_weights_update_group first")
         specs = [WeightSpec(n, list(s), dtype_from_name(d)) for n, d, s in zip(op.names, op.dtypes, op.shapes)]
         try:
@@ -141,9 +142,11 @@ class TrainerOps:
         count = load_checked(self.runner.model, self.groups.receive(op))
         return self._updated(f"updated {count} parameters from {len(specs)} tensors of group {op.group_name!r}")
 
-    def _updated(self, message: str) -> OpResult:
-        if self.runner.device.type == "cuda":
-            torch.cuda.synchronize(self.runner.device)  # the sources may be freed once the caller has the reply
+    def _updated(self, message: str, sources: frozenset[torch.device] = frozenset()) -> OpResult:
+        # The copies are done before the reply: once the caller has it, it may free or change its tensors.
+        for device in {self.runner.device, *sources}:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
         return OpResult(True, message)
 
     def info(self) -> dict[str, Any]:

@@ -27,7 +27,10 @@ class WeightGroups:
     def __init__(self, device: torch.device, tp_rank: int) -> None:
         self.device = device
         self.tp_rank = tp_rank
-        self.groups: dict[str, object] = {}
+        self.groups: dict[str, tuple[object, str]] = {}  # name -> (process group, backend)
+
+    def __contains__(self, group_name: str) -> bool:
+        return group_name in self.groups
 
     def join(self, op: InitWeightsUpdateGroup) -> str:
         """Join the trainer's group (blocks until all of its world_size ranks have); returns a message."""
@@ -35,9 +38,8 @@ class WeightGroups:
             raise ValueError(f"this engine has joined weight update group {op.group_name!r} already")
         rank = op.rank_offset + self.tp_rank
         init_method = f"tcp://{op.master_address}:{op.master_port}"
-        self.groups[op.group_name] = init_custom_process_group(
-            op.backend, init_method, op.world_size, rank, op.group_name
-        )
+        group = init_custom_process_group(op.backend, init_method, op.world_size, rank, op.group_name)
+        self.groups[op.group_name] = (group, op.backend)
         logger.info(
             "joined weight update group %s at %s as rank %d of %d", op.group_name, init_method, rank, op.world_size
         )
@@ -50,8 +52,8 @@ class WeightGroups:
 
         from engine.shared.tensor_wire import dtype_from_name
 
-        group = self.groups[op.group_name]
-        device = self.device if self.device.type == "cuda" else torch.device("cpu")
+        group, backend = self.groups[op.group_name]
+        device = self.device if backend == "nccl" else torch.device("cpu")  # gloo broadcasts host tensors
         for name, dtype, shape in zip(op.names, op.dtypes, op.shapes):
             tensor = torch.empty(shape, dtype=dtype_from_name(dtype), device=device)
             dist.broadcast(tensor, src=0, group=group)

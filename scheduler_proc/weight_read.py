@@ -2,7 +2,7 @@
 can check a sync: each rank takes its block of the tensor out of the fused or sharded parameter that
 holds it, and rank 0 joins the blocks of every rank (SGLang's get_weights_by_name).
 
-Not for speed: every rank's whole block crosses the host group in float32.
+Not for speed: the rows asked for cross the host group in float32, from every rank.
 """
 
 from __future__ import annotations
@@ -32,14 +32,16 @@ def read_weight(model: CausalLM, tp: TPGroup, name: str, truncate_size: int) -> 
     """The tensor's first `truncate_size` entries along its first dimension, as nested lists of float
     (rank 0; None on the other ranks, which must call this too)."""
     block = local_block(model, model.checkpoint_name(name), name)
-    values = block.values.detach().to("cpu", torch.float32)
+    # The first rows of the joined tensor are among the first rows of the blocks (joined along rows or
+    # side by side): only those cross to rank 0.
+    values = block.values[:truncate_size].detach().to("cpu", torch.float32)
     if tp.size > 1 and block.join != "whole":
         values = _join(tp, block, values)
-    if values is None:
+    if not tp.is_first or values is None:
         return None
     if block.join == "vocab":
-        values = values[: model.shape.vocab_size]
-    return values.tolist()[:truncate_size]
+        values = values[: model.shape.vocab_size]  # the last shard's padding rows
+    return values[:truncate_size].tolist()
 
 
 def local_block(model: CausalLM, key: str, name: str) -> Block:
