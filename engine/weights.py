@@ -65,7 +65,8 @@ class TrainerMethods:
         for i, pair in enumerate(pairs):
             if not (isinstance(pair, tuple) and len(pair) == 2 and isinstance(pair[0], str) and _is_tensor(pair[1])):
                 raise TypeError(f"named_tensors[{i}] must be a (name: str, tensor: torch.Tensor) pair, got {pair!r}")
-        tensors = [to_wire(name, tensor, self.args.tp_size) for name, tensor in pairs]
+        on_cuda = self.args.device == "cuda"
+        tensors = [to_wire(name, tensor, self.args.tp_size, cuda_ipc=on_cuda) for name, tensor in pairs]
         return self._trainer_call(UpdateFromTensor(tensors=tensors, flush_cache=bool(flush_cache)))
 
     def update_weights_from_disk(self, model_path: str, load_format: Optional[str] = None) -> tuple[bool, str]:

@@ -63,9 +63,14 @@ class MemoryOccupation:
         logger.info("released %s: %.2f GiB of device memory handed back", sorted(self.released), freed / 2**30)
         return f"released {sorted(self.released)}: {freed / 2**30:.2f} GiB of device memory handed back"
 
+    @property
+    def graphs_wanted(self) -> bool:
+        """The CUDA graphs are away while the weights and the KV cache are back: capture_graphs() next."""
+        return "cuda_graph" in self.released and not self.holds_requests
+
     def resume(self, tags: list[str]) -> str:
-        """Take back the memory of `tags`. Once the weights and the KV cache are both back, the CUDA
-        graphs are captured again (whether or not "cuda_graph" is among the tags)."""
+        """Take back the memory of `tags` (the CUDA graphs come back with capture_graphs(), once every
+        rank has its memory back: capturing runs collectives under tensor parallelism)."""
         runner = self.runner
         with torch.inference_mode(False), torch.no_grad():
             if "weights" in tags and "weights" in self.released:
@@ -79,11 +84,15 @@ class MemoryOccupation:
                     storage.resize_(nbytes)
                     _as_bytes(storage).zero_()
                 self.kv_sizes = []
-        self.released -= set(tags)
-        if not self.holds_requests and runner.graphs is None:
-            self.released.discard("cuda_graph")
-            runner.recapture_graphs()  # None on CPU, or with CUDA graphs disabled
-        return f"resumed; still released: {sorted(self.released)}" if self.released else "resumed"
+        self.released -= set(tags) - {"cuda_graph"}
+        return f"resumed {sorted(set(tags))}; released: {sorted(self.released)}"
+
+    def capture_graphs(self) -> str:
+        """Capture the CUDA graphs again (whether or not "cuda_graph" was among a resume's tags: they
+        only make sense with the weights and the KV cache, and come back with them)."""
+        self.runner.recapture_graphs()  # None on CPU, or with CUDA graphs disabled
+        self.released.discard("cuda_graph")
+        return "CUDA graphs captured" if self.runner.graphs is not None else "no CUDA graphs to capture"
 
     def _weights(self) -> list[torch.Tensor]:
         model = self.runner.model

@@ -17,6 +17,7 @@ import torch
 
 from engine.shared.tensor_wire import dtype_from_name, from_wire
 from engine.shared.weight_protocol import (
+    CaptureGraphs,
     GetWeightsByName,
     InitWeightsUpdateGroup,
     OpResult,
@@ -62,7 +63,19 @@ class TrainerOps:
         return self.memory.holds_requests
 
     def run(self, op: TrainerOp) -> OpResult:
-        """Rank 0: run `op` on every rank; success when every rank succeeded."""
+        """Rank 0: run `op` on every rank; success when every rank succeeded. A resume that failed on
+        some rank leaves rank 0 holding requests too (a retry completes it); one that succeeded
+        everywhere captures the CUDA graphs everywhere."""
+        released = set(self.memory.released)
+        result = self._on_every_rank(op)
+        if isinstance(op, ResumeMemory) and not result.success:
+            self.memory.released |= released & set(op.tags)
+        elif isinstance(op, ResumeMemory) and self.memory.graphs_wanted:
+            captured = self._on_every_rank(CaptureGraphs())
+            return OpResult(captured.success, f"{result.message}; {captured.message}")
+        return result
+
+    def _on_every_rank(self, op: TrainerOp) -> OpResult:
         tp = self.runner.tp
         if tp.size == 1:
             return self.apply(op)
@@ -102,6 +115,8 @@ class TrainerOps:
             return OpResult(True, self.memory.release(op.tags))
         if isinstance(op, ResumeMemory):
             return OpResult(True, self.memory.resume(op.tags))
+        if isinstance(op, CaptureGraphs):
+            return OpResult(True, self.memory.capture_graphs())
         if isinstance(op, InitWeightsUpdateGroup):
             return OpResult(True, self.groups.join(op))
         if isinstance(op, UpdateFromDistributed):

@@ -25,15 +25,16 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def to_wire(name: str, tensor: torch.Tensor, num_ranks: int) -> NamedTensor:
-    """The message for one tensor; a GPU tensor gets one IPC handle per rank that will open it."""
+def to_wire(name: str, tensor: torch.Tensor, num_ranks: int, cuda_ipc: bool) -> NamedTensor:
+    """The message for one tensor. With cuda_ipc (the engine runs on CUDA), a GPU tensor gets one IPC
+    handle per rank that will open it; otherwise it goes as bytes like a CPU tensor."""
     tensor = tensor.detach()
     shape, dtype = list(tensor.shape), dtype_name(tensor.dtype)
-    if tensor.device.type == "cuda":
+    if tensor.device.type == "cuda" and cuda_ipc:
         return NamedTensor(name, shape, dtype, cuda_ipc=[_share_cuda(tensor) for _ in range(num_ranks)])
-    if tensor.device.type != "cpu":
+    if tensor.device.type not in ("cpu", "cuda"):
         raise ValueError(f"tensor {name!r} is on {tensor.device}; give CPU or CUDA tensors")
-    data = tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+    data = tensor.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
     return NamedTensor(name, shape, dtype, data=data)
 
 

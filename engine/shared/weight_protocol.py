@@ -78,6 +78,10 @@ class ResumeMemory(msgspec.Struct, tag="resume_memory_occupation"):
     tags: list[str]
 
 
+class CaptureGraphs(msgspec.Struct, tag="capture_cuda_graphs"):
+    """Not a call of its own: the second half of a resume, once every rank has its memory back."""
+
+
 TrainerOp = Union[
     UpdateFromTensor,
     UpdateFromDisk,
@@ -86,6 +90,7 @@ TrainerOp = Union[
     GetWeightsByName,
     ReleaseMemory,
     ResumeMemory,
+    CaptureGraphs,
 ]
 
 # What release_memory_occupation hands back, as SGLang names it: the weights, the KV cache (with the
