@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Optional, Union
 
+from engine.shared.errors import EngineError, short_repr
 from engine.shared.weight_protocol import (
     MEMORY_TAGS,
     GetWeightsByName,
@@ -63,8 +64,10 @@ class TrainerMethods:
             raise ValueError(f"load_format must be None (or 'direct'), got {load_format!r}")
         pairs = list(named_tensors.items()) if isinstance(named_tensors, Mapping) else list(named_tensors)
         for i, pair in enumerate(pairs):
-            if not (isinstance(pair, tuple) and len(pair) == 2 and isinstance(pair[0], str) and _is_tensor(pair[1])):
-                raise TypeError(f"named_tensors[{i}] must be a (name: str, tensor: torch.Tensor) pair, got {pair!r}")
+            if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and isinstance(pair[0], str)):
+                raise TypeError(f"named_tensors[{i}] must be a (name, tensor) pair, got {short_repr(pair)}")
+            if not _is_tensor(pair[1]):
+                raise TypeError(f"named_tensors[{i}] ({pair[0]!r}) must hold a torch.Tensor, got {short_repr(pair[1])}")
         on_cuda = self.args.device == "cuda"
         tensors = [to_wire(name, tensor, self.args.tp_size, cuda_ipc=on_cuda) for name, tensor in pairs]
         return self._trainer_call(UpdateFromTensor(tensors=tensors, flush_cache=bool(flush_cache)))
@@ -153,8 +156,6 @@ class TrainerMethods:
     def _trainer_call(self, op: TrainerOp, raise_failure: bool = False) -> tuple[bool, str]:
         payload = self._trainer_payload(op)
         if raise_failure and not payload["success"]:
-            from engine.shared.errors import EngineError
-
             raise EngineError(f"{op_name(op)} failed: {payload['message']}")
         return payload["success"], payload["message"]
 

@@ -1,5 +1,6 @@
 """Issue 23 at tp_size=2 over gloo, on a tiny Qwen2 (q/k/v biases, one KV head that both ranks hold):
-each update path with model B's weights gives HF B's greedy ids, every rank taking its shard; a partial
+each update path with model B's weights gives HF B's greedy ids, every rank taking its shard, and the
+prefix cache serves none of A's KV after it; a partial
 update of a replicated KV projection and a row-parallel weight equals HF with them replaced; weights
 read back join the ranks' shards; bad updates change nothing on any rank; release/resume keeps outputs."""
 
@@ -74,11 +75,13 @@ def distributed_update(engine, group, named: list[tuple[str, torch.Tensor]]) -> 
         return call.result(timeout=120)
 
 
-def test_update_from_tensor_gives_model_b(engine, hf, on_a):
-    assert outputs(engine) == expected(hf["a"])
+def test_update_from_tensor_gives_model_b_with_no_kv_of_a(engine, hf, on_a):
+    assert outputs(engine) == expected(hf["a"])  # the prompts' KV under A is cached now
     success, message = engine.update_weights_from_tensor(list(hf["b"].state_dict().items()))
     assert success, message
-    assert outputs(engine) == expected(hf["b"])
+    results = engine.generate(input_ids=PROMPTS, sampling_params=GREEDY)
+    assert [r["meta_info"]["cached_tokens"] for r in results] == [0] * len(PROMPTS)
+    assert [r["output_ids"] for r in results] == expected(hf["b"])
 
 
 def test_update_from_disk_gives_model_b(engine, hf, dirs, on_a):
