@@ -139,7 +139,7 @@ def test_prefix_cache_never_serves_the_old_weights_kv(engine, hf, dirs, on_a):
 def test_a_running_request_continues_with_the_new_weights(engine, dirs, on_a):
     """Its tokens up to the update are A's greedy ones; from there on the new model's, given all before.
     (The update is one small tensor, a sign-flipped final norm, so it lands long before the end.)"""
-    prompt, n, name = [11, 22, 33], 120, "model.norm.weight"
+    prompt, n, name = [11, 22, 33], 200, "model.norm.weight"
     old, new = hf_model(dirs["a"]), hf_model(dirs["a"])
     with torch.no_grad():
         new.get_parameter(name).neg_()
@@ -196,7 +196,7 @@ def test_release_and_resume_keep_outputs_and_hold_requests(engine, hf, on_a):
     """A request running at the release and requests sent while released wait, then finish as if
     nothing had happened; meanwhile the prefix cache is empty and the weights cannot be touched."""
     before = outputs(engine)
-    prompt, n = [5, 6, 7], 120
+    prompt, n = [5, 6, 7], 200
     stream = engine.generate(input_ids=prompt, sampling_params=GREEDY | {"max_new_tokens": n}, stream=True)
     first = next(stream)
     engine.release_memory_occupation()
