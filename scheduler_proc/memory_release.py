@@ -42,6 +42,7 @@ class MemoryOccupation:
         """Free the memory of `tags`, and the CUDA graphs with any of them; returns a message."""
         runner, before = self.runner, self._device_bytes()
         runner.graphs = None  # its graphs and their private memory pool go with it
+        getattr(runner.attention, "graph_decoders", {}).clear()  # flashinfer's, one workspace each; made again
         _synchronize(runner.device)
         self.released.add("cuda_graph")
         with torch.inference_mode(False), torch.no_grad():
