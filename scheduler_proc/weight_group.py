@@ -10,6 +10,7 @@ tensor-parallel group is untouched.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 from collections.abc import Iterator
@@ -85,15 +86,36 @@ def init_custom_process_group(backend: str, init_method: str, world_size: int, r
         if "backend_options" in inspect.signature(_new_process_group_helper).parameters
         else "pg_options"
     )
-    group, _ = _new_process_group_helper(
-        world_size,
-        rank,
-        [],
-        Backend(backend),
-        store,
-        group_name=group_name,
-        timeout=default_pg_timeout,
-        **{options: None},
-    )
+    with _unbound_default_group():
+        group, _ = _new_process_group_helper(
+            world_size,
+            rank,
+            [],
+            Backend(backend),
+            store,
+            group_name=group_name,
+            timeout=default_pg_timeout,
+            **{options: None},
+        )
     _world.pg_group_ranks[group] = {i: i for i in range(world_size)}
     return group
+
+
+@contextlib.contextmanager
+def _unbound_default_group() -> Iterator[None]:
+    """Under tensor parallelism on GPUs the default group is ours, made eagerly and so bound to its
+    GPU; torch would then make a new NCCL group by splitting that communicator, which the trainer is
+    not part of. Unbound while the trainer's group is made, it is made from the store, as the trainer
+    makes its side."""
+    import torch.distributed as dist
+    from torch.distributed.distributed_c10d import _get_default_group
+
+    default = _get_default_group() if dist.is_initialized() else None
+    bound = default.bound_device_id if default is not None else None
+    if bound is not None:
+        default.bound_device_id = None
+    try:
+        yield
+    finally:
+        if bound is not None:
+            default.bound_device_id = bound
