@@ -94,7 +94,9 @@ class TrainerMethods:
         """Join the trainer's torch.distributed group (the trainer is rank 0, at
         tcp://master_address:master_port; tensor-parallel rank r joins as rank_offset + r), exactly as
         SGLang's init_custom_process_group makes it. Blocks until every rank has joined, so the trainer
-        joins from another thread or process at the same time. Returns (success, message)."""
+        joins from another thread or process at the same time. With NCCL the trainer needs a GPU that
+        none of the engine's ranks uses (NCCL puts no two ranks of a group on one GPU); a trainer on the
+        engine's GPUs uses update_weights_from_tensor. Returns (success, message)."""
         self._check_open()
         _check_int("master_port", master_port, 1)
         _check_int("rank_offset", rank_offset, 1)
