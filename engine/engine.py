@@ -17,6 +17,7 @@ from engine.progress import BatchProgress, wants_progress
 from engine.shared.args import EngineArgs, field_names
 from engine.shared.errors import EngineError
 from engine.shared.protocol import GenerateRequest
+from engine.weights import TrainerMethods
 from tokenizer_proc.chat import chat_image_data, chat_prompts
 from tokenizer_proc.images import image_processor_for
 from tokenizer_proc.inputs import GenerateInput, InputIds, Limits, PreparedBatch, Prompt, SamplingArg, prepare
@@ -26,7 +27,7 @@ from tokenizer_proc.request_state import ReqState
 logger = logging.getLogger(__name__)
 
 
-class Engine:
+class Engine(TrainerMethods):
     """An LLM engine in three processes: this frontend, a GPU (or CPU) scheduler and a detokenizer.
 
     `Engine(model_path=None, **settings)`; settings are the fields of `engine.shared.args.EngineArgs`
@@ -39,6 +40,9 @@ class Engine:
     Outputs are dicts: {"text", "output_ids", "meta_info": {"id", "finish_reason", "prompt_tokens",
     "completion_tokens", "cached_tokens", "e2e_latency", ...}}; finish_reason is
     {"type": "stop" | "length" | "abort", "matched": token id | stop string | None}.
+
+    For RL trainers (engine/weights.py): update_weights_from_tensor / _from_disk / _from_distributed,
+    init_weights_update_group, get_weights_by_name, release_memory_occupation / resume_memory_occupation.
     """
 
     def __init__(self, model_path: Optional[str] = None, **settings: Any) -> None:

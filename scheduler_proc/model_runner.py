@@ -91,6 +91,10 @@ class ModelRunner:
         self.broadcast_seconds, self.broadcasts = 0.0, 0
         self.profiler = StepProfiler(args.profile_steps, self.device)
 
+    def recapture_graphs(self) -> None:
+        """Capture the decode CUDA graphs again (resume_memory_occupation moved the weights and the KV)."""
+        self.graphs = self._make_graphs()
+
     def _make_graphs(self) -> Optional[CudaGraphRunner]:
         if self.device.type != "cuda" or self.args.disable_cuda_graph:
             return None

@@ -17,12 +17,14 @@ import traceback
 from collections import deque
 from typing import Any, Optional
 
+import msgspec
 import zmq
 
 from engine.shared.args import EngineArgs
 from engine.shared.ipc import Endpoints
 from engine.shared.pooling import read_pooling_config
 from engine.shared.protocol import AbortRequest, ControlRequest, FinishReason, GenerateBatch
+from engine.shared.weight_protocol import ReleaseMemory, TrainerOp
 from scheduler_proc.cache_manager import CacheManager
 from scheduler_proc.finish import FinishChecker
 from scheduler_proc.in_flight import InFlight
@@ -36,6 +38,7 @@ from scheduler_proc.step import Step, build_step
 from scheduler_proc.step_outputs import read_step_outputs
 from scheduler_proc.tp.group import TPGroup
 from scheduler_proc.tp.workers import TPWorkers, start_tensor_parallel
+from scheduler_proc.trainer_ops import TrainerOps
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +75,7 @@ class Scheduler:
         self.overlap = not args.disable_overlap_schedule
         self.in_flight: Optional[InFlight] = None  # the launched step whose outputs are not read yet
         self.pooler = Pooler(read_pooling_config(args.model_path)) if args.is_embedding else None
+        self.trainer = TrainerOps(self.runner)  # weight updates and memory release, between steps
 
     # ---- the loop ----
 
@@ -83,7 +87,8 @@ class Scheduler:
     def iterate(self) -> None:
         """One turn of the loop. With overlap, step N+1 is scheduled and queued on the device before
         step N's outputs are read, so the host work between steps hides behind the device's."""
-        for msg in self.io.receive(block=not (self.waiting or self.running or self.in_flight)):
+        idle = not (self.waiting or self.running or self.in_flight) or self.trainer.holds_requests
+        for msg in self.io.receive(block=idle):
             self.handle(msg)
         step = self.schedule()
         launched = self.launch(step) if step is not None else None
@@ -102,6 +107,8 @@ class Scheduler:
                 self.waiting.append(Request(req, seed))
         elif isinstance(msg, AbortRequest):
             self.abort(set(msg.rids), "aborted by the caller")
+        elif isinstance(msg, ControlRequest) and msg.args is not None:
+            self.io.reply(msg, self.run_trainer_op(msg.args))
         elif isinstance(msg, ControlRequest):
             self.io.answer(msg, {"server_info": self.server_info, "flush_cache": self.flush_cache})
 
@@ -122,6 +129,7 @@ class Scheduler:
                 "overlap_schedule": self.overlap,
                 "tp_worker_pids": self.tp_workers.pids if self.tp_workers is not None else [],
             }
+            | self.trainer.info()
             | ({"step_profile": self.runner.profiler.summary()} if self.args.profile_steps else {})
         )
 
@@ -134,6 +142,28 @@ class Scheduler:
         logger.info("prefix cache flushed: %d tokens freed", freed)
         return {"ok": True, "message": f"flushed the prefix cache ({freed} tokens freed)"}
 
+    def run_trainer_op(self, op: TrainerOp) -> dict[str, Any]:
+        """A trainer's call, between steps. Requests running when memory is released, or when the
+        weights change and the prefix cache is flushed, go back to the waiting queue keeping their
+        tokens, and resume once they can (computing their KV afresh): no KV is read while it is away,
+        and none computed by the old weights is reused."""
+        if self.in_flight is not None:  # the step in flight ran on the old weights: read it first
+            self.process(self.in_flight)
+            self.in_flight = None
+        if isinstance(op, ReleaseMemory):
+            self._retract_all("memory released", flush="kv_cache" in op.tags)
+        result = self.trainer.run(op)
+        if result.success and getattr(op, "flush_cache", False):
+            self._retract_all("weights updated", flush=True)
+        return msgspec.to_builtins(result)
+
+    def _retract_all(self, why: str, flush: bool) -> None:
+        for req in list(self.running):
+            self.retract(req, why)
+        if flush:
+            freed = self.cache.flush()
+            logger.info("prefix cache flushed (%s): %d tokens freed", why, freed)
+
     # ---- scheduling ----
 
     def schedule(self) -> Optional[Step]:
@@ -141,6 +171,8 @@ class Scheduler:
         token budget and the KV estimate allow."""
         if not self.running and not self.waiting:
             self.estimate.idle()
+            return None
+        if self.trainer.holds_requests:  # memory released: requests wait for resume_memory_occupation
             return None
         self.retract_if_short()
         entries, budget = self.running_entries()

@@ -58,6 +58,10 @@ class SchedulerIO:
             reply = ControlReply(call_id=call.call_id, ok=False, payload={"error": f"unknown op {call.op!r}"})
         self.to_frontend.send(self.out_codec.encode(reply))
 
+    def reply(self, call: ControlRequest, payload: dict[str, Any]) -> None:
+        """Reply to a control call whose answer is ready."""
+        self.to_frontend.send(self.out_codec.encode(ControlReply(call_id=call.call_id, ok=True, payload=payload)))
+
     def send_outputs(self, reqs: list[Request]) -> None:
         """One TokenBatch for the requests with news (new tokens, extras or a finish not sent yet), each
         once; nothing when none has any."""

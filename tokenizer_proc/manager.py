@@ -189,13 +189,15 @@ class TokenizerManager:
                 fut.cancel()
             self.abort([s.rid for s in states if not s.finished])
 
-    async def call(self, op: str, timeout: float = 30.0) -> dict[str, Any]:
+    async def call(self, op: str, timeout: Optional[float] = 30.0, args: Any = None) -> dict[str, Any]:
+        """Ask the scheduler `op` (with a trainer op's `args`); timeout None: wait as long as it takes
+        (the call still fails at once if the scheduler dies)."""
         if self.error is not None:
             raise self.error
         call_id = next(self.call_ids)
         fut = asyncio.get_running_loop().create_future()
         self.calls[call_id] = fut
-        self.to_scheduler.send(self.out_codec.encode(ControlRequest(call_id=call_id, op=op)))
+        self.to_scheduler.send(self.out_codec.encode(ControlRequest(call_id=call_id, op=op, args=args)))
         reply: ControlReply = await asyncio.wait_for(fut, timeout)
         if not reply.ok:
             raise EngineError(f"{op} failed: {reply.payload.get('error')}")

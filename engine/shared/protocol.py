@@ -12,6 +12,7 @@ from typing import Any, Optional, Union
 import msgspec
 
 from engine.shared.sampling import SamplingParams
+from engine.shared.weight_protocol import TrainerOp
 
 
 class Array(msgspec.Struct, array_like=True):
@@ -72,10 +73,12 @@ class AbortRequest(msgspec.Struct, tag="abort"):
 
 
 class ControlRequest(msgspec.Struct, tag="control"):
-    """A call answered by a ControlReply with the same call_id (server info, flush cache)."""
+    """A call answered by a ControlReply with the same call_id (server info, flush cache, and a
+    trainer's calls, whose arguments are `args`: weight_protocol.py)."""
 
     call_id: int
     op: str
+    args: Optional[TrainerOp] = None
 
 
 SchedulerInput = Union[GenerateBatch, AbortRequest, ControlRequest]

@@ -38,7 +38,7 @@ class LinearKernel:
     weight) ran at about half of oneDNN's packed speed on our AMD machines, and is less
     batch-invariant. The packed copy is remade when the weight gets new storage or is written in
     place through the parameter itself (writes through `.data` are not seen: load before the first
-    forward, as the loader does).
+    forward, as the loader does, or call forget() after, as a weight update does).
     """
 
     def __init__(self) -> None:
@@ -53,6 +53,10 @@ class LinearKernel:
             self._packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach())
             self._key = key
         return torch.ops.mkldnn._linear_pointwise(x, self._packed, bias, "none", [], "")
+
+    def forget(self) -> None:
+        """Drop the packed copy: the weight was rewritten through `.data` (a weight update)."""
+        self._packed, self._key = None, None
 
 
 def _packed_cpu_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:

@@ -231,6 +231,10 @@ class CausalLM(nn.Module):
                 raise KeyError(f"checkpoint tensor {name!r} has no place in {type(self).__name__}")
         return loaded
 
+    def checkpoint_name(self, name: str) -> str:
+        """The name checkpoint_shapes() gives the tensor a checkpoint (or a trainer) calls `name`."""
+        return name
+
     def checkpoint_shapes(self) -> dict[str, list[int]]:
         """Every checkpoint tensor the model reads, by its checkpoint name, with its full (unsharded) shape."""
         shapes: dict[str, list[int]] = {}

@@ -45,6 +45,12 @@ class Qwen2_5_VLForConditionalGeneration(CausalLM):
         hidden, _ = self.model.norm(hidden, residual)
         return hidden
 
+    def checkpoint_name(self, name: str) -> str:
+        for old, new in _RENAMES:
+            if name.startswith(old):
+                return new + name[len(old) :]
+        return name
+
     def checkpoint_shapes(self) -> dict[str, list[int]]:
         """The decoder's checkpoint tensors and the tower's (as our parameters shape them)."""
         tower = {name: list(p.shape) for name, p in self.named_parameters() if name.startswith("visual.")}

@@ -1,7 +1,7 @@
 """How rank 0 drives the other tensor-parallel ranks: each step's ForwardBatch, with the req_to_token
 writes made since the last step, packed into one int64 tensor and broadcast over the host group; the
 other ranks unpack it, replay the writes and run the same forward. A second command asks them for
-their memory figures (server info).
+their memory figures (server info), a third hands them a trainer's call (op_broadcast.py).
 
 Packed layout: [command, T, B, R, N, is_decode, prefix_lens (B), extend_lens (B)] on the host, then
 input_ids, positions, out_cache_loc (T each), req_pool_indices (B), logit_rows (R), and the writes'
@@ -15,7 +15,7 @@ import torch
 from scheduler_proc.forward_batch import ForwardBatch
 from scheduler_proc.tp.group import TPGroup
 
-STEP, MEMORY = 0, 1  # commands
+STEP, MEMORY, TRAINER_OP = 0, 1, 2  # commands (TRAINER_OP: tp/op_broadcast.py)
 _HEADER = 6
 
 Writes = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # req_to_token rows, positions, slots

@@ -45,9 +45,11 @@ def main() -> None:
 
 def follow_rank0(runner: ModelRunner) -> None:
     """The loop of ranks 1..: run whatever rank 0 broadcasts, until the process is ended."""
-    from scheduler_proc.tp.step_broadcast import MEMORY, STEP, unpack_step
+    from scheduler_proc.tp.step_broadcast import MEMORY, STEP, TRAINER_OP, unpack_step
+    from scheduler_proc.trainer_ops import TrainerOps
 
     tp = runner.tp
+    trainer = TrainerOps(runner)  # this rank's weight updates and memory release
     while True:
         packed = tp.broadcast_ints()
         command = int(packed[0])
@@ -58,6 +60,8 @@ def follow_rank0(runner: ModelRunner) -> None:
             runner.run_forward(batch)
         elif command == MEMORY:
             tp.gather_ints(runner.memory_figures())
+        elif command == TRAINER_OP:
+            trainer.follow(packed)
         else:
             raise RuntimeError(f"unknown tensor-parallel command {command}")
 
