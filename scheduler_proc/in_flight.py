@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 
 from scheduler_proc.forward_batch import ForwardBatch, to_device
-from scheduler_proc.model_runner import StepOutput
+from scheduler_proc.grammar_mask import TokenMasks
+from scheduler_proc.model_runner import ModelRunner, StepOutput
 from scheduler_proc.request import Request
 from scheduler_proc.step import Step
 
@@ -23,6 +24,8 @@ class InFlight:
         self.step = step
         self.output = output
         self.completed = completed  # per entry: this step finished its prefill
+        # Launched without its sampling: a constrained row's mask waits for its previous token (grammar_mask.py).
+        self.awaiting_sample = step.sampling is not None and output.sampled is None
         self.sample_row: dict[Request, int] = {}
         for row, i in enumerate(step.sample_entries):
             req = step.entries[i][0]
@@ -38,6 +41,18 @@ class InFlight:
         sampled = self.output.sampled
         assert sampled is not None
         batch.input_ids[to_device(rows, torch.int64, device)] = sampled.ids[to_device(sample_rows, torch.int64, device)]
+
+    def sample(self, runner: ModelRunner, masks: TokenMasks) -> None:
+        """Queue the sampling of a step launched without it, once each of its constrained requests has its
+        previous token in its matcher (with overlap: once the step before this one has been read). Call it
+        before the next schedule, which may hand the rows of requests that ended to new ones."""
+        if not self.awaiting_sample:
+            return
+        self.awaiting_sample = False
+        sampling = self.step.sampling
+        assert sampling is not None
+        sampling.grammar_mask = masks.fill([self.step.entries[i][0] for i in self.step.sample_entries])
+        runner.sample(self.output, sampling)
 
     def tokens_read(self) -> None:
         """Its sampled tokens are read now (or lost with a failed step): no longer pending."""

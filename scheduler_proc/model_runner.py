@@ -18,6 +18,7 @@ from engine.shared.args import EngineArgs, read_model_config
 from scheduler_proc.attention import create_backend
 from scheduler_proc.cuda_graph import CudaGraphRunner
 from scheduler_proc.forward_batch import ForwardBatch
+from scheduler_proc.grammar_mask import apply_token_mask
 from scheduler_proc.kv_pool import KVPool
 from scheduler_proc.loader import build_model
 from scheduler_proc.sampler import SamplingBatch, SamplingState
@@ -211,9 +212,19 @@ class ModelRunner:
         self.profiler.end()
         return StepOutput(hidden, logits, sampled)
 
+    @torch.inference_mode()
+    def sample(self, output: StepOutput, sampling: SamplingBatch) -> None:
+        """Queue the sampling of a step launched without it (its grammar mask was not ready then)."""
+        assert output.sampled is None
+        output.sampled = self._sample(output.logits, sampling)
+
     def _sample(self, logits: torch.Tensor, sampling: SamplingBatch) -> SampledIds:
         # Indexing copies: sampling modifies its logits in place, and `logits` must stay whole for logprobs.
-        ids = self.sampling.sample(logits[sampling.logit_index], sampling)
+        picked = logits[sampling.logit_index]
+        if sampling.grammar_mask is not None:
+            apply_token_mask(picked, sampling.grammar_mask)
+            logits.index_copy_(0, sampling.logit_index, picked)  # logprobs: of the constrained distribution
+        ids = self.sampling.sample(picked, sampling)
         self.sampling.record(sampling.rows, ids)
         host = torch.empty(ids.shape, dtype=ids.dtype, pin_memory=self.device.type == "cuda")
         host.copy_(ids, non_blocking=True)

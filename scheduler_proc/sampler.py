@@ -38,6 +38,7 @@ class SamplingBatch:
     any_filter: bool = True  # some row uses top_k, top_p or min_p
     bias: list[tuple[int, int, float]] = field(default_factory=list)  # (batch index, token, bias)
     banned: list[tuple[int, int]] = field(default_factory=list)  # (batch index, token): min_new_tokens
+    grammar_mask: Optional[torch.Tensor] = None  # [S, ceil(V / 32)] int32 bitmask of constrained rows (grammar_mask.py)
 
 
 class SamplingState:
@@ -100,7 +101,10 @@ class SamplingState:
         return self._output_counts, self._seen
 
     def sample(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-        """logits [S, V] float32 (modified in place) -> next token ids [S] int64."""
+        """logits [S, V] float32 (modified in place; grammar-masked already) -> next token ids [S] int64."""
+        # A constrained row whose every allowed token is biased away or banned (min_new_tokens) keeps the
+        # grammar's choice: the grammar must end somewhere, and nothing else could follow.
+        allowed = logits.clone() if batch.grammar_mask is not None and (batch.bias or batch.banned) else None
         if batch.bias:
             index, token, value = zip(*batch.bias)
             logits[self._ids(index), self._ids(token)] += to_device(list(value), torch.float32, self.device)
@@ -109,6 +113,8 @@ class SamplingState:
         if batch.banned:
             index, token = zip(*batch.banned)
             logits[self._ids(index), self._ids(token)] = float("-inf")
+        if allowed is not None:
+            logits = torch.where(torch.isneginf(logits).all(dim=-1, keepdim=True), allowed, logits)
         if batch.all_greedy:
             return logits.argmax(dim=-1)
         temperature = self.temperature[batch.rows]

@@ -24,6 +24,8 @@ from engine.shared.ipc import Endpoints
 from engine.shared.protocol import AbortRequest, ControlRequest, FinishReason, GenerateBatch
 from scheduler_proc.cache_manager import CacheManager
 from scheduler_proc.finish import FinishChecker
+from scheduler_proc.grammar import GrammarQueue, accept_token
+from scheduler_proc.grammar_mask import TokenMasks
 from scheduler_proc.in_flight import InFlight
 from scheduler_proc.model_runner import ModelRunner
 from scheduler_proc.policy import NewTokenEstimate, order_waiting, waits_for_shared_prefix
@@ -38,6 +40,7 @@ from scheduler_proc.tp.workers import TPWorkers, start_tensor_parallel
 logger = logging.getLogger(__name__)
 
 _RETRACT_HEADROOM_STEPS = 4  # retract until the rest can decode this many steps: one retraction a step would thrash
+_GRAMMAR_POLL_MS = 2  # idle but for grammars compiling: how often to look whether one is done
 
 
 class Scheduler:
@@ -69,6 +72,9 @@ class Scheduler:
         self.num_retractions = 0
         self.overlap = not args.disable_overlap_schedule
         self.in_flight: Optional[InFlight] = None  # the launched step whose outputs are not read yet
+        checker, vocab_size = self.finish_checker, self.runner.shape.vocab_size
+        self.grammars = GrammarQueue(checker.tokenizer, vocab_size, checker.eos_ids, args)
+        self.masks = TokenMasks(self.pool.max_requests, vocab_size, self.runner.device)
 
     # ---- the loop ----
 
@@ -80,8 +86,12 @@ class Scheduler:
     def iterate(self) -> None:
         """One turn of the loop. With overlap, step N+1 is scheduled and queued on the device before
         step N's outputs are read, so the host work between steps hides behind the device's."""
-        for msg in self.io.receive(block=not (self.waiting or self.running or self.in_flight)):
+        idle = not (self.waiting or self.running or self.in_flight)
+        for msg in self.io.receive(block=idle, timeout_ms=_GRAMMAR_POLL_MS if self.grammars else None):
             self.handle(msg)
+        self.admit_compiled()
+        if self.in_flight is not None:  # before scheduling, which may give its requests' rows to others
+            self.sample(self.in_flight)
         step = self.schedule()
         launched = self.launch(step) if step is not None else None
         to_read = launched
@@ -96,11 +106,22 @@ class Scheduler:
         if isinstance(msg, GenerateBatch):
             for req in msg.reqs:
                 seed = req.sampling.seed if req.sampling.seed is not None else self.rng.getrandbits(62)
-                self.waiting.append(Request(req, seed))
+                if req.sampling.constraint is None:
+                    self.waiting.append(Request(req, seed))
+                else:  # waits for its grammar, compiled off this thread
+                    self.grammars.add(Request(req, seed))
         elif isinstance(msg, AbortRequest):
             self.abort(set(msg.rids), "aborted by the caller")
         elif isinstance(msg, ControlRequest):
             self.io.answer(msg, {"server_info": self.server_info, "flush_cache": self.flush_cache})
+
+    def admit_compiled(self) -> None:
+        """Constrained requests whose grammar is compiled join the waiting queue (or end, if it failed)."""
+        for req, error in self.grammars.ready():
+            if error is None:
+                self.waiting.append(req)
+            else:
+                self.finish(req, FinishReason(type="abort", message=error))
 
     def send_outputs(self) -> None:
         """The turn's one TokenBatch: every request with news since the last."""
@@ -114,18 +135,20 @@ class Scheduler:
                 "kv_free_tokens": self.pool.num_free_slots(),
                 "kv_cached_tokens": self.cache.cached_tokens(),  # held by the prefix cache, evictable
                 "num_running": len(self.running),
-                "num_waiting": len(self.waiting),
+                "num_waiting": len(self.waiting) + len(self.grammars),  # some may wait for their grammar
                 "num_retractions": self.num_retractions,
                 "overlap_schedule": self.overlap,
                 "tp_worker_pids": self.tp_workers.pids if self.tp_workers is not None else [],
             }
+            | self.grammars.info()
             | ({"step_profile": self.runner.profiler.summary()} if self.args.profile_steps else {})
         )
 
     def flush_cache(self) -> dict[str, Any]:
         """Empty the prefix cache, only when no request is running or waiting."""
-        if self.running or self.waiting:
-            message = f"not flushed: {len(self.running)} running and {len(self.waiting)} waiting requests"
+        if self.running or self.waiting or self.grammars:
+            waiting = len(self.waiting) + len(self.grammars)  # some waiting for their grammar
+            message = f"not flushed: {len(self.running)} running and {waiting} waiting requests"
             return {"ok": False, "message": message}
         freed = self.cache.flush()
         logger.info("prefix cache flushed: %d tokens freed", freed)
@@ -260,10 +283,14 @@ class Scheduler:
         for req, n in step.entries:
             req.kv_len += n  # the step's slots are in req_to_token now, whatever happens next
         completed = [p and not req.prefilling for p, (req, _) in zip(prefilled, step.entries)]
+        # A step with constrained rows samples later, once their masks can be filled (sample()).
+        constrained = step.sampling is not None and any(
+            step.entries[i][0].grammar is not None for i in step.sample_entries
+        )
         try:
             if step.pending_inputs:
                 self.in_flight.fill_input_ids(step.batch, step.pending_inputs)
-            output = self.runner.launch(step.batch, step.sampling, step.keep_hidden)
+            output = self.runner.launch(step.batch, None if constrained else step.sampling, step.keep_hidden)
         except Exception as exc:  # one bad step fails its requests, not the engine
             self.fail_step(step, exc)
             return None
@@ -275,8 +302,16 @@ class Scheduler:
                 self.cache.cache_prefix(req)
         return InFlight(step, output, completed)
 
+    def sample(self, launched: InFlight) -> None:
+        """Queue the sampling of a step launched without it (in_flight.py), if it was."""
+        try:
+            launched.sample(self.runner, self.masks)
+        except Exception as exc:
+            self.fail_step(launched.step, exc)
+
     def process(self, launched: InFlight) -> None:
         """Wait for a launched step, then hand its tokens to its requests: finish checks, outputs."""
+        self.sample(launched)  # without overlap, a constrained step is sampled only now
         step, output = launched.step, launched.output
         launched.tokens_read()
         try:
@@ -296,6 +331,7 @@ class Scheduler:
                 continue
             req.output_ids.append(token)
             req.new_ids.append(token)
+            accept_token(req, token)
             reason = self.finish_checker.check(req)
             if reason is not None:
                 self.finish(req, reason)
@@ -322,6 +358,8 @@ class Scheduler:
         self.outputs.append(req)
 
     def abort(self, rids: set[str], message: str) -> None:
+        for req in self.grammars.remove(rids):
+            self.finish(req, FinishReason(type="abort", message=message))
         for req in [r for r in self.waiting if r.rid in rids]:
             self.waiting.remove(req)
             self.finish(req, FinishReason(type="abort", message=message))
