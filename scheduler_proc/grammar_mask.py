@@ -8,6 +8,7 @@ matcher; scheduler.py decides when that is (with overlap, after the step before 
 
 from __future__ import annotations
 
+import os
 from typing import Any, Optional
 
 import torch
@@ -63,9 +64,16 @@ class TokenMasks:
             cuda = self.device.type == "cuda"
             self._host = torch.empty((self.max_rows, width), dtype=torch.int32, pin_memory=cuda)
             self._on_device = torch.empty_like(self._host, device=self.device) if cuda else self._host
-            self._batch = xgrammar.BatchGrammarMatcher()
+            self._batch = xgrammar.BatchGrammarMatcher(max_threads=_fill_threads())
         assert self._on_device is not None
         return self._host, self._on_device
+
+
+def _fill_threads() -> int:
+    """Threads filling masks: half the cores this process may use (xgrammar's "auto" counts the host's, and
+    its threads then contend with torch's where a container has few), at most 8."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(8, cores // 2))
 
 
 def apply_token_mask(logits: torch.Tensor, mask: torch.Tensor) -> None:

@@ -3,6 +3,10 @@
 With overlap, step N+1 is built and queued before step N's sampled ids reach the host. A request that
 samples in step N counts that token as pending (req.pending) until N is read, and step N+1 may decode
 it: its input id is taken on the device from N's sampled ids, so the host never waits for them.
+
+A step with constrained rows (grammar_mask.py) is launched without its sampling, whose mask needs each row's
+previous token in its matcher: it samples once that token is read (with overlap, at the next turn's start,
+so the device computes its forward meanwhile), before step N+1's forward is queued behind it.
 """
 
 from __future__ import annotations
@@ -51,8 +55,9 @@ class InFlight:
         self.awaiting_sample = False
         sampling = self.step.sampling
         assert sampling is not None
-        sampling.grammar_mask = masks.fill([self.step.entries[i][0] for i in self.step.sample_entries])
-        runner.sample(self.output, sampling)
+        reqs = [self.step.entries[i][0] for i in self.step.sample_entries]
+        sampling.grammar_mask = masks.fill(reqs)
+        runner.sample(self.output, sampling, masked_logprobs=any(req.msg.return_logprob for req in reqs))
 
     def tokens_read(self) -> None:
         """Its sampled tokens are read now (or lost with a failed step): no longer pending."""

@@ -213,17 +213,19 @@ class ModelRunner:
         return StepOutput(hidden, logits, sampled)
 
     @torch.inference_mode()
-    def sample(self, output: StepOutput, sampling: SamplingBatch) -> None:
-        """Queue the sampling of a step launched without it (its grammar mask was not ready then)."""
+    def sample(self, output: StepOutput, sampling: SamplingBatch, masked_logprobs: bool) -> None:
+        """Queue the sampling of a step launched without it (its grammar mask was not ready then).
+        masked_logprobs: the step's logits take the mask too, for the logprobs some request returns."""
         assert output.sampled is None
-        output.sampled = self._sample(output.logits, sampling)
+        output.sampled = self._sample(output.logits, sampling, masked_logprobs)
 
-    def _sample(self, logits: torch.Tensor, sampling: SamplingBatch) -> SampledIds:
+    def _sample(self, logits: torch.Tensor, sampling: SamplingBatch, masked_logprobs: bool = False) -> SampledIds:
         # Indexing copies: sampling modifies its logits in place, and `logits` must stay whole for logprobs.
         picked = logits[sampling.logit_index]
         if sampling.grammar_mask is not None:
             apply_token_mask(picked, sampling.grammar_mask)
-            logits.index_copy_(0, sampling.logit_index, picked)  # logprobs: of the constrained distribution
+            if masked_logprobs:  # of the constrained distribution
+                logits.index_copy_(0, sampling.logit_index, picked)
         ids = self.sampling.sample(picked, sampling)
         self.sampling.record(sampling.rows, ids)
         host = torch.empty(ids.shape, dtype=ids.dtype, pin_memory=self.device.type == "cuda")
