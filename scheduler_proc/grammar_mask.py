@@ -38,9 +38,9 @@ class TokenMasks:
             self._copied.synchronize()  # the last step's copy has left the buffer (long since, in practice)
         rows.fill_(-1)  # every bit set: every token allowed
         live = [s for s, req in enumerate(reqs) if req.grammar is not None and req.finish is None and req.error is None]
-        matchers = [reqs[s].grammar for s in live]
         try:
-            self._batch.batch_fill_next_token_bitmask(matchers, host, live)
+            if live:
+                self._batch.batch_fill_next_token_bitmask([reqs[s].grammar for s in live], host, live)
         except Exception:  # find the matcher that failed: it alone ends
             for s in live:
                 try:
