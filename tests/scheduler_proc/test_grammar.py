@@ -161,7 +161,7 @@ def test_the_grammar_wins_when_bias_and_min_new_tokens_leave_a_row_nothing():
         state.admit(row, SamplingParams(temperature=0.7), seed=row, prompt_ids=[0])
     mask = torch.zeros(2, 2, dtype=torch.int32)
     mask[:, 0] = (1 << 3) | (1 << 5)  # tokens 3 and 5 allowed
-    logits = torch.randn(2, 64)
+    logits = torch.zeros(2, 64)  # tokens 3 and 5 equally likely
     apply_token_mask(logits, mask)
     seen = set()
     for position in range(40):
