@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import subprocess
 import sys
 import time
@@ -90,7 +91,7 @@ def run_ferry(workload: Workload, settings: dict[str, Any], args: argparse.Names
         {"max_new_tokens": n, "temperature": temperature, "ignore_eos": args.ignore_eos} for n in workload.output_lens
     ]
     with Engine(model_path=args.model_path, **settings) as engine:
-        engine.generate(input_ids=workload.input_ids[:4], sampling_params={"max_new_tokens": 4})  # warm-up
+        warm_up(engine, workload)
         start = time.perf_counter()
         if args.stream:
             outputs, latency = _run_streams(engine, workload, params)
@@ -116,6 +117,19 @@ def run_ferry(workload: Workload, settings: dict[str, Any], args: argparse.Names
         **latency,
         **_step_stats(info.get("step_profile"), start),
     }
+
+
+def warm_up(engine: Any, workload: Workload) -> None:
+    """First-call costs (kernel loading and tuning, the allocator's first large blocks) before timing: a
+    sampled and a greedy call over prompts of mixed lengths, as the peer's harness (.peer/run_minisgl.py),
+    none longer than the workload's longest prompt nor with ids above its largest."""
+    rng = random.Random(12345)
+    longest, top = max(map(len, workload.input_ids)), min(10000, max(map(max, workload.input_ids)))
+    for temperature in (0.6, 0.0):
+        lengths = (min(n, longest) for n in (5, 50, 130, 300, 700, 1024, 1500, 17))
+        prompts = [[rng.randint(0, top) for _ in range(n)] for n in lengths]
+        params = {"temperature": temperature, "ignore_eos": True, "max_new_tokens": 32}
+        engine.generate(input_ids=prompts, sampling_params=params, use_tqdm=False)
 
 
 def _step_stats(profile: Optional[dict[str, list]], since: float) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from engine.shared.errors import EngineError
 from engine.shared.protocol import GenerateRequest
 from engine.weights import TrainerMethods
 from tokenizer_proc.chat import chat_image_data, chat_prompts
+from tokenizer_proc.constraints import uses_constraints
 from tokenizer_proc.images import image_processor_for
 from tokenizer_proc.inputs import GenerateInput, InputIds, Limits, PreparedBatch, Prompt, SamplingArg, prepare
 from tokenizer_proc.manager import TokenizerManager
@@ -182,8 +183,8 @@ class Engine(TrainerMethods):
             return_text_in_logprobs=return_text_in_logprobs,
             return_hidden_states=return_hidden_states,
         )
-        # Fetching and preprocessing images must not block the caller's event loop (a server's).
-        in_thread = image_data is not None
+        # Fetching and preprocessing images, or checking a grammar, must not block the caller's event loop.
+        in_thread = image_data is not None or uses_constraints(sampling_params)
         batch = await asyncio.to_thread(self._prepare, call) if in_thread else self._prepare(call)
         if stream:
             reqs = await asyncio.to_thread(batch.all) if in_thread else batch.all()

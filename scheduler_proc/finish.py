@@ -1,4 +1,5 @@
-"""When a request is done: length, EOS, stop token ids, stop strings (found even across tokens)."""
+"""When a request is done: length, EOS, stop token ids, stop strings (found even across tokens), its grammar
+complete."""
 
 from __future__ import annotations
 
@@ -39,6 +40,8 @@ class FinishChecker:
         params = req.sampling
         token = req.output_ids[-1]
         count = len(req.output_ids)
+        if req.grammar is not None and req.grammar.is_terminated():  # complete, and its end token taken
+            return FinishReason(type="stop", matched=token)
         if count >= params.min_new_tokens:
             if token in params.stop_token_ids:
                 return FinishReason(type="stop", matched=token)

@@ -3,6 +3,10 @@
 With overlap, step N+1 is built and queued before step N's sampled ids reach the host. A request that
 samples in step N counts that token as pending (req.pending) until N is read, and step N+1 may decode
 it: its input id is taken on the device from N's sampled ids, so the host never waits for them.
+
+A step with constrained rows (grammar_mask.py) is launched without its sampling, whose mask needs each row's
+previous token in its matcher: it samples once that token is read (with overlap, at the next turn's start,
+so the device computes its forward meanwhile), before step N+1's forward is queued behind it.
 """
 
 from __future__ import annotations
@@ -10,7 +14,8 @@ from __future__ import annotations
 import torch
 
 from scheduler_proc.forward_batch import ForwardBatch, to_device
-from scheduler_proc.model_runner import StepOutput
+from scheduler_proc.grammar_mask import TokenMasks
+from scheduler_proc.model_runner import ModelRunner, StepOutput
 from scheduler_proc.request import Request
 from scheduler_proc.step import Step
 
@@ -23,6 +28,8 @@ class InFlight:
         self.step = step
         self.output = output
         self.completed = completed  # per entry: this step finished its prefill
+        # Launched without its sampling: a constrained row's mask waits for its previous token (grammar_mask.py).
+        self.awaiting_sample = step.sampling is not None and output.sampled is None
         self.sample_row: dict[Request, int] = {}
         for row, i in enumerate(step.sample_entries):
             req = step.entries[i][0]
@@ -38,6 +45,19 @@ class InFlight:
         sampled = self.output.sampled
         assert sampled is not None
         batch.input_ids[to_device(rows, torch.int64, device)] = sampled.ids[to_device(sample_rows, torch.int64, device)]
+
+    def sample(self, runner: ModelRunner, masks: TokenMasks) -> None:
+        """Queue the sampling of a step launched without it, once each of its constrained requests has its
+        previous token in its matcher (with overlap: once the step before this one has been read). Call it
+        before the next schedule, which may hand the rows of requests that ended to new ones."""
+        if not self.awaiting_sample:
+            return
+        self.awaiting_sample = False
+        sampling = self.step.sampling
+        assert sampling is not None
+        reqs = [self.step.entries[i][0] for i in self.step.sample_entries]
+        sampling.grammar_mask = masks.fill(reqs)
+        runner.sample(self.output, sampling, masked_logprobs=any(req.msg.return_logprob for req in reqs))
 
     def tokens_read(self) -> None:
         """Its sampled tokens are read now (or lost with a failed step): no longer pending."""

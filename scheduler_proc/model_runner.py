@@ -18,6 +18,7 @@ from engine.shared.args import EngineArgs, read_model_config
 from scheduler_proc.attention import create_backend
 from scheduler_proc.cuda_graph import CudaGraphRunner
 from scheduler_proc.forward_batch import ForwardBatch
+from scheduler_proc.grammar_mask import apply_token_mask
 from scheduler_proc.kv_pool import KVPool
 from scheduler_proc.loader import build_model
 from scheduler_proc.sampler import SamplingBatch, SamplingState
@@ -226,8 +227,22 @@ class ModelRunner:
         self.profiler.end()
         return StepOutput(hidden, logits, sampled)
 
-    def _sample(self, logits: torch.Tensor, sampling: SamplingBatch) -> SampledIds:
-        ids = self.sampling.sample(logits, sampling)
+    @torch.inference_mode()
+    def sample(self, output: StepOutput, sampling: SamplingBatch, masked_logprobs: bool) -> None:
+        """Queue the sampling of a step launched without it (its grammar mask was not ready then).
+        masked_logprobs: the step's logits take the mask too, for the logprobs some request returns."""
+        assert output.sampled is None
+        output.sampled = self._sample(output.logits, sampling, masked_logprobs)
+
+    def _sample(self, logits: torch.Tensor, sampling: SamplingBatch, masked_logprobs: bool = False) -> SampledIds:
+        if sampling.grammar_mask is None:
+            ids = self.sampling.sample(logits, sampling)
+        else:  # indexing copies: `logits` stays whole for logprobs unless they are of the masked distribution
+            picked = logits[sampling.logit_index].float()
+            apply_token_mask(picked, sampling.grammar_mask)
+            if masked_logprobs:
+                logits.index_copy_(0, sampling.logit_index, picked.to(logits.dtype))
+            ids = self.sampling.sample_rows(picked, sampling)
         self.sampling.record(sampling.rows, ids)
         host = torch.empty(ids.shape, dtype=ids.dtype, pin_memory=self.device.type == "cuda")
         host.copy_(ids, non_blocking=True)

@@ -35,6 +35,7 @@ class Request:
         self.pending = 0
         self.closed = False  # its finish has been sent: nothing more goes out
         self.extras: Optional[ReqExtras] = None  # logprobs / hidden states since the last TokenBatch
+        self.grammar: Any = None  # a constrained request's xgrammar.GrammarMatcher, once compiled (grammar.py)
         self._prompt_hidden: list[np.ndarray] = []
         self.pooled: Any = None  # an embedding request's pooled hidden states so far (pooling.py)
         stops = msg.sampling.stop

@@ -38,6 +38,7 @@ class SamplingBatch:
     any_filter: bool = True  # some row uses top_k, top_p or min_p
     bias: list[tuple[int, int, float]] = field(default_factory=list)  # (batch index, token, bias)
     banned: list[tuple[int, int]] = field(default_factory=list)  # (batch index, token): min_new_tokens
+    grammar_mask: Optional[torch.Tensor] = None  # [S, ceil(V / 32)] int32 bitmask of constrained rows (grammar_mask.py)
 
 
 class SamplingState:
@@ -101,16 +102,17 @@ class SamplingState:
 
     def sample(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         """The step's logits [R, V] (left unmodified) -> next token ids [S] int64 of its rows batch.logit_index."""
-        plain = not (batch.bias or batch.banned or batch.any_penalty or batch.any_filter)
-        if plain and logits.is_cuda:  # temperature (or greedy) alone: one kernel reads the rows in place
-            from scheduler_proc.fused_sample import fused_sample
+        if self._plain(batch) and logits.is_cuda:  # one kernel reads the rows in place
+            return self._fused(logits, batch.logit_index, batch)
+        return self.sample_rows(logits[batch.logit_index].float(), batch)
 
-            uniform = _row_uniform(self.seed[batch.rows], batch.positions)
-            return fused_sample(logits, batch.logit_index, self.temperature[batch.rows], uniform)
-        return self._sample_rows(logits[batch.logit_index].float(), batch)
-
-    def _sample_rows(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-        """logits [S, V] float32, a copy (modified in place) -> next token ids [S] int64."""
+    def sample_rows(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        """logits [S, V] float32, a copy (modified in place; grammar-masked already) -> next token ids [S] int64."""
+        if self._plain(batch) and logits.is_cuda:
+            return self._fused(logits, torch.arange(logits.shape[0], device=logits.device), batch)
+        # A constrained row whose every allowed token is biased away or banned (min_new_tokens) keeps the
+        # grammar's choice: the grammar must end somewhere, and nothing else could follow.
+        allowed = logits.clone() if batch.grammar_mask is not None and (batch.bias or batch.banned) else None
         if batch.bias:
             index, token, value = zip(*batch.bias)
             logits[self._ids(index), self._ids(token)] += to_device(list(value), torch.float32, self.device)
@@ -119,6 +121,8 @@ class SamplingState:
         if batch.banned:
             index, token = zip(*batch.banned)
             logits[self._ids(index), self._ids(token)] = float("-inf")
+        if allowed is not None:
+            logits = torch.where(torch.isneginf(logits).all(dim=-1, keepdim=True), allowed, logits)
         if batch.all_greedy:
             return logits.argmax(dim=-1)
         temperature = self.temperature[batch.rows]
@@ -132,6 +136,17 @@ class SamplingState:
         target = _row_uniform(self.seed[batch.rows], batch.positions) * cdf[:, -1]
         sampled = torch.searchsorted(cdf, target[:, None], right=True)[:, 0].clamp_(max=logits.shape[1] - 1)
         return torch.where(greedy, logits.argmax(dim=-1), sampled)
+
+    @staticmethod
+    def _plain(batch: SamplingBatch) -> bool:
+        """Temperature (or greedy) alone: what the fused kernel does."""
+        return not (batch.bias or batch.banned or batch.any_penalty or batch.any_filter)
+
+    def _fused(self, logits: torch.Tensor, index: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        from scheduler_proc.fused_sample import fused_sample
+
+        uniform = _row_uniform(self.seed[batch.rows], batch.positions)
+        return fused_sample(logits, index, self.temperature[batch.rows], uniform)
 
     def _ids(self, values: Sequence[int]) -> torch.Tensor:
         return to_device(list(values), torch.int64, self.device)

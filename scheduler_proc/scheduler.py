@@ -15,18 +15,19 @@ import logging
 import random
 import traceback
 from collections import deque
-from typing import Any, Optional
+from typing import Optional
 
-import msgspec
 import zmq
 
 from engine.shared.args import EngineArgs
 from engine.shared.ipc import Endpoints
 from engine.shared.pooling import read_pooling_config
 from engine.shared.protocol import AbortRequest, ControlRequest, FinishReason, GenerateBatch
-from engine.shared.weight_protocol import ReleaseMemory, TrainerOp
 from scheduler_proc.cache_manager import CacheManager
+from scheduler_proc.control import ControlCalls
 from scheduler_proc.finish import FinishChecker
+from scheduler_proc.grammar import GrammarQueue, accept_token
+from scheduler_proc.grammar_mask import TokenMasks
 from scheduler_proc.in_flight import InFlight
 from scheduler_proc.model_runner import ModelRunner
 from scheduler_proc.policy import NewTokenEstimate, order_waiting, waits_for_shared_prefix
@@ -43,9 +44,10 @@ from scheduler_proc.trainer_ops import TrainerOps
 logger = logging.getLogger(__name__)
 
 _RETRACT_HEADROOM_STEPS = 4  # retract until the rest can decode this many steps: one retraction a step would thrash
+_GRAMMAR_POLL_MS = 2  # idle but for grammars compiling: how often to look whether one is done
 
 
-class Scheduler:
+class Scheduler(ControlCalls):
     """The loop and the scheduling policy of rank 0: which requests run, which wait, which retract."""
 
     def __init__(
@@ -76,6 +78,9 @@ class Scheduler:
         self.in_flight: Optional[InFlight] = None  # the launched step whose outputs are not read yet
         self.pooler = Pooler(read_pooling_config(args.model_path)) if args.is_embedding else None
         self.trainer = TrainerOps(self.runner)  # weight updates and memory release, between steps
+        checker, vocab_size = self.finish_checker, self.runner.shape.vocab_size
+        self.grammars = GrammarQueue(checker.tokenizer, vocab_size, checker.eos_ids, args)
+        self.masks = TokenMasks(self.pool.max_requests, vocab_size, self.runner.device)
 
     # ---- the loop ----
 
@@ -88,8 +93,11 @@ class Scheduler:
         """One turn of the loop. With overlap, step N+1 is scheduled and queued on the device before
         step N's outputs are read, so the host work between steps hides behind the device's."""
         idle = not (self.waiting or self.running or self.in_flight) or self.trainer.holds_requests
-        for msg in self.io.receive(block=idle):
+        for msg in self.io.receive(block=idle, timeout_ms=_GRAMMAR_POLL_MS if self.grammars else None):
             self.handle(msg)
+        self.admit_compiled()
+        if self.in_flight is not None:  # before scheduling, which may give its requests' rows to others
+            self.sample(self.in_flight)
         step = self.schedule()
         launched = self.launch(step) if step is not None else None
         to_read = launched
@@ -104,65 +112,27 @@ class Scheduler:
         if isinstance(msg, GenerateBatch):
             for req in msg.reqs:
                 seed = req.sampling.seed if req.sampling.seed is not None else self.rng.getrandbits(62)
-                self.waiting.append(Request(req, seed))
+                if req.sampling.constraint is None:
+                    self.waiting.append(Request(req, seed))
+                else:  # waits for its grammar, compiled off this thread
+                    self.grammars.add(Request(req, seed))
         elif isinstance(msg, AbortRequest):
             self.abort(set(msg.rids), "aborted by the caller")
-        elif isinstance(msg, ControlRequest) and msg.args is not None:
-            self.io.reply(msg, self.run_trainer_op(msg.args))
         elif isinstance(msg, ControlRequest):
-            self.io.answer(msg, {"server_info": self.server_info, "flush_cache": self.flush_cache})
+            self.answer_control(msg)
+
+    def admit_compiled(self) -> None:
+        """Constrained requests whose grammar is compiled join the waiting queue (or end, if it failed)."""
+        for req, error in self.grammars.ready():
+            if error is None:
+                self.waiting.append(req)
+            else:
+                self.finish(req, FinishReason(type="abort", message=error))
 
     def send_outputs(self) -> None:
         """The turn's one TokenBatch: every request with news since the last."""
         self.io.send_outputs(self.outputs)
         self.outputs = []
-
-    def server_info(self) -> dict[str, Any]:
-        return (
-            self.runner.info()
-            | {
-                "kv_free_tokens": self.pool.num_free_slots(),
-                "kv_cached_tokens": self.cache.cached_tokens(),  # held by the prefix cache, evictable
-                "num_running": len(self.running),
-                "num_waiting": len(self.waiting),
-                "num_retractions": self.num_retractions,
-                "overlap_schedule": self.overlap,
-                "tp_worker_pids": self.tp_workers.pids if self.tp_workers is not None else [],
-            }
-            | self.trainer.info()
-            | ({"step_profile": self.runner.profiler.summary()} if self.args.profile_steps else {})
-        )
-
-    def flush_cache(self) -> dict[str, Any]:
-        """Empty the prefix cache, only when no request is running or waiting."""
-        if self.running or self.waiting:
-            message = f"not flushed: {len(self.running)} running and {len(self.waiting)} waiting requests"
-            return {"ok": False, "message": message}
-        freed = self.cache.flush()
-        logger.info("prefix cache flushed: %d tokens freed", freed)
-        return {"ok": True, "message": f"flushed the prefix cache ({freed} tokens freed)"}
-
-    def run_trainer_op(self, op: TrainerOp) -> dict[str, Any]:
-        """A trainer's call, between steps. Requests running when memory is released, or when the
-        weights change and the prefix cache is flushed, go back to the waiting queue keeping their
-        tokens, and resume once they can (computing their KV afresh): no KV is read while it is away,
-        and none computed by the old weights is reused."""
-        if self.in_flight is not None:  # the step in flight ran on the old weights: read it first
-            self.process(self.in_flight)
-            self.in_flight = None
-        if isinstance(op, ReleaseMemory):
-            self._retract_all("memory released", flush="kv_cache" in op.tags)
-        result = self.trainer.run(op)
-        if result.success and getattr(op, "flush_cache", False):
-            self._retract_all("weights updated", flush=True)
-        return msgspec.to_builtins(result)
-
-    def _retract_all(self, why: str, flush: bool) -> None:
-        for req in list(self.running):
-            self.retract(req, why)
-        if flush:
-            freed = self.cache.flush()
-            logger.info("prefix cache flushed (%s): %d tokens freed", why, freed)
 
     # ---- scheduling ----
 
@@ -295,10 +265,14 @@ class Scheduler:
         for req, n in step.entries:
             req.kv_len += n  # the step's slots are in req_to_token now, whatever happens next
         completed = [p and not req.prefilling for p, (req, _) in zip(prefilled, step.entries)]
+        # A step with constrained rows samples later, once their masks can be filled (sample()).
+        constrained = step.sampling is not None and any(
+            step.entries[i][0].grammar is not None for i in step.sample_entries
+        )
         try:
             if step.pending_inputs:
                 self.in_flight.fill_input_ids(step.batch, step.pending_inputs)
-            output = self.runner.launch(step.batch, step.sampling, step.keep_hidden)
+            output = self.runner.launch(step.batch, None if constrained else step.sampling, step.keep_hidden)
         except Exception as exc:  # one bad step fails its requests, not the engine
             self.fail_step(step, exc)
             return None
@@ -310,8 +284,16 @@ class Scheduler:
                 self.cache.cache_prefix(req)
         return InFlight(step, output, completed)
 
+    def sample(self, launched: InFlight) -> None:
+        """Queue the sampling of a step launched without it (in_flight.py), if it was."""
+        try:
+            launched.sample(self.runner, self.masks)
+        except Exception as exc:
+            self.fail_step(launched.step, exc)
+
     def process(self, launched: InFlight) -> None:
         """Wait for a launched step, then hand its tokens to its requests: finish checks, outputs."""
+        self.sample(launched)  # without overlap, a constrained step is sampled only now
         step, output = launched.step, launched.output
         launched.tokens_read()
         try:
@@ -331,6 +313,7 @@ class Scheduler:
                 continue
             req.output_ids.append(token)
             req.new_ids.append(token)
+            accept_token(req, token)
             reason = self.finish_checker.check(req)
             if reason is not None:
                 self.finish(req, reason)
@@ -357,6 +340,8 @@ class Scheduler:
         self.outputs.append(req)
 
     def abort(self, rids: set[str], message: str) -> None:
+        for req in self.grammars.remove(rids):
+            self.finish(req, FinishReason(type="abort", message=message))
         for req in [r for r in self.waiting if r.rid in rids]:
             self.waiting.remove(req)
             self.finish(req, FinishReason(type="abort", message=message))

@@ -5,7 +5,7 @@ no decision: the scheduler hands it what to answer and which requests have news.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 import zmq
 
@@ -35,8 +35,11 @@ class SchedulerIO:
         self.in_codec = Codec(SchedulerInput)
         self.out_codec = Codec(Any)
 
-    def receive(self, block: bool) -> list[Message]:
-        """Every message waiting on the socket; with block, at least one (waiting for it)."""
+    def receive(self, block: bool, timeout_ms: Optional[int] = None) -> list[Message]:
+        """Every message waiting on the socket; with block, at least one (waiting for it, or at most
+        timeout_ms when given: then possibly none)."""
+        if block and timeout_ms is not None and not self.receiver.poll(timeout_ms):
+            return []
         messages = []
         flags = 0 if block else zmq.NOBLOCK
         while True:

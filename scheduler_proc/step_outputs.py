@@ -4,6 +4,7 @@ the hidden states it asked for (sent with its next TokenBatch)."""
 from __future__ import annotations
 
 import logging
+import math
 from typing import Optional
 
 import torch
@@ -76,4 +77,5 @@ def _record_logprobs(req: Request, step: Step, i: int, logprobs: torch.Tensor, t
 
 def _top(rows: torch.Tensor, k: int) -> list[list[tuple[float, int]]]:
     values, ids = rows.topk(min(k, rows.shape[-1]), dim=-1)
-    return [list(zip(v, t)) for v, t in zip(values.tolist(), ids.tolist())]
+    # A constrained row may allow fewer than k tokens: the forbidden ones (-inf) are no candidates.
+    return [[(v, t) for v, t in zip(vs, ts) if v != -math.inf] for vs, ts in zip(values.tolist(), ids.tolist())]

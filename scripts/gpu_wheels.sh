@@ -12,4 +12,5 @@ get() {
 }
 get flashinfer-python==0.5.3 apache-tvm-ffi nvidia-cudnn-frontend
 get pyzmq msgspec uvloop gguf tqdm pillow
+get xgrammar pydantic pydantic-core annotated-types typing-inspection  # structured output (json_schema, regex, ebnf)
 ls -la .whl

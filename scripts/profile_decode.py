@@ -37,6 +37,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--disable-overlap-schedule", action="store_true")
+    p.add_argument("--json-schema", help="constrain every request to this JSON Schema (text): the grammar's host cost")
     args = p.parse_args()
 
     import torch
@@ -59,7 +60,9 @@ def main() -> None:
     sched = Scheduler(settings.resolve(), Endpoints.in_dir(tempfile.mkdtemp()), zmq.Context())
     sched.io.to_detokenizer = _Sink()
     rng = random.Random(0)
-    params = SamplingParams(temperature=args.temperature, max_new_tokens=4000, ignore_eos=True)
+    params = SamplingParams(
+        temperature=args.temperature, max_new_tokens=4000, ignore_eos=True, json_schema=args.json_schema
+    )
     reqs = [
         GenerateRequest(
             rid=str(i),

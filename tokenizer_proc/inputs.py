@@ -14,6 +14,7 @@ import msgspec
 from engine.shared.errors import short_repr
 from engine.shared.protocol import GenerateRequest, ImageInput
 from engine.shared.sampling import SamplingParams, parse_sampling_params
+from tokenizer_proc.constraints import check_constraint
 from tokenizer_proc.image_placement import expand_placeholders, images_per_prompt
 from tokenizer_proc.images import ImageProcessor
 
@@ -98,6 +99,8 @@ class _CheckedCall:
         self.call, self.limits, self.single = call, limits, single
         raw_params = _per_prompt("sampling_params", call.sampling_params, count, (dict, SamplingParams))
         self.params = [parse_sampling_params(p, limits.vocab_size) for p in raw_params]
+        for p in self.params:
+            check_constraint(p)
         rids = _per_prompt("rid", call.rid, count, str)
         self.logprob_flags = _per_prompt("return_logprob", call.return_logprob, count, bool)
         starts = _per_prompt("logprob_start_len", call.logprob_start_len, count, int)

@@ -40,12 +40,7 @@ def openai_router(service: Service) -> APIRouter:
         started = time.perf_counter()
         body = await parse_body(request, CompletionRequest)
         engine = service.require_engine()
-        if body.suffix is not None:
-            raise ApiError(400, "suffix is not supported", param="suffix")
-        if body.best_of is not None and body.best_of != body.n:
-            raise ApiError(400, "best_of is not supported (only best_of == n)", param="best_of")
-        if body.echo and body.logprobs is not None:
-            raise ApiError(400, "echo together with logprobs is not supported", param="echo")
+        _check_completion_options(body)
         texts = isinstance(body.prompt, str) or (bool(body.prompt) and isinstance(body.prompt[0], str))
         prompt, input_ids = (body.prompt, None) if texts else (None, body.prompt)
         max_tokens = _COMPLETION_DEFAULT_MAX_TOKENS if body.max_tokens is None else body.max_tokens
@@ -98,6 +93,16 @@ def _model_card(service: Service) -> dict[str, Any]:
         "owned_by": "ferry",
         "max_model_len": engine.args.context_length,
     }
+
+
+def _check_completion_options(body: CompletionRequest) -> None:
+    """OpenAI completion options the engine does not offer: a 400 naming each."""
+    if body.suffix is not None:
+        raise ApiError(400, "suffix is not supported", param="suffix")
+    if body.best_of is not None and body.best_of != body.n:
+        raise ApiError(400, "best_of is not supported (only best_of == n)", param="best_of")
+    if body.echo and body.logprobs is not None:
+        raise ApiError(400, "echo together with logprobs is not supported", param="echo")
 
 
 def _echo_texts(engine: Engine, body: CompletionRequest) -> list[str]:

@@ -4,13 +4,15 @@ and logprobs in the API's two shapes."""
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 # Engine names -> OpenAI names, for error messages about a request.
-ENGINE_TO_OPENAI = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens"}
+ENGINE_TO_OPENAI = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens", "json_schema": "response_format"}
+_ANY_OBJECT = '{"type": "object"}'  # what {"type": "json_object"} asks for, as SGLang reads it
 # Request fields passed to the engine's sampling params under the same name.
 _SAME_NAMED = (
     "temperature",
@@ -34,6 +36,35 @@ class _Strict(BaseModel):
 
 class StreamOptions(_Strict):
     include_usage: bool = False
+
+
+class JsonSchemaFormat(_Strict):
+    """response_format.json_schema: the schema the reply follows (strict or not: ours always is)."""
+
+    name: str
+    description: Optional[str] = None
+    schema_: Optional[dict[str, Any]] = Field(None, alias="schema")
+    strict: Optional[bool] = None
+
+
+class ResponseFormat(_Strict):
+    """response_format: "text" (free), "json_object" (any JSON object) or "json_schema" (its schema's)."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: Optional[JsonSchemaFormat] = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("type 'json_schema' needs a json_schema object ({name, schema, strict})")
+        return self
+
+    def engine_schema(self) -> Optional[str]:
+        """The engine's sampling_params.json_schema; None for free text."""
+        if self.type == "text":
+            return None
+        schema = self.json_schema.schema_ if self.json_schema is not None else None
+        return _ANY_OBJECT if schema is None else json.dumps(schema)
 
 
 class SamplingFields(_Strict):
@@ -61,6 +92,9 @@ class SamplingFields(_Strict):
     stop_token_ids: Optional[list[int]] = None
     skip_special_tokens: Optional[bool] = None
     no_stop_trim: Optional[bool] = None
+    response_format: Optional[ResponseFormat] = None
+    regex: Optional[str] = None  # SGLang's: the reply matches it
+    ebnf: Optional[str] = None  # SGLang's: the reply follows this grammar (xgrammar's EBNF, root rule `root`)
 
     def sampling_params(self, max_tokens: Optional[int]) -> dict[str, Any]:
         """The engine's sampling dict; fields left out keep the engine's defaults."""
@@ -70,6 +104,9 @@ class SamplingFields(_Strict):
             "n": self.n,
             "stop": self.stop,
             "logit_bias": self.logit_bias,
+            "json_schema": self.response_format.engine_schema() if self.response_format is not None else None,
+            "regex": self.regex,
+            "ebnf": self.ebnf,
         }
         for name in _SAME_NAMED:
             params[name] = getattr(self, name)

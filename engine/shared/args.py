@@ -49,6 +49,8 @@ class EngineArgs:
     attention_backend: str = "auto"  # auto: flashinfer on GPU when installed, else torch
     return_hidden_states: bool = False  # default for requests that do not say
     is_embedding: bool = False  # an embedding model: Engine.encode() pools prompts' hidden states; no generate()
+    grammar_cache_size: int = 256  # compiled grammars (json_schema / regex / ebnf) kept, by their text
+    constrained_json_disable_any_whitespace: bool = False  # json_schema outputs on one line, ", " and ": " between
     random_seed: int = 0  # seeds dummy weights and unseeded sampling
     tp_size: int = 1  # tensor parallelism: GPUs (or CPU processes) that share one model, one process each
     base_gpu_id: int = 0  # rank r runs on cuda:(base_gpu_id + r)
@@ -89,6 +91,11 @@ class EngineArgs:
             raise ValueError(f"is_embedding must be a bool, got {self.is_embedding!r}")
         if not isinstance(self.disable_overlap_schedule, bool):
             raise ValueError(f"disable_overlap_schedule must be a bool, got {self.disable_overlap_schedule!r}")
+        if not isinstance(self.constrained_json_disable_any_whitespace, bool):
+            value = self.constrained_json_disable_any_whitespace
+            raise ValueError(f"constrained_json_disable_any_whitespace must be a bool, got {value!r}")
+        if not isinstance(self.grammar_cache_size, int) or self.grammar_cache_size < 1:
+            raise ValueError(f"grammar_cache_size must be a positive int, got {self.grammar_cache_size!r}")
         if not isinstance(self.profile_steps, int) or self.profile_steps < 0:
             raise ValueError(f"profile_steps must be a non-negative int, got {self.profile_steps!r}")
         if not isinstance(self.tp_size, int) or isinstance(self.tp_size, bool) or self.tp_size < 1:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import json
 import math
 from typing import Any, Optional
 
@@ -30,7 +31,11 @@ class SamplingParams(msgspec.Struct, kw_only=True):
     - seed: the same prompt, parameters and seed give the same tokens, alone or in any batch; with n > 1
       sample 0 uses the seed itself and the others seeds derived from it.
     - logit_bias: {token_id: bias} added to the raw logits before penalties and sampling; -inf bans.
-    Logprobs, when asked, are taken before all of these (log-softmax of the raw logits).
+    - json_schema (a JSON Schema, as a string or a dict), regex (a Python-style regex) or ebnf (a grammar in
+      xgrammar's EBNF dialect, root rule `root`): at most one per request. Every token is then one the
+      constraint allows, and the request ends (finish_reason "stop") once the output is complete.
+    Logprobs, when asked, are taken before all of these (log-softmax of the raw logits); for a constrained
+    request, of the logits with the tokens the constraint forbids masked out.
     """
 
     max_new_tokens: int = 128
@@ -51,6 +56,9 @@ class SamplingParams(msgspec.Struct, kw_only=True):
     n: int = 1
     seed: Optional[int] = None
     logit_bias: Optional[dict[int, float]] = None
+    json_schema: Optional[str] = None
+    regex: Optional[str] = None
+    ebnf: Optional[str] = None
 
     @property
     def is_greedy(self) -> bool:
@@ -60,11 +68,21 @@ class SamplingParams(msgspec.Struct, kw_only=True):
     def uses_penalties(self) -> bool:
         return self.frequency_penalty != 0.0 or self.presence_penalty != 0.0 or self.repetition_penalty != 1.0
 
+    @property
+    def constraint(self) -> Optional[tuple[str, str]]:
+        """(kind, text) of the request's output constraint: kind is one of CONSTRAINT_FIELDS; None when free."""
+        for kind in CONSTRAINT_FIELDS:
+            text = getattr(self, kind)
+            if text is not None:
+                return kind, text
+        return None
+
 
 FIELDS = SamplingParams.__struct_fields__
 _INT_FIELDS = ("max_new_tokens", "min_new_tokens", "top_k", "n")
 _FLOAT_FIELDS = ("temperature", "top_p", "min_p", "frequency_penalty", "presence_penalty", "repetition_penalty")
 _BOOL_FIELDS = ("ignore_eos", "skip_special_tokens", "spaces_between_special_tokens", "no_stop_trim")
+CONSTRAINT_FIELDS = ("json_schema", "regex", "ebnf")  # SGLang's names
 # vLLM's and OpenAI's names for our keys: the first thing a user coming from them types.
 _OTHER_NAMES = {
     "max_tokens": "max_new_tokens",
@@ -73,6 +91,10 @@ _OTHER_NAMES = {
     "include_stop_str_in_output": "no_stop_trim",
     "stop_sequences": "stop",
     "random_seed": "seed",
+    "guided_json": "json_schema",
+    "guided_regex": "regex",
+    "guided_grammar": "ebnf",
+    "grammar": "ebnf",
 }
 
 
@@ -134,7 +156,20 @@ def _check_type(name: str, value: Any) -> Any:
         return value
     if name == "logit_bias":
         return _check_logit_bias(value)
+    if name in CONSTRAINT_FIELDS:
+        return _check_constraint_type(name, value)
     raise AssertionError(name)
+
+
+def _check_constraint_type(name: str, value: Any) -> str:
+    if name == "json_schema" and isinstance(value, dict):
+        return json.dumps(value)  # a schema given as a dict: the same text every time, so it caches
+    if not isinstance(value, str):
+        kinds = "a string (or a dict)" if name == "json_schema" else "a string"
+        raise TypeError(f"sampling_params.{name} must be {kinds}, got {type(value).__name__}")
+    if not value.strip():
+        raise ValueError(f"sampling_params.{name} must not be empty")
+    return value
 
 
 def _check_logit_bias(value: Any) -> Optional[dict[int, float]]:
@@ -185,6 +220,10 @@ def _check_ranges(p: SamplingParams, vocab_size: int) -> None:
         raise bad("repetition_penalty", p.repetition_penalty, "in (0, 2]")
     if p.n < 1:
         raise bad("n", p.n, ">= 1")
+    given = [name for name in CONSTRAINT_FIELDS if getattr(p, name) is not None]
+    if len(given) > 1:
+        names = " and ".join(f"sampling_params.{name}" for name in given)
+        raise ValueError(f"{names} were given together: a request takes at most one constraint")
     if p.seed is not None and not -(1 << 63) <= p.seed < 1 << 63:
         raise bad("seed", p.seed, "a 64-bit int")
     for token in p.stop_token_ids:

@@ -1,0 +1,181 @@
+"""Grammars in the scheduler, driven step by step in this process (tiny random model, the default tokenizer):
+compiling happens off the step loop and once per text, the token mask allows exactly what the grammar does,
+the sampler keeps the grammar's choice when bias or min_new_tokens would leave a row nothing, and a
+constrained request's output is the same through retractions, chunked prefill and overlap."""
+
+from __future__ import annotations
+
+import re
+import threading
+
+import pytest
+import torch
+from test_scheduler import Driver, prompt
+
+from engine.shared.protocol import AbortRequest, GenerateBatch, GenerateRequest
+from engine.shared.sampling import SamplingParams
+from scheduler_proc.grammar import GrammarQueue
+from scheduler_proc.grammar_mask import TokenMasks, apply_token_mask
+from scheduler_proc.request import Request
+from scheduler_proc.sampler import SamplingBatch, SamplingState
+
+YES_NO = 'root ::= "yes" | "no"'
+# Bounded, so that a random model's outputs end by the grammar; the words force multi-token paths.
+REGEXES = [
+    r"(alpha|beta|gamma)-[0-9]{2,4}",
+    r"\[(true|false)(, (true|false)){1,3}\]",
+    r"[a-z]{3,6}@[a-z]{2,5}\.(com|org)",
+]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, default_model_path):
+    from reference import tiny_model_dir
+
+    return tiny_model_dir(tmp_path_factory.mktemp("tiny"), "llama", default_model_path)
+
+
+def submit(driver: Driver, rid: str, ids: list[int], **params) -> None:
+    sampling = SamplingParams(**({"temperature": 0, "max_new_tokens": 40} | params))
+    driver.scheduler.handle(GenerateBatch(reqs=[GenerateRequest(rid=rid, input_ids=ids, sampling=sampling)]))
+
+
+def turn_until(driver: Driver, done) -> None:
+    """Loop turns, as run_forever does (an idle turn waits for a compile at most a poll period)."""
+    for _ in range(20_000):
+        if done():
+            return
+        driver.scheduler.iterate()
+        driver.check_slots()
+    raise AssertionError("the scheduler made no progress")
+
+
+def text(tokenizer, ids: list[int]) -> str:
+    return tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def test_compiling_never_holds_up_other_requests(model_dir, tokenizer, monkeypatch):
+    release = threading.Event()
+    threads = []
+    original = GrammarQueue._compile
+
+    def slow_compile(self, key):  # as a grammar that takes long to compile
+        threads.append(threading.current_thread())
+        assert release.wait(60)
+        return original(self, key)
+
+    monkeypatch.setattr(GrammarQueue, "_compile", slow_compile)
+    d = Driver(model_dir, max_total_tokens=1000, disable_overlap_schedule=False)
+    s = d.scheduler
+    submit(d, "constrained", prompt(1, 8), regex=REGEXES[0])
+    submit(d, "free", prompt(2, 8), max_new_tokens=12)
+    submit(d, "same-grammar", prompt(3, 8), regex=REGEXES[0])
+    turn_until(d, lambda: "free" in d.out.finish)
+    assert len(d.out.ids["free"]) == 12
+    assert "constrained" not in d.out.ids and len(s.grammars) == 2  # both wait for the one compile
+    assert threads and threads[0] is not threading.main_thread()
+    assert s.server_info()["num_waiting"] == 2
+    release.set()
+    turn_until(d, lambda: {"constrained", "same-grammar"} <= set(d.out.finish))
+    for rid in ("constrained", "same-grammar"):
+        assert d.out.finish[rid] == "stop"
+        assert re.fullmatch(REGEXES[0], text(tokenizer, d.out.ids[rid]))
+    assert s.grammars.num_compiled == 1 and len(threads) == 1
+
+
+def test_a_failed_compile_or_an_abort_ends_that_request_alone(model_dir, monkeypatch):
+    def failing_compile(self, key):
+        raise RuntimeError("[12:00:00] /project/cpp/grammar.cc:12: something xgrammar could not do")
+
+    d = Driver(model_dir, max_total_tokens=1000)
+    submit(d, "aborted", prompt(1, 8), ebnf=YES_NO)
+    d.scheduler.handle(AbortRequest(rids=["aborted"]))
+    monkeypatch.setattr(GrammarQueue, "_compile", failing_compile)
+    submit(d, "bad", prompt(2, 8), regex="x+")
+    submit(d, "free", prompt(3, 8), max_new_tokens=5)
+    turn_until(d, lambda: {"bad", "free", "aborted"} <= set(d.out.finish))
+    assert d.out.finish == {"aborted": "abort", "bad": "abort", "free": "length"}
+    assert len(d.out.ids["free"]) == 5 and not d.out.ids.get("bad")
+    assert not d.scheduler.grammars.compiling
+
+
+# Exact lengths near max_new_tokens: admission expects less, so a small pool runs short and retracts.
+LONG_REGEXES = [r"[0-9]{40}", r"[1-9]{36}(0|5)", r"[0-4]{36}-[5-9]{2}"]
+
+
+@pytest.mark.parametrize("overlap", [False, True], ids=["plain", "overlap"])
+def test_constrained_outputs_survive_retraction_and_chunked_prefill(model_dir, tokenizer, overlap):
+    big = Driver(model_dir, max_total_tokens=4096, disable_overlap_schedule=not overlap)
+    small = Driver(model_dir, max_total_tokens=100, chunked_prefill_size=8, disable_overlap_schedule=not overlap)
+    for d in (big, small):
+        for i in range(8):
+            sampled = {"temperature": 1.0, "seed": i} if i % 2 else {}
+            submit(d, f"c{i}", prompt(i, 4), regex=LONG_REGEXES[i % 3], max_new_tokens=44, **sampled)
+        submit(d, "free", prompt(9, 4), max_new_tokens=30, temperature=1.0, seed=9)
+        turn_until(d, lambda d=d: len(d.out.finish) == 9)
+    assert small.scheduler.num_retractions > 0  # of constrained requests: the free one is never the least advanced
+    assert small.out.ids == big.out.ids
+    for i in range(8):
+        assert small.out.finish[f"c{i}"] == "stop"
+        assert re.fullmatch(LONG_REGEXES[i % 3], text(tokenizer, small.out.ids[f"c{i}"]))
+
+
+def compiled_request(tokenizer, grammar: str, rid: str = "r") -> Request:
+    queue = GrammarQueue(tokenizer, 49152, [tokenizer.eos_token_id], _args())
+    req = Request(GenerateRequest(rid=rid, input_ids=[1], sampling=SamplingParams(ebnf=grammar)), seed=0)
+    queue.add(req)
+    queue.compiling[0][1].result(timeout=60)
+    assert queue.ready() == [(req, None)]
+    return req
+
+
+def _args():
+    from engine.shared.args import EngineArgs
+
+    return EngineArgs()
+
+
+def test_the_mask_allows_exactly_what_the_grammar_does(tokenizer):
+    constrained = compiled_request(tokenizer, YES_NO)
+    free = Request(GenerateRequest(rid="free", input_ids=[1], sampling=SamplingParams()), seed=0)
+    ended = compiled_request(tokenizer, YES_NO, "ended")
+    ended.finish = object()  # its token is dropped: its row stays open
+    masks = TokenMasks(4, 49152, torch.device("cpu"))
+    logits = torch.zeros(3, 49152)
+    apply_token_mask(logits, masks.fill([constrained, free, ended]))
+    allowed = set(torch.isfinite(logits[0]).nonzero().flatten().tolist())
+    vocab = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    prefixes = {i for i, t in enumerate(vocab) if t and ("yes".startswith(t) or "no".startswith(t))}
+    assert allowed == prefixes and {tokenizer.convert_tokens_to_ids("yes")} <= allowed
+    assert torch.isfinite(logits[1:]).all()
+    for token in tokenizer.encode("yes"):
+        assert constrained.grammar.accept_token(token)
+    logits = torch.zeros(1, 49152)
+    apply_token_mask(logits, masks.fill([constrained]))  # "yes" is complete: only the end token may follow
+    assert torch.isfinite(logits[0]).nonzero().flatten().tolist() == [tokenizer.eos_token_id]
+
+
+def test_the_grammar_wins_when_bias_and_min_new_tokens_leave_a_row_nothing():
+    state = SamplingState(2, 64, torch.device("cpu"))
+    for row in range(2):
+        state.admit(row, SamplingParams(temperature=0.7), seed=row, prompt_ids=[0])
+    mask = torch.zeros(2, 2, dtype=torch.int32)
+    mask[:, 0] = (1 << 3) | (1 << 5)  # tokens 3 and 5 allowed
+    logits = torch.zeros(2, 64)  # tokens 3 and 5 equally likely
+    apply_token_mask(logits, mask)
+    seen = set()
+    for position in range(40):
+        batch = SamplingBatch(
+            rows=torch.tensor([0, 1]),
+            positions=torch.tensor([position, position]),
+            logit_index=torch.arange(2),
+            all_greedy=False,
+            any_penalty=False,
+            bias=[(0, 3, float("-inf"))],  # row 0: one allowed token left
+            banned=[(1, 3), (1, 5)],  # row 1: none left, as min_new_tokens holding back the end token
+            grammar_mask=mask,
+        )
+        ids = state.sample(logits.clone(), batch)
+        assert int(ids[0]) == 5
+        seen.add(int(ids[1]))
+    assert seen == {3, 5}  # the grammar's distribution, as if nothing were banned
