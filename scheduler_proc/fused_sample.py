@@ -46,7 +46,8 @@ def _sample_rows(
         x = tl.load(base + idx, mask=idx < vocab, other=-float("inf")).to(tl.float32) * scale
         m = tl.max(x, 0)
         tl.store(block_max + row * NUM_BLOCKS + b, m)
-        tl.store(block_sum + row * NUM_BLOCKS + b, tl.sum(tl.exp(x - m), 0))
+        # A block the grammar masked whole holds no mass (exp(-inf - -inf) would be NaN).
+        tl.store(block_sum + row * NUM_BLOCKS + b, tl.where(m == -float("inf"), 0.0, tl.sum(tl.exp(x - m), 0)))
         arg = tl.argmax(x, 0)
         better = m > best_value  # strict: the first maximum wins, as torch.argmax
         best_index = tl.where(better, b * BLOCK + arg, best_index)

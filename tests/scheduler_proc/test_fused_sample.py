@@ -50,3 +50,16 @@ def test_draws_follow_the_softmax():
     ours = fused_sample(logits, torch.zeros(400, dtype=torch.int64), torch.ones(400), uniform)
     counts = torch.bincount(ours, minlength=4).float() / 400
     assert torch.allclose(counts, torch.softmax(logits[0], -1), atol=1 / 400)
+
+
+def test_masked_blocks_are_never_drawn():
+    """A grammar mask leaves whole 4096-token blocks at -inf: their mass is zero, not NaN."""
+    vocab = 3 * 4096 + 100
+    logits = torch.full((8, vocab), float("-inf"))
+    allowed = torch.tensor([4096 + 7, 4096 + 3000, 2 * 4096 + 11])
+    logits[:, allowed] = torch.randn(8, 3)
+    uniform = (torch.arange(8) + 0.5) / 8
+    temperature = torch.tensor([0.0, 0.7, 1.0, 1.3] * 2)
+    ours = fused_sample(logits, torch.arange(8), temperature, uniform)
+    assert set(ours.tolist()) <= set(allowed.tolist())
+    assert torch.equal(ours, _torch_draw(logits, temperature, uniform))
