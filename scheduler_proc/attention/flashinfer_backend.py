@@ -24,6 +24,7 @@ import flashinfer
 import torch
 
 from scheduler_proc.attention.base import AttentionBackend, LayerAttention
+from scheduler_proc.attention.store_kv import store_kv
 from scheduler_proc.forward_batch import ForwardBatch
 from scheduler_proc.kv_pool import KVPool
 
@@ -134,6 +135,10 @@ class FlashInferBackend(AttentionBackend):
         else:
             qo_indptr = torch.zeros(batch.batch_size + 1, dtype=torch.int32, pin_memory=True)
             torch.cumsum(torch.tensor(batch.extend_lens_cpu, dtype=torch.int32), 0, out=qo_indptr[1:])
+            # The KV lengths, pinned: without them plan() derives its own in pageable memory, and copying
+            # that to the device waited for the step in flight (no overlap for prefill steps).
+            kv_lens = indptr[1:] - indptr[:-1]
+            kv_lens = torch.empty_like(kv_lens, pin_memory=True).copy_(kv_lens)
             for kind, prefill in zip(self.kinds, self.prefill):
                 prefill.plan(
                     qo_indptr,
@@ -142,6 +147,7 @@ class FlashInferBackend(AttentionBackend):
                     last_page_len,
                     *shape,
                     causal=True,
+                    seq_lens=kv_lens,
                     q_data_type=dtype,
                     kv_data_type=dtype,
                     **_options(kind),
@@ -175,8 +181,7 @@ class FlashInferBackend(AttentionBackend):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int) -> torch.Tensor:
         k_buf, v_buf = self.pool.k_buffer[layer_id], self.pool.v_buffer[layer_id]
-        k_buf[self.out_cache_loc] = k
-        v_buf[self.out_cache_loc] = v
+        store_kv(k, v, k_buf, v_buf, self.out_cache_loc)
         kv = (k_buf.unsqueeze(1), v_buf.unsqueeze(1))  # [slots, page_size=1, Hkv, D]
         out = self.active[self.kind_of_layer[layer_id]].run(q, kv)
         return out.reshape(q.shape[0], -1)
