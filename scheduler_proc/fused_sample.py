@@ -11,11 +11,17 @@ of a boundary may pick the neighbouring token: the distribution is the same.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
 
+from scheduler_proc.counter_rng import GOLDEN, MASK53, MIX1, MIX2
+
 _BLOCK = 4096
+
+_HASH_CONSTANTS = (MIX1, MIX2, GOLDEN, MASK53)  # counter_rng.row_uniform's
 
 
 @triton.jit
@@ -26,11 +32,18 @@ def _sample_rows(
     vocab,
     temperature,
     uniform,
+    seeds,
+    positions,
+    mix1,
+    mix2,
+    golden,
+    mask53,
     block_max,
     block_sum,
     out,
     BLOCK: tl.constexpr,
     NUM_BLOCKS: tl.constexpr,
+    HASH: tl.constexpr,
 ):
     row = tl.program_id(0)
     base = logits + tl.load(row_index + row) * row_stride
@@ -61,7 +74,15 @@ def _sample_rows(
         bm = tl.load(block_max + row * NUM_BLOCKS + blocks, mask=blocks < num_blocks, other=-float("inf"))
         bs = tl.load(block_sum + row * NUM_BLOCKS + blocks, mask=blocks < num_blocks, other=0.0)
         mass = bs * tl.exp(bm - best_value)
-        target = tl.load(uniform + row) * tl.sum(mass, 0)
+        if HASH:  # counter_rng.row_uniform, bit for bit: int64 arithmetic wraps, shifts are arithmetic
+            z = tl.load(seeds + row).to(tl.int64) * mix1 + tl.load(positions + row).to(tl.int64) * golden
+            z = (z ^ (z >> 30)) * mix1
+            z = (z ^ (z >> 27)) * mix2
+            z = z ^ (z >> 31)
+            u = ((z & mask53).to(tl.float64) * (1.0 / 9007199254740992.0)).to(tl.float32)
+        else:
+            u = tl.load(uniform + row)
+        target = u * tl.sum(mass, 0)
         before = tl.cumsum(mass, 0)
         chosen = tl.minimum(tl.sum((before <= target).to(tl.int32), 0), num_blocks - 1)
         target -= tl.sum(tl.where(blocks < chosen, mass, 0.0), 0)
@@ -75,16 +96,25 @@ def _sample_rows(
 
 
 def fused_sample(
-    logits: torch.Tensor, rows: torch.Tensor, temperature: torch.Tensor, uniform: torch.Tensor
+    logits: torch.Tensor,
+    rows: torch.Tensor,
+    temperature: torch.Tensor,
+    uniform: Optional[torch.Tensor] = None,
+    seeds: Optional[torch.Tensor] = None,
+    positions: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """One token per entry of `rows` (int64 [S]: rows of logits [R, V], any float dtype, unit stride along V),
-    with temperature [S] (0: greedy) and uniform [S] in [0, 1) -> token ids [S] int64."""
+    with temperature [S] (0: greedy) and either uniform [S] in [0, 1) or the sampler's counter, seeds [S]
+    int64 and positions [S], hashed in the kernel as counter_rng.row_uniform does (a dozen small
+    kernels fewer each step) -> token ids [S] int64."""
     vocab = logits.shape[1]
     assert logits.stride(1) == 1
+    assert (uniform is None) != (seeds is None or positions is None), "give uniform, or seeds and positions"
     count = rows.shape[0]
     num_blocks = triton.next_power_of_2(triton.cdiv(vocab, _BLOCK))
     scratch = torch.empty((2, count, num_blocks), dtype=torch.float32, device=logits.device)
     out = torch.empty(count, dtype=torch.int64, device=logits.device)
+    hashed = uniform is None
     if count:
         _sample_rows[(count,)](
             logits,
@@ -92,11 +122,15 @@ def fused_sample(
             logits.stride(0),
             vocab,
             temperature.float().contiguous(),
-            uniform.float().contiguous(),
+            out if hashed else uniform.float().contiguous(),  # not read when hashed
+            seeds.contiguous() if hashed else out,
+            positions.contiguous() if hashed else out,
+            *_HASH_CONSTANTS,
             scratch[0],
             scratch[1],
             out,
             BLOCK=_BLOCK,
             NUM_BLOCKS=num_blocks,
+            HASH=hashed,
         )
     return out

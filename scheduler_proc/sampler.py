@@ -14,16 +14,8 @@ from typing import Optional
 import torch
 
 from engine.shared.sampling import SamplingParams
+from scheduler_proc.counter_rng import row_uniform
 from scheduler_proc.forward_batch import to_device
-
-_MASK53 = (1 << 53) - 1
-
-
-def _signed(x: int) -> int:
-    return x - (1 << 64) if x >= 1 << 63 else x
-
-
-_GOLDEN, _MIX1, _MIX2 = _signed(0x9E3779B97F4A7C15), _signed(0xBF58476D1CE4E5B9), _signed(0x94D049BB133111EB)
 
 
 @dataclass
@@ -133,7 +125,7 @@ class SamplingState:
         # Inverse CDF with one uniform per row: token i is picked with probability p_i, and a
         # zero-probability token never (the CDF does not rise there).
         cdf = probs.cumsum(dim=-1)
-        target = _row_uniform(self.seed[batch.rows], batch.positions) * cdf[:, -1]
+        target = row_uniform(self.seed[batch.rows], batch.positions) * cdf[:, -1]
         sampled = torch.searchsorted(cdf, target[:, None], right=True)[:, 0].clamp_(max=logits.shape[1] - 1)
         return torch.where(greedy, logits.argmax(dim=-1), sampled)
 
@@ -145,8 +137,8 @@ class SamplingState:
     def _fused(self, logits: torch.Tensor, index: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         from scheduler_proc.fused_sample import fused_sample
 
-        uniform = _row_uniform(self.seed[batch.rows], batch.positions)
-        return fused_sample(logits, index, self.temperature[batch.rows], uniform)
+        rows = batch.rows
+        return fused_sample(logits, index, self.temperature[rows], seeds=self.seed[rows], positions=batch.positions)
 
     def _ids(self, values: Sequence[int]) -> torch.Tensor:
         return to_device(list(values), torch.int64, self.device)
@@ -167,12 +159,3 @@ class SamplingState:
         drop |= sorted_probs < (min_p * sorted_probs[:, 0])[:, None]
         drop[:, 0] = False  # the most likely token always stays
         return torch.zeros_like(probs).scatter_(-1, order, sorted_probs.masked_fill(drop, 0.0))
-
-
-def _row_uniform(seeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """Uniform [0, 1) per row from a splitmix64-style hash of (seed, position): the RNG counter."""
-    z = seeds * _MIX1 + positions.to(torch.int64) * _GOLDEN
-    z = (z ^ (z >> 30)) * _MIX1
-    z = (z ^ (z >> 27)) * _MIX2
-    z = z ^ (z >> 31)  # torch shifts are arithmetic: this clears the sign bit, so take the low 53 bits
-    return (z & _MASK53).to(torch.float64).div_(float(1 << 53)).to(torch.float32)

@@ -63,3 +63,18 @@ def test_masked_blocks_are_never_drawn():
     ours = fused_sample(logits, torch.arange(8), temperature, uniform)
     assert set(ours.tolist()) <= set(allowed.tolist())
     assert torch.equal(ours, _torch_draw(logits, temperature, uniform))
+
+
+def test_the_kernels_counter_hash_is_the_samplers():
+    """Given seeds and positions, the kernel draws with counter_rng.row_uniform's numbers, bit for bit."""
+    from scheduler_proc.counter_rng import row_uniform
+
+    gen = torch.Generator().manual_seed(7)
+    logits = torch.randn(32, 3000, generator=gen) * 2
+    seeds = torch.randint(-(1 << 62), 1 << 62, (32,), generator=gen)
+    seeds[:4] = torch.tensor([0, -1, (1 << 63) - 1, -(1 << 63)])  # the edges of int64
+    positions = torch.randint(0, 1 << 20, (32,), generator=gen).to(torch.int32)
+    temperature = torch.full((32,), 0.8)
+    ours = fused_sample(logits, torch.arange(32), temperature, seeds=seeds, positions=positions)
+    assert torch.equal(ours, fused_sample(logits, torch.arange(32), temperature, row_uniform(seeds, positions)))
+    assert torch.equal(ours, _torch_draw(logits, temperature, row_uniform(seeds, positions)))
