@@ -20,6 +20,14 @@ def to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.T
     return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
 
 
+def to_device_int64(*lists: list[int], device: torch.device) -> list[torch.Tensor]:
+    """Several host lists of ints as int64 device tensors, in one pinned buffer and one copy: a step's
+    index arrays, whose separate copies (a pinned allocation and a launch each) cost more host time
+    than their bytes. The tensors are views of one device buffer."""
+    flat = [value for values in lists for value in values]
+    return list(to_device(flat, torch.int64, device).split([len(values) for values in lists]))
+
+
 class StepAttention(Protocol):
     """What a model's attention layers call: the backend planned for this step (attention/base.py)."""
 

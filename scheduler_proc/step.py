@@ -9,7 +9,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from scheduler_proc.forward_batch import ForwardBatch, to_device
+from scheduler_proc.forward_batch import ForwardBatch, to_device_int64
 from scheduler_proc.kv_pool import KVPool
 from scheduler_proc.request import Request
 from scheduler_proc.sampler import SamplingBatch
@@ -64,22 +64,28 @@ def build_step(entries: list[tuple[Request, int]], pool: KVPool, eos_ids: list[i
             sample_entries.append(i)
         logit_spans.append((first_row, len(logit_rows) - first_row))
         input_starts.append(span[0] if span else None)
-    device = pool.device
+    sampled = _sampled_rows(entries, sample_entries)
+    req_rows = [r.row for r, _ in entries]
+    uploaded = to_device_int64(
+        input_ids, positions, token_rows, req_rows, logit_rows, *sampled, sample_rows, device=pool.device
+    )
+    input_ids_t, positions_t, token_rows_t, req_rows_t, logit_rows_t, sample_req_rows, sample_positions, index = (
+        uploaded
+    )
     out_cache_loc = pool.alloc_slots(len(input_ids))
-    positions_t = to_device(positions, torch.int64, device)
-    pool.set_tokens(to_device(token_rows, torch.int64, device), positions_t, out_cache_loc)
+    pool.set_tokens(token_rows_t, positions_t, out_cache_loc)
     batch = ForwardBatch(
-        input_ids=to_device(input_ids, torch.int64, device),
+        input_ids=input_ids_t,
         positions=positions_t,
         out_cache_loc=out_cache_loc,
-        req_pool_indices=to_device([r.row for r, _ in entries], torch.int64, device),
+        req_pool_indices=req_rows_t,
         prefix_lens_cpu=starts,
         extend_lens_cpu=[n for _, n in entries],
-        logit_rows=to_device(logit_rows, torch.int64, device),
+        logit_rows=logit_rows_t,
         is_decode=len(input_ids) == len(entries),  # every entry adds one token
     )
     attach_images(batch, entries)
-    sampling = _sampling_batch(entries, sample_entries, sample_rows, eos_ids, device)
+    sampling = _sampling_batch(entries, sample_entries, eos_ids, sample_req_rows, sample_positions, index)
     keep_hidden = any(req.msg.return_hidden_states or req.msg.embed for req, _ in entries)
     return Step(
         entries, batch, sampling, keep_hidden, sample_entries, logit_spans, input_starts, starts, pending_inputs
@@ -97,16 +103,27 @@ def _input_logprob_span(req: Request, start: int, n: int) -> Optional[tuple[int,
     return (first, last) if first < last else None
 
 
-def _sampling_batch(entries, sample_entries, sample_rows, eos_ids, device) -> Optional[SamplingBatch]:
+def _sampled_rows(entries: list[tuple[Request, int]], sample_entries: list[int]) -> tuple[list[int], list[int]]:
+    """The sampling requests' rows and the positions they sample (the RNG counter)."""
+    reqs = [entries[i][0] for i in sample_entries]
+    return [req.row for req in reqs], [req.total_tokens for req in reqs]
+
+
+def _sampling_batch(
+    entries: list[tuple[Request, int]],
+    sample_entries: list[int],
+    eos_ids: list[int],
+    rows: torch.Tensor,
+    positions: torch.Tensor,
+    logit_index: torch.Tensor,
+) -> Optional[SamplingBatch]:
     if not sample_entries:
         return None
-    rows, positions, bias, banned = [], [], [], []
+    bias, banned = [], []
     all_greedy, any_penalty, any_filter = True, False, False
     for s, i in enumerate(sample_entries):  # one pass: this runs every step for every sampling request
         req = entries[i][0]
         params = req.sampling
-        rows.append(req.row)
-        positions.append(req.total_tokens)
         all_greedy = all_greedy and params.is_greedy
         any_penalty = any_penalty or params.uses_penalties
         any_filter = any_filter or params.top_k > 0 or params.top_p < 1.0 or params.min_p > 0.0
@@ -116,9 +133,9 @@ def _sampling_batch(entries, sample_entries, sample_rows, eos_ids, device) -> Op
             held = list(params.stop_token_ids) + ([] if params.ignore_eos else eos_ids)
             banned += [(s, token) for token in held]
     return SamplingBatch(
-        rows=to_device(rows, torch.int64, device),
-        positions=to_device(positions, torch.int64, device),
-        logit_index=to_device(sample_rows, torch.int64, device),
+        rows=rows,
+        positions=positions,
+        logit_index=logit_index,
         all_greedy=all_greedy,
         any_penalty=any_penalty,
         any_filter=any_filter,
