@@ -16,7 +16,7 @@ from typing import Optional
 import zmq
 
 from engine.shared.args import EngineArgs
-from engine.shared.ipc import Endpoints, push_socket
+from engine.shared.ipc import Endpoints, push_socket, replica_name
 from engine.shared.protocol import Codec, ProcessError
 
 logger = logging.getLogger(__name__)
@@ -58,7 +58,7 @@ def run_child(
             args = EngineArgs.from_json(f.read()).for_replica(dp_rank)
         logging.basicConfig(
             level=args.log_level.upper(),
-            format=f"[%(asctime)s {role}] %(levelname)s %(name)s: %(message)s",
+            format=f"[%(asctime)s {replica_name(role, dp_rank, args.dp_size)}] %(levelname)s %(name)s: %(message)s",
         )
         run(args, endpoints, context)
     except BaseException as exc:  # report anything, then die: the frontend turns it into an exception
