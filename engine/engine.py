@@ -224,7 +224,7 @@ class Engine(TrainerMethods):
         sentence-transformers config says (modules.json), else the last token's, L2-normalised."""
         batch = self._prepare_encode(prompt, input_ids, rid)
         states = self._loop.run(self._submit(batch.all()))
-        outputs = self._loop.run(self._wait(states, batch.size, use_tqdm=False))
+        outputs = self._loop.run(self._wait(states, use_tqdm=False))
         return outputs[0] if batch.single else outputs
 
     async def async_encode(
@@ -233,7 +233,7 @@ class Engine(TrainerMethods):
         """The awaitable form of `encode`, from any event loop."""
         batch = self._prepare_encode(prompt, input_ids, rid)
         states = await self._loop.run_async(self._submit(batch.all()))
-        outputs = await self._loop.run_async(self._wait(states, batch.size, use_tqdm=False))
+        outputs = await self._loop.run_async(self._wait(states, use_tqdm=False))
         return outputs[0] if batch.single else outputs
 
     def _prepare_encode(self, prompt: Prompt, input_ids: InputIds, rid: Union[str, list[str], None]) -> PreparedBatch:
