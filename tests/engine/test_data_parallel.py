@@ -40,22 +40,39 @@ def engine(model_dir):
         yield engine
 
 
+@pytest.fixture(scope="module")
+def expected(model_dir) -> list[list[int]]:
+    """One engine's greedy output ids for PROMPTS."""
+    with Engine(model_dir, **SMALL) as one:
+        return [out["output_ids"] for out in one.generate(input_ids=PROMPTS, sampling_params=GREEDY)]
+
+
 def _pids(engine: Engine) -> list[int]:
     return engine._processes.pids + engine.get_server_info()["tp_worker_pids"]
 
 
-def test_dp2_equals_one_engine_and_both_replicas_take_work(engine, model_dir):
-    with Engine(model_dir, **SMALL) as one:
-        expected = one.generate(input_ids=PROMPTS, sampling_params=GREEDY)
+def test_dp2_equals_one_engine_and_both_replicas_take_work(engine, expected):
     assert engine.flush_cache()["ok"]
     outputs = engine.generate(input_ids=PROMPTS, sampling_params=GREEDY)
-    assert [o["output_ids"] for o in outputs] == [o["output_ids"] for o in expected]
+    assert [o["output_ids"] for o in outputs] == expected
     info = assert_pool_free(engine)
     assert info["dp_size"] == 2 and len(info["internal_states"]) == 2
     for replica in info["internal_states"]:  # each one's prefix cache holds the prompts it served
         assert replica["alive"] and replica["kv_cached_tokens"] > 0, replica
         assert replica["outstanding_requests"] == 0 and replica["num_running"] == 0
     assert info["kv_pool_tokens"] == sum(r["kv_pool_tokens"] for r in info["internal_states"])
+
+
+def test_dp2_of_tp2_ranks_equals_one_engine(model_dir, expected):
+    """Each replica's two ranks meet at their own rendezvous, on their own command socket."""
+    with Engine(model_dir, dp_size=2, tp_size=2, **SMALL) as engine:
+        outputs = engine.generate(input_ids=PROMPTS, sampling_params=GREEDY)
+        info = engine.get_server_info()
+        pids = _pids(engine)
+    assert [o["output_ids"] for o in outputs] == expected
+    assert len(info["tp_worker_pids"]) == 2 and len(pids) == 5  # 2 schedulers, their 2 ranks, 1 detokenizer
+    assert [len(r["rank_memory"]) for r in info["internal_states"]] == [2, 2]
+    assert not any(alive(pid) for pid in pids)
 
 
 def test_prompts_sharing_a_start_are_served_by_the_replica_that_caches_it(engine):
