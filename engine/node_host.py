@@ -17,11 +17,13 @@ import subprocess
 import sys
 import tempfile
 from datetime import timedelta
+from typing import Optional
 
 import zmq
 
 from engine.shared.args import EngineArgs
 from engine.shared.child_process import MULTICAST_OFF_ENV
+from engine.shared.errors import EngineError
 from engine.shared.ipc import Endpoints, pull_socket
 from engine.shared.protocol import Codec, ProcessError
 
@@ -32,7 +34,8 @@ _PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def host_node_ranks(args: EngineArgs) -> None:
-    """Run this machine's ranks (args.node_ranks()) until node 0 shuts down or one of them fails."""
+    """Run this machine's ranks (args.node_ranks()) until node 0 shuts down; raises EngineError with
+    the rank's error if one of them fails first (node 0's callers then fail too)."""
     directory = tempfile.mkdtemp(prefix="ferry-node-")  # 0700, as the engine's own
     with open(os.path.join(directory, "args.json"), "w") as f:
         f.write(args.to_json())
@@ -43,10 +46,11 @@ def host_node_ranks(args: EngineArgs) -> None:
     logger.info(
         "node %d of %d: ranks %s, meeting node 0 at %s", args.node_rank, args.nnodes, list(procs), args.dist_init_addr
     )
+    failure: Optional[str] = None
     try:
         store = _store_client(args)
         logger.info("node %d: joined node 0", args.node_rank)
-        _serve_until_done(store, procs, errors)
+        failure = _serve_until_done(store, procs, errors)
     finally:
         for proc in procs.values():
             if proc.poll() is None:
@@ -55,6 +59,8 @@ def host_node_ranks(args: EngineArgs) -> None:
             proc.wait()
         context.destroy(linger=0)
         shutil.rmtree(directory, ignore_errors=True)
+    if failure is not None:
+        raise EngineError(failure)
 
 
 def _start_worker(directory: str, rank: int) -> subprocess.Popen:
@@ -74,19 +80,29 @@ def _store_client(args: EngineArgs):
     return dist.TCPStore(host.strip("[]"), int(port), is_master=False, timeout=timeout, wait_for_workers=False)
 
 
-def _serve_until_done(store, procs: dict[int, subprocess.Popen], errors: zmq.Socket) -> None:
+def _serve_until_done(store, procs: dict[int, subprocess.Popen], errors: zmq.Socket) -> Optional[str]:
+    """None once node 0 has shut down; what failed if a rank of this machine failed first."""
     codec = Codec(ProcessError)
     while True:
+        failure = None
         if errors.poll(int(1000 * _POLL_SECONDS)):
             error = codec.decode(errors.recv())
-            logger.error("%s failed: %s\n%s", error.role, error.message, error.traceback)
-            return
+            failure = f"{error.role} process failed: {error.message}\n{error.traceback}"
         for rank, proc in procs.items():
-            if proc.poll() is not None:
-                logger.error("tensor-parallel rank %d exited with code %s", rank, proc.returncode)
-                return
-        try:
-            store.check(["ferry"])  # any call: it fails once rank 0, and its store, are gone
-        except Exception:
+            if failure is None and proc.poll() is not None:
+                failure = f"tensor-parallel rank {rank} exited with code {proc.returncode}"
+        # A rank failing because node 0 went away is no failure here: rank 0's sockets, its store's among
+        # them, closed when it exited, before the rank noticed and reported.
+        if not _is_up(store):
             logger.info("node 0 has shut down; stopping this node's ranks")
-            return
+            return None
+        if failure is not None:
+            return failure
+
+
+def _is_up(store) -> bool:
+    try:
+        store.check(["ferry"])  # any call: it fails once rank 0, and its store, are gone
+        return True
+    except Exception:
+        return False

@@ -1,10 +1,12 @@
 """Issue 22, tensor parallelism across machines on CPU: two "nodes" as two process trees on loopback (gloo),
 TP=2 split one rank per node, give TP=1's tokens and logprobs; node 1's Engine constructor returns, and
-its rank exits, when node 0 shuts down; the settings are checked where they are given."""
+its rank exits, when node 0 shuts down; a rank of node 1 that dies fails node 0's waiting call at once and
+node 1's constructor raises; the settings are checked where they are given."""
 
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -15,6 +17,7 @@ from test_lifecycle import PROJECT_ROOT, alive, wait_until
 
 from engine import Engine
 from engine.shared.args import EngineArgs
+from engine.shared.errors import EngineError
 
 SMALL = {"max_total_tokens": 4096, "max_running_requests": 8}
 PARAMS = {"temperature": 0, "max_new_tokens": 24, "ignore_eos": True}
@@ -78,6 +81,28 @@ def test_tp2_over_two_nodes_equals_tp1_and_node1_exits_with_node0(model_dir):
         for key in ("input_token_logprobs", "output_token_logprobs"):
             diffs = [abs(x[0] - y[0]) for x, y in zip(a["meta_info"][key], b["meta_info"][key]) if x[0] is not None]
             assert max(diffs) < 1e-4, (key, max(diffs))
+
+
+def test_a_killed_rank_on_node1_fails_node0s_call_and_node1s_constructor(model_dir):
+    addr = f"127.0.0.1:{_free_port()}"
+    node1_script = (
+        "from engine import Engine\n"
+        f"Engine({model_dir!r}, tp_size=2, nnodes=2, node_rank=1, dist_init_addr={addr!r}, **{SMALL!r})\n"
+    )
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [PROJECT_ROOT, os.environ.get("PYTHONPATH")])))
+    node1 = subprocess.Popen([sys.executable, "-c", node1_script], stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        with Engine(model_dir, tp_size=2, nnodes=2, node_rank=0, dist_init_addr=addr, **SMALL) as engine:
+            assert engine.generate(input_ids=PROMPTS[0], sampling_params=PARAMS)["output_ids"]
+            os.kill(_children(node1.pid)[0], signal.SIGKILL)
+            with pytest.raises(EngineError, match="tensor-parallel step failed"):
+                engine.generate(input_ids=PROMPTS[0], sampling_params={**PARAMS, "max_new_tokens": 1000})
+        _, err = node1.communicate(timeout=30)
+        assert node1.returncode == 1 and "EngineError: tensor-parallel rank 1 exited" in err, err[-2000:]
+    finally:
+        if node1.poll() is None:
+            node1.kill()
+            node1.wait()
 
 
 @pytest.mark.parametrize(
