@@ -92,22 +92,23 @@ class TokenizerManager:
             exits = child_exits()
             if exits:
                 await asyncio.sleep(0.3)  # a dying child's own error report is more useful: let it land
-            for replica, status in exits:
-                if replica is None:
+            for replica, status in exits:  # status names the process: "the scheduler replica 1 process exited..."
+                if replica is None or self.replicas.size == 1:
                     self.fail_all(EngineError(f"{status}; the engine cannot serve requests any more"))
                 else:
-                    self.lose_replica(replica, f"{status}; the engine cannot serve requests any more")
+                    self.lose_replica(replica, status)
 
     def lose_replica(self, replica: int, message: str) -> None:
-        """Scheduler replica `replica` is gone: fail the callers waiting on it at once. The other
-        replicas go on serving; with none left (or before start-up is done) the engine fails."""
+        """Scheduler replica `replica` (dp_size > 1) is gone: fail the callers waiting on it at once. The
+        other replicas go on serving; with none left (or before start-up is done) the engine fails."""
         if self.replicas.errors[replica] is not None:
             return  # its own error report came first
-        if self.replicas.size > 1:
-            message = f"scheduler replica {replica}: {message}"
         error = EngineError(message)
         rids = self.replicas.lose(replica, message.splitlines()[0])
-        if not self.replicas.live() or not self.ready_event.is_set():
+        if not self.replicas.live():
+            self.fail_all(EngineError(f"{message}\nno scheduler replica is left; the engine cannot serve requests"))
+            return
+        if not self.ready_event.is_set():
             self.fail_all(error)
             return
         logger.error(
@@ -149,10 +150,10 @@ class TokenizerManager:
                     self.ready_event.set()
             elif isinstance(msg, ProcessError):
                 message = f"{msg.role} process failed: {msg.message}\n{msg.traceback}"
-                if msg.role == "detokenizer":
+                if msg.role == "detokenizer" or self.replicas.size == 1:
                     self.fail_all(EngineError(message))
                 else:
-                    self.lose_replica(msg.dp_rank, message)
+                    self.lose_replica(msg.dp_rank, f"scheduler replica {msg.dp_rank}: {message}")
             elif isinstance(msg, ControlReply):
                 fut, _ = self.calls.pop(msg.call_id, (None, 0))
                 if fut is not None and not fut.done():

@@ -54,10 +54,10 @@ class PidPredictor(LLMPredictor):
 def test_two_actors_give_one_engines_texts(cluster, model_dir):
     with Engine(model_dir, **SETTINGS) as engine:
         expected = [out["text"] for out in engine.generate(PROMPTS, GREEDY)]
-    dataset = ray.data.from_items([{"prompt": p} for p in PROMPTS])
     # Both actors up before the first batch, one batch each at a time: both take rows, however slowly
-    # one of them starts.
+    # one of them starts. (A dataset keeps the context it was made in: set before making it.)
     ray.data.DataContext.get_current().wait_for_min_actors_s = 300
+    dataset = ray.data.from_items([{"prompt": p} for p in PROMPTS])
     rows = dataset.map_batches(
         PidPredictor,
         fn_constructor_kwargs={"model_path": model_dir, "sampling_params": GREEDY, **SETTINGS},
