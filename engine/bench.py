@@ -110,6 +110,7 @@ def run_ferry(workload: Workload, settings: dict[str, Any], args: argparse.Names
         "cached_tokens": sum(o["meta_info"]["cached_tokens"] for o in outputs),
         "peak_gpu_memory_gib": info.get("peak_gpu_memory_bytes", 0) / 2**30,
         "tp_size": info.get("tp_size", 1),
+        "dp_size": info.get("dp_size", 1),
         "rank_peak_gpu_memory_gib": [r["peak_gpu_memory_bytes"] / 2**30 for r in info.get("rank_memory", [])],
         "tp_step_broadcast_us": info.get("tp_step_broadcast_us", 0.0),
         "kv_pool_tokens": info["kv_pool_tokens"],

@@ -33,7 +33,10 @@ class Engine(TrainerMethods):
 
     `Engine(model_path=None, **settings)`; settings are the fields of `engine.shared.args.EngineArgs`
     (dtype, device, context_length, max_running_requests, max_total_tokens, log_level, ...).
-    With no model_path the default SmolLM2-135M-Instruct is used. Returns once the model is loaded;
+    With no model_path the default SmolLM2-135M-Instruct is used. `dp_size=N`: N scheduler replicas
+    (each of tp_size ranks) behind this one frontend. `nnodes, node_rank, dist_init_addr`: tensor
+    parallelism over machines; on node_rank > 0 the constructor runs that machine's ranks and returns
+    only when node 0 shuts down. Returns once the model is loaded;
     raises `EngineError` carrying a child's traceback if start-up fails. Use it as a context manager
     or call `shutdown()`; it also shuts down at interpreter exit. Safe to use from any thread and
     from inside a running event loop (no nest_asyncio).
@@ -56,6 +59,11 @@ class Engine(TrainerMethods):
         _log_to_stderr(args.log_level)
         self.args = args.resolve()
         logger.info("starting ferry: %s on %s (%s)", self.args.model_path, self.args.device, self.args.dtype)
+        if self.args.node_rank > 0:  # another machine's share of tensor parallelism: it serves nothing itself
+            from engine.node_host import host_node_ranks
+
+            host_node_ranks(self.args)  # returns once node 0 has shut down; then this Engine is shut down too
+            return
         from transformers import AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(self.args.tokenizer_path)
@@ -67,13 +75,16 @@ class Engine(TrainerMethods):
             self._processes = ChildProcesses(self.args)
             self._manager: TokenizerManager = self._loop.run(self._make_manager())
             self._processes.start()
-            info = self._loop.run(self._manager.wait_ready(self._processes.exit_status, self.args.startup_timeout))
+            info = self._loop.run(self._manager.wait_ready(self._processes.exits, self.args.startup_timeout))
         except BaseException:
             self.shutdown()
             raise
         self.server_info = info
         self._processes.worker_pids = info.get("tp_worker_pids", [])  # shutdown() waits for them too
-        self._limits = Limits(info["vocab_size"], self.args.context_length, info["kv_pool_tokens"])
+        kv_pool_tokens = min(
+            replica["kv_pool_tokens"] for replica in info["internal_states"]
+        )  # what one request may hold
+        self._limits = Limits(info["vocab_size"], self.args.context_length, kv_pool_tokens)
         atexit.register(_shutdown_ref, weakref.ref(self))
         logger.info(
             "engine ready in %.1fs: %s on %s, KV pool %d tokens, context %d",
@@ -85,7 +96,7 @@ class Engine(TrainerMethods):
         )
 
     async def _make_manager(self) -> TokenizerManager:
-        return TokenizerManager(self._processes.endpoints, self._token_text)
+        return TokenizerManager(self._processes.endpoints, self._token_text, self.args.dp_size, self.args.tp_size)
 
     def _token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id])
@@ -301,14 +312,15 @@ class Engine(TrainerMethods):
         self._manager.abort(rids)
 
     def get_server_info(self) -> dict[str, Any]:
-        """The resolved settings and the scheduler's live state (KV pool size and free slots, queues)."""
+        """The resolved settings and the scheduler's live state (KV pool size and free slots, queues);
+        `internal_states` has each scheduler replica's (dp_size of them: load, alive, its own figures)."""
         self._check_open()
         live = self._loop.run(self._manager.call("server_info"))
         return {**self.args.__dict__, **live}
 
     def flush_cache(self) -> dict[str, Any]:
-        """Empty the prefix cache so later requests compute their prompts afresh. Only done when no
-        request is running or waiting; returns {"ok": bool, "message": str} saying what happened."""
+        """Empty the prefix cache (of every scheduler replica) so later requests compute their prompts
+        afresh. Only done when no request is running or waiting; returns {"ok": bool, "message": str}."""
         self._check_open()
         return self._loop.run(self._manager.call("flush_cache"))
 

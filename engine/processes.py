@@ -1,4 +1,5 @@
-"""The engine's child processes (scheduler, detokenizer): start, watch, stop; and their IPC directory."""
+"""The engine's child processes (the scheduler, or dp_size scheduler replicas, and the detokenizer): start,
+watch, stop; and their IPC directory."""
 
 from __future__ import annotations
 
@@ -14,11 +15,10 @@ from typing import Optional
 
 from engine.shared.args import EngineArgs
 from engine.shared.child_process import MULTICAST_OFF_ENV
-from engine.shared.ipc import Endpoints
+from engine.shared.ipc import Endpoints, replica_name
 
 logger = logging.getLogger(__name__)
 
-_ROLES = ("scheduler", "detokenizer")
 _PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -30,8 +30,14 @@ class ChildProcesses:
         with open(os.path.join(self.dir, "args.json"), "w") as f:
             f.write(args.to_json())
         self.endpoints = Endpoints.in_dir(self.dir)
+        # name -> (module, its scheduler replica or None); schedulers first, as their start-up is the longest
+        self.roles: dict[str, tuple[str, Optional[int]]] = {
+            replica_name("scheduler", r, args.dp_size): ("scheduler_proc", r) for r in range(args.dp_size)
+        }
+        self.roles["detokenizer"] = ("detokenizer_proc", None)
         self.procs: dict[str, subprocess.Popen] = {}
-        self.worker_pids: list[int] = []  # tensor-parallel ranks 1.., the scheduler's children
+        self.worker_pids: list[int] = []  # tensor-parallel ranks 1.., the schedulers' children
+        self.reported: set[str] = set()  # children whose exit exits() has returned
         self.stopping = False
 
     def start(self) -> None:
@@ -40,26 +46,30 @@ class ChildProcesses:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (_PROJECT_ROOT, env.get("PYTHONPATH")) if p)
         env.setdefault("TOKENIZERS_PARALLELISM", "false")
         env.update(MULTICAST_OFF_ENV)
-        for role in _ROLES:
-            self.procs[role] = subprocess.Popen(
-                [sys.executable, "-m", f"{role}_proc", self.dir, str(os.getpid())],
+        for name, (module, replica) in self.roles.items():
+            replica_arg = [] if replica is None else [str(replica)]
+            self.procs[name] = subprocess.Popen(
+                [sys.executable, "-m", module, self.dir, str(os.getpid()), *replica_arg],
                 env=env,
                 stdin=subprocess.DEVNULL,
                 # Own session: a terminal's Ctrl-C goes to the caller, who decides what stops.
                 start_new_session=True,
             )
 
-    def exit_status(self) -> Optional[str]:
-        """A message if a child has exited (while the engine was meant to be running), else None."""
+    def exits(self) -> list[tuple[Optional[int], str]]:
+        """Children that exited since the last call (while the engine was meant to be running): each
+        one's scheduler replica (None: the detokenizer) and a message saying how it exited."""
         if self.stopping:
-            return None
-        for role, proc in self.procs.items():
+            return []
+        found = []
+        for name, proc in self.procs.items():
             code = proc.poll()
-            if code is not None and code < 0:
-                return f"the {role} process exited, killed by {signal.Signals(-code).name}"
-            if code is not None:
-                return f"the {role} process exited with code {code}"
-        return None
+            if code is None or name in self.reported:
+                continue
+            self.reported.add(name)
+            how = f", killed by {signal.Signals(-code).name}" if code < 0 else f" with code {code}"
+            found.append((self.roles[name][1], f"the {name} process exited{how}"))
+        return found
 
     def stop(self, timeout: float = 5.0) -> None:
         self.stopping = True

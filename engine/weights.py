@@ -93,14 +93,15 @@ class TrainerMethods:
     ) -> tuple[bool, str]:
         """Join the trainer's torch.distributed group (the trainer is rank 0, at
         tcp://master_address:master_port; tensor-parallel rank r joins as rank_offset + r), exactly as
-        SGLang's init_custom_process_group makes it. Blocks until every rank has joined, so the trainer
+        SGLang's init_custom_process_group makes it; with dp_size replicas, rank r of replica i joins as
+        rank_offset + i * tp_size + r. Blocks until every rank has joined, so the trainer
         joins from another thread or process at the same time. With NCCL the trainer needs a GPU that
         none of the engine's ranks uses (NCCL puts no two ranks of a group on one GPU); a trainer on the
         engine's GPUs uses update_weights_from_tensor. Returns (success, message)."""
         self._check_open()
         _check_int("master_port", master_port, 1)
         _check_int("rank_offset", rank_offset, 1)
-        _check_int("world_size", world_size, rank_offset + self.args.tp_size)
+        _check_int("world_size", world_size, rank_offset + self.args.dp_size * self.args.tp_size)
         if not isinstance(master_address, str) or not isinstance(group_name, str):
             raise TypeError("master_address and group_name must be str")
         if backend not in ("nccl", "gloo"):

@@ -24,7 +24,7 @@ from scheduler_proc.loader import build_model
 from scheduler_proc.sampler import SamplingBatch, SamplingState
 from scheduler_proc.step_profile import StepProfiler
 from scheduler_proc.tp.group import CollectiveFailed, TPGroup, rank_device
-from scheduler_proc.tp.step_broadcast import ask_memory, pack_step
+from scheduler_proc.tp.step_broadcast import StepChannel, ask_memory
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +89,7 @@ class ModelRunner:
         )
         self.sampling = SamplingState(self.pool.max_requests, self.shape.vocab_size, self.device)
         self.graphs = self._make_graphs()  # every rank captures the same sizes in the same order: in lockstep
+        self.steps = StepChannel(self.tp, self.device)  # the per-step hand-off to the other ranks
         self.broadcast_seconds, self.broadcasts = 0.0, 0
         self.profiler = StepProfiler(args.profile_steps, self.device)
 
@@ -196,7 +197,7 @@ class ModelRunner:
             return self.run_forward(batch)
         try:
             start = time.perf_counter()
-            self.tp.broadcast_ints(pack_step(batch, self.pool.take_journal()))
+            self.steps.send(batch, self.pool.take_journal())
             self.broadcast_seconds += time.perf_counter() - start
             self.broadcasts += 1
             return self.run_forward(batch)

@@ -65,7 +65,10 @@ class Scheduler(ControlCalls):
         self.finish_checker = FinishChecker(args)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # admitted, in arrival order
-        self.rng = random.Random(args.random_seed)
+        # Unseeded requests draw their seeds here: each replica (data parallelism) its own sequence.
+        self.rng = random.Random(
+            args.random_seed if endpoints.dp_rank == 0 else f"{args.random_seed}/{endpoints.dp_rank}"
+        )
         self.io = SchedulerIO(endpoints, context)
         self.outputs: list[Request] = []  # requests that may have news for this turn's TokenBatch
         limit = args.chunked_prefill_size if args.chunked_prefill_size > 0 else None
@@ -356,7 +359,7 @@ class Scheduler(ControlCalls):
 
 
 def run_scheduler(args: EngineArgs, endpoints: Endpoints, context: zmq.Context) -> None:
-    tp, workers = start_tensor_parallel(args, endpoints.dir)  # rank 0 of tp_size processes
+    tp, workers = start_tensor_parallel(args, endpoints)  # rank 0 of tp_size processes
     try:
         Scheduler(args, endpoints, context, tp, workers).run_forever()
     except BaseException:

@@ -29,6 +29,7 @@ class SchedulerIO:
     """Rank 0's three sockets and their codecs."""
 
     def __init__(self, endpoints: Endpoints, context: zmq.Context) -> None:
+        self.dp_rank = endpoints.dp_rank
         self.receiver = pull_socket(context, endpoints.scheduler)
         self.to_detokenizer = push_socket(context, endpoints.detokenizer)
         self.to_frontend = push_socket(context, endpoints.frontend)
@@ -51,7 +52,7 @@ class SchedulerIO:
             flags = zmq.NOBLOCK
 
     def send_ready(self, info: dict[str, Any]) -> None:
-        self.to_frontend.send(self.out_codec.encode(ProcessReady(role="scheduler", info=info)))
+        self.to_frontend.send(self.out_codec.encode(ProcessReady(role="scheduler", info=info, dp_rank=self.dp_rank)))
 
     def answer(self, call: ControlRequest, answers: dict[str, Callable[[], dict[str, Any]]]) -> None:
         """Reply to a control call with the answer to its op (an error for an op not in `answers`)."""

@@ -4,10 +4,13 @@
   check         Llama-3.1-8B, random bf16 weights: top-1 agreement of TP=2 with TP=1 over 1,024 prompt
                 positions (teacher-forced, with the bf16-vs-fp32 bar beside it); decode step at batch 64,
                 TP=1 and TP=2; share of the TP=2 step in all-reduce (torch.profiler); step hand-off cost
+                (in the engine's step, and alone: scripts/bench_handoff.py on the two GPUs)
   sgl-random    Llama-3.1-8B throughput at TP=1 and TP=2 (engine/bench.py, with --roofline)
   decode-heavy  the same for the decode-heavy workload
   70b           Llama-3.1-70B, random weights: TP=1 fails to load; TP=2 decode step against its bandwidth
                 floor over two GPUs; TP=2 throughput with --roofline
+  handoff       the step hand-off alone (rank 0's time to send a decode step of batch 64 to rank 1), no
+                model: on the GPUs, or on the CPU over gloo (--device cpu, runs anywhere)
 
 Run on the device: bash scripts/device_run.sh python3 scripts/bench_tp.py <part> --out $OUT
 """
@@ -27,6 +30,8 @@ from typing import Any
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from bench_handoff import handoff  # noqa: E402  (scripts/ is on the path: this script's folder)
+
 from engine.shared.child_process import MULTICAST_OFF_ENV  # noqa: E402
 
 os.environ.update(MULTICAST_OFF_ENV)
@@ -127,6 +132,7 @@ def harness(spec: dict[str, Any]) -> dict[str, Any]:
 
     from engine.bench_roofline import measure_ceilings
     from engine.shared.args import EngineArgs
+    from engine.shared.ipc import Endpoints
     from scheduler_proc.model_runner import ModelRunner
     from scheduler_proc.tp.workers import start_tensor_parallel
 
@@ -145,7 +151,7 @@ def harness(spec: dict[str, Any]) -> dict[str, Any]:
     ipc_dir = tempfile.mkdtemp(prefix="ferry-tp-harness-")
     with open(os.path.join(ipc_dir, "args.json"), "w") as f:
         f.write(args.to_json())
-    tp, _ = start_tensor_parallel(args, ipc_dir)
+    tp, _ = start_tensor_parallel(args, Endpoints.in_dir(ipc_dir))
     runner = ModelRunner(args, tp)
     step = _decoder(runner, batch, context)
     times = []
@@ -263,6 +269,7 @@ def decode_steps(out: str) -> None:
             "target": "<= 0.6",
             "tp2_allreduce_share": two.get("allreduce_share_of_step"),
             "tp2_step_broadcast_us": two.get("step_broadcast_us"),
+            "handoff_target": "<= 100 us tp2_step_broadcast_us (rank 0's hand-off of a step)",
         },
     )
     record(out, {"part": "decode-step-detail", "tp1": one, "tp2": two})
@@ -340,17 +347,21 @@ def main() -> None:
         print(json.dumps(harness(json.loads(sys.argv[2]))), flush=True)
         os._exit(0)  # the workers die with this process (their parent-death signal)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("part", choices=["check", "sgl-random", "decode-heavy", "70b"])
+    p.add_argument("part", choices=["check", "sgl-random", "decode-heavy", "70b", "handoff"])
     p.add_argument("--out", default=os.environ.get("OUT", "/tmp"))
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="handoff: where the ranks run")
     args = p.parse_args()
     os.makedirs(args.out, exist_ok=True)
     if args.part == "check":
         agreement(args.out)
         decode_steps(args.out)
+        handoff(args.out, "cuda")
     elif args.part == "sgl-random":
         throughput(args.out, MODEL_8B, [1, 2], ["--workload", "sgl-random"])
     elif args.part == "decode-heavy":
         throughput(args.out, MODEL_8B, [1, 2], ["--workload", "decode-heavy", "--cuda-graph-max-bs", "512"])
+    elif args.part == "handoff":
+        handoff(args.out, args.device)
     else:
         big_model(args.out)
 

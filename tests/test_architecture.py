@@ -138,3 +138,17 @@ def test_checker_finds_a_planted_cycle_and_forbidden_import(tmp_path: Path) -> N
     )
     assert cycles(graph) == [["scheduler_proc.a", "scheduler_proc.b"]]
     assert forbidden(graph) == ["detokenizer_proc.d -> scheduler_proc.a", "engine.shared.ipc -> engine.engine"]
+
+
+def test_only_engine_ray_imports_ray() -> None:
+    """ray is an optional extra: no other module may need it."""
+    importers = []
+    for package in PACKAGES:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+                if isinstance(node, ast.ImportFrom) and not node.level:
+                    names = [node.module or ""]
+                if any(name == "ray" or name.startswith("ray.") for name in names):
+                    importers.append(str(path.relative_to(ROOT)))
+    assert set(importers) <= {"engine/ray.py"}, importers

@@ -53,7 +53,11 @@ class EngineArgs:
     constrained_json_disable_any_whitespace: bool = False  # json_schema outputs on one line, ", " and ": " between
     random_seed: int = 0  # seeds dummy weights and unseeded sampling
     tp_size: int = 1  # tensor parallelism: GPUs (or CPU processes) that share one model, one process each
-    base_gpu_id: int = 0  # rank r runs on cuda:(base_gpu_id + r)
+    dp_size: int = 1  # data parallelism: scheduler replicas of tp_size ranks each, behind one frontend
+    base_gpu_id: int = 0  # rank r of replica i runs on cuda:(base_gpu_id + i * tp_size + r)
+    nnodes: int = 1  # machines the tp_size ranks span; node 0 runs the frontend, the others only ranks
+    node_rank: int = 0  # this machine's place among the nnodes (0: the one that serves requests)
+    dist_init_addr: Optional[str] = None  # "host:port" of node 0, where every node's ranks meet (nnodes > 1)
     log_level: str = "info"  # logging level of every process; "warning" quiets the start-up lines
     cache_dir: Optional[str] = None  # where converted models go; default ~/.cache/ferry
     startup_timeout: float = 600.0  # seconds to wait for the child processes to be ready
@@ -102,8 +106,45 @@ class EngineArgs:
             raise ValueError(f"tp_size must be a positive int, got {self.tp_size!r}")
         if not isinstance(self.base_gpu_id, int) or isinstance(self.base_gpu_id, bool) or self.base_gpu_id < 0:
             raise ValueError(f"base_gpu_id must be a non-negative int, got {self.base_gpu_id!r}")
+        self._validate_scale_out()
         if self.startup_timeout <= 0:
             raise ValueError(f"startup_timeout must be positive, got {self.startup_timeout!r}")
+
+    def _validate_scale_out(self) -> None:
+        """dp_size, and tensor parallelism over nnodes machines (SGLang's names and meaning)."""
+        for name in ("dp_size", "nnodes"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        rank = self.node_rank
+        if not isinstance(rank, int) or isinstance(rank, bool) or not 0 <= rank < self.nnodes:
+            raise ValueError(f"node_rank must be an int in [0, nnodes={self.nnodes}), got {rank!r}")
+        if self.nnodes == 1:
+            return
+        if self.tp_size % self.nnodes:
+            raise ValueError(f"tp_size={self.tp_size} must be a multiple of nnodes={self.nnodes} (ranks per node)")
+        if self.dp_size > 1:
+            raise ValueError(f"dp_size={self.dp_size} with nnodes={self.nnodes}: replicas span one machine only")
+        host, _, port = (self.dist_init_addr or "").rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(
+                f"dist_init_addr must be 'host:port' of node 0 when nnodes > 1, got {self.dist_init_addr!r}"
+            )
+
+    @property
+    def ranks_per_node(self) -> int:
+        """Tensor-parallel ranks on each machine."""
+        return self.tp_size // self.nnodes
+
+    def node_ranks(self) -> range:
+        """The tensor-parallel ranks this machine runs."""
+        return range(self.node_rank * self.ranks_per_node, (self.node_rank + 1) * self.ranks_per_node)
+
+    def for_replica(self, dp_rank: int) -> EngineArgs:
+        """The settings of scheduler replica dp_rank: its ranks on the GPUs after the earlier replicas'."""
+        if dp_rank == 0:
+            return self
+        return dataclasses.replace(self, base_gpu_id=self.base_gpu_id + dp_rank * self.tp_size)
 
     def resolve(self) -> EngineArgs:
         """Fill in what `auto` and None mean on this machine; returns a new, validated EngineArgs."""
@@ -144,7 +185,7 @@ class EngineArgs:
             read_pooling_config(resolved.model_path)  # a pooling ferry lacks is refused here
         _check_tp_shape(resolved.tp_size, config)
         if resolved.device == "cuda":
-            _check_gpu_count(resolved.base_gpu_id + resolved.tp_size)
+            _check_gpu_count(resolved.base_gpu_id + resolved.dp_size * resolved.ranks_per_node)
         resolved.log_level = resolved.log_level.lower()
         return resolved
 
@@ -216,7 +257,7 @@ def _check_gpu_count(needed: int) -> None:
     else:
         count = len([n for n in os.listdir("/dev") if n.startswith("nvidia") and n[6:].isdigit()])
     if count and needed > count:  # 0: no device nodes to count (a container without them); torch will tell
-        raise ValueError(f"tp_size + base_gpu_id needs {needed} GPUs; {count} are visible")
+        raise ValueError(f"base_gpu_id + dp_size * tp_size (per node) needs {needed} GPUs; {count} are visible")
 
 
 def _has_tokenizer(model_dir: str) -> bool:

@@ -16,7 +16,7 @@ from typing import Optional
 import zmq
 
 from engine.shared.args import EngineArgs
-from engine.shared.ipc import Endpoints, push_socket
+from engine.shared.ipc import Endpoints, push_socket, replica_name
 from engine.shared.protocol import Codec, ProcessError
 
 logger = logging.getLogger(__name__)
@@ -27,8 +27,9 @@ MULTICAST_OFF_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST"
 
 
 def child_main(role: str, run: Callable[[EngineArgs, Endpoints, zmq.Context], None]) -> None:
-    """Entry point of `python -m <role>_proc <ipc_dir> <parent_pid>`; never returns normally."""
-    run_child(role, sys.argv[1], int(sys.argv[2]), run, owns_ipc_dir=True)
+    """Entry point of `python -m <role>_proc <ipc_dir> <parent_pid> [dp_rank]`; never returns normally."""
+    dp_rank = int(sys.argv[3]) if len(sys.argv) > 3 else 0
+    run_child(role, sys.argv[1], int(sys.argv[2]), run, owns_ipc_dir=True, dp_rank=dp_rank)
 
 
 def run_child(
@@ -37,9 +38,11 @@ def run_child(
     parent_pid: int,
     run: Callable[[EngineArgs, Endpoints, zmq.Context], None],
     owns_ipc_dir: bool,
+    dp_rank: int = 0,
 ) -> None:
     """Run a child process's main loop; never returns normally. owns_ipc_dir: a direct child of the
-    frontend, which removes the IPC directory if the frontend dies without doing so."""
+    frontend, which removes the IPC directory if the frontend dies without doing so. dp_rank: the
+    scheduler replica the process belongs to (its sockets, its GPUs, its errors' address)."""
     # Ctrl-C in a terminal reaches the whole process group; the frontend decides when children stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # SIGTERM (the frontend's stop) ends us at once, in the kernel. A Python handler would only run
@@ -49,13 +52,13 @@ def run_child(
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     watch_parent(parent_pid, ipc_dir if owns_ipc_dir else None)
     context = zmq.Context()
-    endpoints = Endpoints.in_dir(ipc_dir)
+    endpoints = Endpoints.in_dir(ipc_dir, dp_rank)
     try:
         with open(os.path.join(ipc_dir, "args.json")) as f:
-            args = EngineArgs.from_json(f.read())
+            args = EngineArgs.from_json(f.read()).for_replica(dp_rank)
         logging.basicConfig(
             level=args.log_level.upper(),
-            format=f"[%(asctime)s {role}] %(levelname)s %(name)s: %(message)s",
+            format=f"[%(asctime)s {replica_name(role, dp_rank, args.dp_size)}] %(levelname)s %(name)s: %(message)s",
         )
         run(args, endpoints, context)
     except BaseException as exc:  # report anything, then die: the frontend turns it into an exception
@@ -70,7 +73,8 @@ def run_child(
 def report_error(context: zmq.Context, endpoints: Endpoints, role: str, message: str, text: str) -> None:
     """Send the frontend a ProcessError; destroys `context` (every socket on it) once it has left."""
     sock = push_socket(context, endpoints.frontend)
-    sock.send(Codec(ProcessError).encode(ProcessError(role=role, message=message, traceback=text)))
+    error = ProcessError(role=role, message=message, traceback=text, dp_rank=endpoints.dp_rank)
+    sock.send(Codec(ProcessError).encode(error))
     context.destroy(linger=2000)  # closes every socket, letting this message leave first
 
 

@@ -139,6 +139,7 @@ class TextBatch(msgspec.Struct, tag="text"):
 class ProcessReady(msgspec.Struct, tag="ready"):
     role: str
     info: dict[str, Any]
+    dp_rank: int = 0  # the scheduler replica it belongs to (data parallelism)
 
 
 class ProcessError(msgspec.Struct, tag="error"):
@@ -147,6 +148,7 @@ class ProcessError(msgspec.Struct, tag="error"):
     role: str
     message: str
     traceback: str
+    dp_rank: int = 0  # the scheduler replica it belongs to: only that replica is lost when dp_size > 1
 
 
 class ControlReply(msgspec.Struct, tag="reply"):

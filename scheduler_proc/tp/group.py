@@ -1,9 +1,10 @@
 """Tensor parallelism's process group on torch.distributed: joining it, and the collectives that the
-sharded layers (all-reduce, logits gather) and the step hand-off (int64 broadcast) use.
+sharded layers (all-reduce, logits gather) and the step hand-off use.
 
 Two groups: the model's collectives run on NCCL over the GPUs (gloo when device="cpu"), and a gloo
-group carries small host-side messages (each step's batch, the KV budget, memory figures), where a
-host tensor needs no copy to and from a GPU.
+group carries small host-side messages (the KV budget, memory figures, trainer ops), where a host
+tensor needs no copy to and from a GPU. Rank 0's commands (each step's host part) go over ZMQ
+(command_channel.py), which rank 0 does not wait on.
 """
 
 from __future__ import annotations
@@ -16,22 +17,28 @@ import torch
 
 from engine.shared.args import EngineArgs
 from engine.shared.child_process import MULTICAST_OFF_ENV
+from engine.shared.ipc import Endpoints
+from scheduler_proc.tp.command_channel import CommandChannel
 
-# The workers wait in a host broadcast for as long as the engine is idle. A dead rank is found by the
-# process watchers (workers.py) within a second, so this timeout only has to never fire.
+# A dead rank is found by the process watchers (workers.py, node_host.py) within a second, so this
+# timeout of the host group's collectives only has to never fire.
 _HOST_GROUP_TIMEOUT = timedelta(days=3650)
-# One broadcast carries a step of up to this many int64s (a decode step of ~800 requests); a larger
-# one follows with a second broadcast. Latency, not size, is a small broadcast's cost.
-_PACKET_INTS = 4096
 
 
 class TPGroup:
     """This process's rank in the tensor-parallel group. With size 1 every collective is a no-op and
     torch.distributed is never touched, so the single-device path pays nothing."""
 
-    def __init__(self, rank: int = 0, size: int = 1, host_group: Optional[object] = None) -> None:
+    def __init__(
+        self,
+        rank: int = 0,
+        size: int = 1,
+        host_group: Optional[object] = None,
+        commands: Optional[CommandChannel] = None,
+    ) -> None:
         self.rank, self.size = rank, size
         self.host_group = host_group
+        self.commands = commands
 
     @property
     def is_first(self) -> bool:
@@ -60,6 +67,13 @@ class TPGroup:
         dist.gather(x, parts, dst=0)
         return torch.cat(parts, dim=-1) if parts is not None else None
 
+    def broadcast_tensor(self, x: torch.Tensor) -> None:
+        """Rank 0's x to every rank, in place, on the model's group: on NCCL it is queued on the device's
+        stream like a kernel, so neither side's host waits for it."""
+        import torch.distributed as dist
+
+        dist.broadcast(x, src=0)
+
     # ---- host-side messages (gloo) ----
 
     def min_over_ranks(self, value: int) -> int:
@@ -83,50 +97,55 @@ class TPGroup:
         return [p.tolist() for p in parts] if parts is not None else None
 
     def broadcast_ints(self, payload: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Rank 0 passes a 1-D int64 host tensor; every rank returns it. One broadcast of a fixed-size
-        packet (length first) when it fits, a second one for the rest when it does not."""
-        import torch.distributed as dist
-
-        packet = torch.zeros(_PACKET_INTS, dtype=torch.int64)
-        room = _PACKET_INTS - 1
+        """Rank 0 passes a 1-D int64 host tensor (a command); every rank returns it. Rank 0 does not wait
+        for the others to take it (command_channel.py)."""
+        assert self.commands is not None
         if self.is_first:
             assert payload is not None and payload.dtype == torch.int64
-            packet[0] = payload.numel()
-            packet[1 : 1 + min(room, payload.numel())] = payload[:room]
-        dist.broadcast(packet, src=0, group=self.host_group)
-        n = int(packet[0])
-        if n <= room:
-            return packet[1 : 1 + n]
-        rest = payload[room:].contiguous() if self.is_first else torch.empty(n - room, dtype=torch.int64)
-        dist.broadcast(rest, src=0, group=self.host_group)
-        return torch.cat([packet[1:], rest])
+            self.commands.send(payload)
+            return payload
+        return self.commands.receive()
 
 
-def join_group(rank: int, size: int, init_file: str, device: torch.device) -> TPGroup:
-    """Join the group of `size` processes that rendezvous through init_file (in the engine's private
-    IPC directory, so two engines on one host never meet)."""
+def join_group(rank: int, size: int, init_method: str, device: torch.device) -> TPGroup:
+    """Join the group of `size` processes that meet at init_method (see group_init_method)."""
     import torch.distributed as dist
 
     os.environ.update(MULTICAST_OFF_ENV)  # read by NCCL when the communicator is made: before joining
-    # Every rank is on this host: gloo over loopback, whatever the host name resolves to.
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    if _on_this_host(init_method):  # every rank is on this host: gloo over loopback, whatever the host name
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.set_device(device)  # NCCL binds this process to its GPU
     dist.init_process_group(
         "nccl" if cuda else "gloo",
-        init_method=f"file://{init_file}",
+        init_method=init_method,
         rank=rank,
         world_size=size,
         device_id=device if cuda else None,  # NCCL's communicator is made now, before any graph capture
     )
     host_group = dist.new_group(backend="gloo", timeout=_HOST_GROUP_TIMEOUT)
-    return TPGroup(rank, size, host_group)
+    return TPGroup(rank, size, host_group, CommandChannel(rank, size, init_method, host_group))
+
+
+def group_init_method(args: EngineArgs, endpoints: Endpoints) -> str:
+    """Where a replica's ranks meet: a file in the engine's private IPC directory when they are all on
+    this machine (two engines on one host never meet), else node 0's dist_init_addr (rank 0 holds the
+    torch.distributed store there, so it lives exactly as long as rank 0)."""
+    if args.nnodes > 1:
+        return f"tcp://{args.dist_init_addr}"
+    return f"file://{endpoints.tp_init_file}"
+
+
+def _on_this_host(init_method: str) -> bool:
+    host = init_method.removeprefix("tcp://").rpartition(":")[0].strip("[]")
+    return init_method.startswith("file://") or host == "localhost" or host == "::1" or host.startswith("127.")
 
 
 def rank_device(args: EngineArgs, rank: int) -> torch.device:
-    """The device of `rank`: cuda:(base_gpu_id + rank), or the CPU."""
-    return torch.device("cuda", args.base_gpu_id + rank) if args.device == "cuda" else torch.device(args.device)
+    """The device of `rank`: cuda:(base_gpu_id + the rank's place on its machine), or the CPU."""
+    local = rank - args.node_rank * args.ranks_per_node
+    return torch.device("cuda", args.base_gpu_id + local) if args.device == "cuda" else torch.device(args.device)
 
 
 class CollectiveFailed(BaseException):

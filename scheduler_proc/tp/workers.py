@@ -1,5 +1,6 @@
-"""Rank 0's side of tensor parallelism's processes: start one worker process per other rank, join the
-group with them, and end the scheduler (and so the engine) when any of them dies.
+"""Rank 0's side of tensor parallelism's processes: start one worker process per other rank on this
+machine, join the group with them (and with the ranks of the other machines, nnodes > 1), and end the
+scheduler (and so the engine) when any of them dies.
 
 A rank that dies leaves the others waiting in a collective that never completes, so nothing is
 retried: rank 0 reports the death to the frontend, which fails every waiting call, and exits. The
@@ -22,32 +23,29 @@ import zmq
 from engine.shared.args import EngineArgs
 from engine.shared.child_process import MULTICAST_OFF_ENV, report_error
 from engine.shared.ipc import Endpoints
-from scheduler_proc.tp.group import TPGroup, join_group, rank_device
+from scheduler_proc.tp.group import TPGroup, group_init_method, join_group, rank_device
 
 logger = logging.getLogger(__name__)
 
 _POLL_SECONDS = 0.1
 
 
-def init_file(ipc_dir: str) -> str:
-    """The group's rendezvous file, in the engine's private directory."""
-    return os.path.join(ipc_dir, "tp_init")
-
-
 class TPWorkers:
-    """The worker processes of ranks 1..tp_size-1, watched by a thread of rank 0."""
+    """The worker processes of the other ranks on this machine, watched by a thread of rank 0."""
 
-    def __init__(self, args: EngineArgs, ipc_dir: str) -> None:
-        self.endpoints = Endpoints.in_dir(ipc_dir)
+    def __init__(self, args: EngineArgs, endpoints: Endpoints) -> None:
+        self.endpoints = endpoints
         env = dict(os.environ) | MULTICAST_OFF_ENV
+        self.ranks = [rank for rank in args.node_ranks() if rank != 0]
+        command = [sys.executable, "-m", "scheduler_proc.tp.worker_main", endpoints.dir, str(os.getpid())]
         self.procs = [
             subprocess.Popen(
-                [sys.executable, "-m", "scheduler_proc.tp.worker_main", ipc_dir, str(os.getpid()), str(rank)],
+                [*command, str(rank), str(endpoints.dp_rank)],
                 env=env,
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,  # as the other children: a terminal's Ctrl-C is the caller's
             )
-            for rank in range(1, args.tp_size)
+            for rank in self.ranks
         ]
         threading.Thread(target=self._watch, name="tp-watch", daemon=True).start()
 
@@ -57,7 +55,7 @@ class TPWorkers:
 
     def _watch(self) -> None:
         while True:
-            for rank, proc in enumerate(self.procs, start=1):
+            for rank, proc in zip(self.ranks, self.procs):
                 code = proc.poll()
                 if code is not None:
                     self._fail(rank, proc.pid, code)
@@ -81,9 +79,10 @@ class TPWorkers:
         time.sleep(timeout + 2 * _POLL_SECONDS)
 
 
-def start_tensor_parallel(args: EngineArgs, ipc_dir: str) -> tuple[TPGroup, Optional[TPWorkers]]:
-    """Rank 0's group and its workers; a trivial group and no workers when tp_size is 1."""
+def start_tensor_parallel(args: EngineArgs, endpoints: Endpoints) -> tuple[TPGroup, Optional[TPWorkers]]:
+    """Rank 0's group and the workers of this machine's other ranks; a trivial group and no workers
+    when tp_size is 1."""
     if args.tp_size == 1:
         return TPGroup(), None
-    workers = TPWorkers(args, ipc_dir)
-    return join_group(0, args.tp_size, init_file(ipc_dir), rank_device(args, 0)), workers
+    workers = TPWorkers(args, endpoints)
+    return join_group(0, args.tp_size, group_init_method(args, endpoints), rank_device(args, 0)), workers

@@ -1,5 +1,6 @@
-"""The tensor-parallel group's collectives, in two real gloo processes: the step broadcast at sizes around
-its one-packet limit (one broadcast or two), the logits gather's rank order, all-reduce, min, gather."""
+"""The tensor-parallel group's collectives, in two real gloo processes: rank 0's commands (small and large,
+over the command channel), a step's hand-off (its ForwardBatch and req_to_token writes arrive whole on
+rank 1), the logits gather's rank order, all-reduce, min, gather."""
 
 from __future__ import annotations
 
@@ -11,13 +12,30 @@ PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(_
 
 RANK_SCRIPT = """
 import sys, torch
+from scheduler_proc.forward_batch import ForwardBatch
 from scheduler_proc.tp.group import join_group
+from scheduler_proc.tp.step_broadcast import STEP, StepChannel
 rank, init_file = int(sys.argv[1]), sys.argv[2]
-tp = join_group(rank, 2, init_file, torch.device("cpu"))
-for n in (0, 1, 4095, 4096, 9000):  # the packet holds 4095 ints after its length
+tp = join_group(rank, 2, f"file://{init_file}", torch.device("cpu"))
+for n in (0, 1, 4096, 100000):
     sent = torch.arange(n, dtype=torch.int64) * 7 - 3
     got = tp.broadcast_ints(sent if rank == 0 else None)
     assert torch.equal(got, sent), (rank, n, got[:5], got.shape)
+channel = StepChannel(tp, torch.device("cpu"))
+for size, decode in ((3, False), (64, True)):
+    ids = torch.arange(size, dtype=torch.int64)
+    step = ForwardBatch(ids + 7, ids + 500, ids + 9000, ids, [500] * size, [1] * size, ids[-2:], is_decode=decode)
+    writes = (ids, ids + 500, ids + 9000)
+    if rank == 0:
+        channel.send(step, writes)
+        continue
+    packet = tp.broadcast_ints()
+    assert int(packet[0]) == STEP
+    got, got_writes = channel.receive(packet)
+    for name in ("input_ids", "positions", "out_cache_loc", "req_pool_indices", "logit_rows"):
+        assert torch.equal(getattr(got, name), getattr(step, name)), name
+    assert (got.prefix_lens_cpu, got.extend_lens_cpu, got.is_decode) == ([500] * size, [1] * size, decode)
+    assert all(torch.equal(a, b) for a, b in zip(got_writes, writes))
 x = torch.full((2, 3), float(rank + 1))
 assert torch.equal(tp.all_reduce(x), torch.full((2, 3), 3.0))
 logits = tp.gather_last_dim(torch.tensor([[10.0 * rank, 10.0 * rank + 1]]))

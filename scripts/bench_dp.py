@@ -1,0 +1,81 @@
+"""Data parallelism's throughput (issue 22): the same workload through Engine(dp_size=1) and
+Engine(dp_size=N), each a run of scripts/bench_offline_throughput.py in its own process; prints both rows
+and their ratio (target: >= 1.8 at dp_size=2 on Qwen2.5-0.5B nanovllm, two GPUs).
+
+  python scripts/bench_dp.py --result-file docs/bench/<date>-h200x2-dp.jsonl      # on a 2-GPU machine
+  python scripts/bench_dp.py --device cpu --num-prompts 16 --model-path <tiny>    # a smoke run anywhere
+
+Each engine run appends its own JSON line to --result-file (as the throughput benchmark does), then one
+summary line {"part": "dp-throughput", ...} with the ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run(dp_size: int, args: argparse.Namespace, result_file: str) -> dict:
+    """One throughput run at dp_size; its JSON line (also appended to result_file)."""
+    with tempfile.NamedTemporaryFile("r", suffix=".jsonl") as own:
+        cmd = [
+            sys.executable,
+            os.path.join(ROOT, "scripts/bench_offline_throughput.py"),
+            "--model-path",
+            args.model_path,
+        ]
+        cmd += ["--workload", args.workload] if args.workload else ["--num-prompts", str(args.num_prompts)]
+        cmd += ["--load-format", "dummy", "--dp-size", str(dp_size), "--device", args.device]
+        cmd += ["--result-file", own.name, "--tag", f"dp{dp_size}", *args.extra]
+        print(" ".join(cmd[1:]), flush=True)
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
+        subprocess.run(cmd, check=True, cwd=ROOT, timeout=args.timeout, env=env)  # this checkout's engine
+        line = own.read().strip().splitlines()[-1]
+    if result_file:
+        with open(result_file, "a") as f:
+            f.write(line + "\n")
+    return json.loads(line)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model-path", default=os.path.join(ROOT, "configs/qwen2.5-0.5b"))
+    p.add_argument("--workload", default="nanovllm", help="a named workload; '' for --num-prompts random ones")
+    p.add_argument("--num-prompts", type=int, default=256)
+    p.add_argument("--dp-size", type=int, default=2)
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--timeout", type=int, default=400, help="seconds per engine run")
+    p.add_argument("--result-file", default="")
+    p.add_argument("extra", nargs="*", help="more flags for the throughput benchmark (after --)")
+    args = p.parse_args()
+    rows = {dp: run(dp, args, args.result_file)["ferry"] for dp in (1, args.dp_size)}
+    one, many = rows[1], rows[args.dp_size]
+    summary = {
+        "part": "dp-throughput",
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "model_path": args.model_path,
+        "workload": args.workload or f"{args.num_prompts} random",
+        "device": one.get("device"),
+        "dp1_output_tok_s": one["output_tok_s"],
+        f"dp{args.dp_size}_output_tok_s": many["output_tok_s"],
+        "ratio": many["output_tok_s"] / one["output_tok_s"],
+        "target": ">= 1.8 at dp_size=2 (two GPUs)",
+    }
+    print(f"\n{'dp_size':>8} {'output tok/s':>14} {'total tok/s':>13} {'wall s':>8}")
+    for dp, row in rows.items():
+        print(f"{dp:>8} {row['output_tok_s']:>14.1f} {row['total_tok_s']:>13.1f} {row['wall_s']:>8.2f}")
+    print(f"ratio {summary['ratio']:.2f} (target {summary['target']})")
+    if args.result_file:
+        with open(args.result_file, "a") as f:
+            f.write(json.dumps(summary) + "\n")
+
+
+if __name__ == "__main__":
+    main()
