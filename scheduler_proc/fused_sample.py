@@ -25,6 +25,16 @@ _HASH_CONSTANTS = (MIX1, MIX2, GOLDEN, MASK53)  # counter_rng.row_uniform's
 
 
 @triton.jit
+def _counter_uniform(seed, position, mix1, mix2, golden, mask53):
+    """counter_rng.row_uniform, bit for bit: int64 arithmetic wraps, and its shifts are arithmetic as torch's."""
+    z = seed.to(tl.int64) * mix1 + position.to(tl.int64) * golden
+    z = (z ^ (z >> 30)) * mix1
+    z = (z ^ (z >> 27)) * mix2
+    z = z ^ (z >> 31)
+    return ((z & mask53).to(tl.float64) * (1.0 / 9007199254740992.0)).to(tl.float32)
+
+
+@triton.jit
 def _sample_rows(
     logits,
     row_index,
@@ -74,12 +84,8 @@ def _sample_rows(
         bm = tl.load(block_max + row * NUM_BLOCKS + blocks, mask=blocks < num_blocks, other=-float("inf"))
         bs = tl.load(block_sum + row * NUM_BLOCKS + blocks, mask=blocks < num_blocks, other=0.0)
         mass = bs * tl.exp(bm - best_value)
-        if HASH:  # counter_rng.row_uniform, bit for bit: int64 arithmetic wraps, shifts are arithmetic
-            z = tl.load(seeds + row).to(tl.int64) * mix1 + tl.load(positions + row).to(tl.int64) * golden
-            z = (z ^ (z >> 30)) * mix1
-            z = (z ^ (z >> 27)) * mix2
-            z = z ^ (z >> 31)
-            u = ((z & mask53).to(tl.float64) * (1.0 / 9007199254740992.0)).to(tl.float32)
+        if HASH:
+            u = _counter_uniform(tl.load(seeds + row), tl.load(positions + row), mix1, mix2, golden, mask53)
         else:
             u = tl.load(uniform + row)
         target = u * tl.sum(mass, 0)

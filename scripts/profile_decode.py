@@ -42,13 +42,12 @@ def main() -> None:
     p.add_argument("--json-schema", help="constrain every request to this JSON Schema (text): the grammar's host cost")
     args = p.parse_args()
 
-    import msgspec
     import torch
     import zmq
 
     from engine.shared.args import EngineArgs
     from engine.shared.ipc import Endpoints
-    from engine.shared.protocol import GenerateBatch, GenerateRequest
+    from engine.shared.protocol import GenerateRequest
     from engine.shared.sampling import SamplingParams
     from scheduler_proc.scheduler import Scheduler
 
@@ -75,27 +74,7 @@ def main() -> None:
         )
         for i in range(args.batch)
     ]
-    if args.prefill:  # first calls (kernel loading, the allocator's first blocks) out of the profile
-        short = SamplingParams(max_new_tokens=2, ignore_eos=True)
-        sched.handle(
-            GenerateBatch(reqs=[msgspec.structs.replace(r, rid=f"w{r.rid}", sampling=short) for r in reqs[:8]])
-        )
-        while sched.running or sched.waiting or sched.in_flight:
-            sched.iterate()
-        sync()
-    prefill = _kernel_profile(torch) if args.prefill else contextlib.nullcontext()
-    start, turns = time.perf_counter(), 0
-    with prefill as prof:
-        sched.handle(GenerateBatch(reqs=reqs))
-        while len(sched.running) < args.batch or any(r.prefilling for r in sched.running):
-            sched.iterate()
-            turns += 1
-        sync()
-    print(
-        f"prefill of {args.batch} x {args.prompt_len} tokens: {turns} loop turns, {time.perf_counter() - start:.3f} s"
-    )
-    if prof is not None:
-        print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30))
+    _prefill(sched, reqs, args, sync)
     for _ in range(20):
         sched.iterate()
     sync()
@@ -119,6 +98,37 @@ def main() -> None:
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
     if torch.cuda.is_available():
         print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=20))
+
+
+def _prefill(sched, reqs, args, sync) -> None:
+    """Admit the batch and run until every request is decoding; with --prefill, under torch.profiler."""
+    import msgspec
+    import torch
+
+    from engine.shared.protocol import GenerateBatch
+    from engine.shared.sampling import SamplingParams
+
+    if args.prefill:  # first calls (kernel loading, the allocator's first blocks) out of the profile
+        short = SamplingParams(max_new_tokens=2, ignore_eos=True)
+        sched.handle(
+            GenerateBatch(reqs=[msgspec.structs.replace(r, rid=f"w{r.rid}", sampling=short) for r in reqs[:8]])
+        )
+        while sched.running or sched.waiting or sched.in_flight:
+            sched.iterate()
+        sync()
+    prefill = _kernel_profile(torch) if args.prefill else contextlib.nullcontext()
+    start, turns = time.perf_counter(), 0
+    with prefill as prof:
+        sched.handle(GenerateBatch(reqs=reqs))
+        while len(sched.running) < args.batch or any(r.prefilling for r in sched.running):
+            sched.iterate()
+            turns += 1
+        sync()
+    print(
+        f"prefill of {args.batch} x {args.prompt_len} tokens: {turns} loop turns, {time.perf_counter() - start:.3f} s"
+    )
+    if prof is not None:
+        print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30))
 
 
 def _kernel_profile(torch):
