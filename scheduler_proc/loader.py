@@ -46,10 +46,11 @@ def build_model(
     scheme = fp8_scheme(config, quantization)
     with torch.device("meta"):
         model = ARCHITECTURES[arch](config, tp=tp or TPGroup())
-    model = model.to(dtype).to_empty(device=device)
-    model.tie_weights()
-    if scheme is not None:
+    model = model.to(dtype)
+    if scheme is not None:  # still on meta: the FP8 weights are the only ones ever allocated
         convert_to_fp8(model, scheme)
+    model = model.to_empty(device=device)
+    model.tie_weights()
     for module in model.modules():
         if hasattr(module, "reset_buffers"):
             module.reset_buffers()

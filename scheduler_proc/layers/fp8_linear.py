@@ -67,7 +67,8 @@ class Fp8Kernel:
 
 
 def to_fp8(layer: nn.Module, block: Optional[tuple[int, int]]) -> None:
-    """Give a (materialised, not yet loaded) linear layer an e4m3 weight and a float32 scale."""
+    """Give a linear layer (on the meta device, before it is materialised) an e4m3 weight and a float32
+    scale; the loader fills both."""
     rows, cols = layer.weight.shape
     device = layer.weight.device
     layer.weight = nn.Parameter(torch.empty(rows, cols, dtype=FP8, device=device), requires_grad=False)
@@ -102,6 +103,7 @@ def write_weight(layer: nn.Module, rows: slice, tensor: torch.Tensor, name: str)
         layer.matmul.forget()
         return ["weight"]
     block = layer.fp8.block
+    tensor = tensor.to(layer.weight.device)  # quantized where the layer lives (a GPU, not the host)
     if block is None:
         q, scale = quantize_per_channel(tensor)
         layer.weight_scale.data[rows].copy_(scale)

@@ -24,7 +24,7 @@ from scheduler_proc.layers.fp8 import (
 )
 from scheduler_proc.loader import build_model
 from scheduler_proc.tp.group import TPGroup
-from scheduler_proc.weight_update import update_from_tensors
+from scheduler_proc.weight_update import UpdateRefused, update_from_tensors
 
 CPU = torch.device("cpu")
 BLOCK = (16, 32)  # small blocks, so a 64-wide model has several, and tp=2 splits at block edges
@@ -169,6 +169,8 @@ def test_weight_update_requantizes_what_the_trainer_sends(folders):
         after = layer(x)
     assert not torch.allclose(before, after)
     assert torch.allclose(after, x @ _dequantized(layer).T, atol=1e-5)
+    with pytest.raises(UpdateRefused, match="send bf16/fp16/fp32 weights"):  # FP8 bits without their scale
+        update_from_tensors(model, [("model.layers.1.self_attn.o_proj.weight", new.to(FP8))])
 
 
 def test_refused_methods_are_named():
