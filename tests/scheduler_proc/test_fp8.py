@@ -24,6 +24,7 @@ from scheduler_proc.layers.fp8 import (
 )
 from scheduler_proc.loader import build_model
 from scheduler_proc.tp.group import TPGroup
+from scheduler_proc.weight_read import read_weight
 from scheduler_proc.weight_update import UpdateRefused, update_from_tensors
 
 CPU = torch.device("cpu")
@@ -169,6 +170,8 @@ def test_weight_update_requantizes_what_the_trainer_sends(folders):
         after = layer(x)
     assert not torch.allclose(before, after)
     assert torch.allclose(after, x @ _dequantized(layer).T, atol=1e-5)
+    read = read_weight(model, TPGroup(), "model.layers.1.self_attn.o_proj.weight", 64)  # as a trainer reads it
+    assert torch.equal(torch.tensor(read), _dequantized(layer))
     with pytest.raises(UpdateRefused, match="send bf16/fp16/fp32 weights"):  # FP8 bits without their scale
         update_from_tensors(model, [("model.layers.1.self_attn.o_proj.weight", new.to(FP8))])
 
