@@ -65,7 +65,7 @@ def build_model(
         raise ValueError(f"checkpoint in {model_dir} lacks weights for {missing[:5]}{more}")
     for module in model.modules():
         if getattr(module, "fp8", None) is not None:
-            finish_loading(module)
+            finish_loading(module, dtype)
     return model.eval()
 
 

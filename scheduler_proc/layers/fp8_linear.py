@@ -79,11 +79,12 @@ def to_fp8(layer: nn.Module, block: Optional[tuple[int, int]]) -> None:
     layer.matmul = Fp8Kernel(layer)
 
 
-def finish_loading(layer: nn.Module) -> None:
-    """On a device with FP8 matmuls, re-quantize a block-scaled weight per output row, the scaling
-    torch._scaled_mm takes (its rounding error is that of one more FP8 quantization)."""
+def finish_loading(layer: nn.Module, dtype: torch.dtype) -> None:
+    """Where Fp8Kernel will use FP8 matmuls (a bf16 model on a device that has them), re-quantize a
+    block-scaled weight per output row, the scaling torch._scaled_mm takes (its rounding error is that
+    of one more FP8 quantization)."""
     block = layer.fp8.block
-    if block is None or not fp8_matmul_supported(layer.weight.device):
+    if block is None or dtype != torch.bfloat16 or not fp8_matmul_supported(layer.weight.device):
         return
     q, scale = quantize_per_channel(dequantize(layer.weight, layer.weight_scale, torch.float32, block))
     layer.weight = nn.Parameter(q, requires_grad=False)
