@@ -90,7 +90,7 @@ def scaled_mm(
     """x [..., K] (bf16/fp16) @ (weight [N, K] e4m3 * weight_scale [N])^T on FP8 tensor cores: x is
     quantized per token, and both scales are applied in the matmul's epilogue."""
     shape = x.shape
-    x_q, x_scale = quantize_per_token(x.reshape(-1, shape[-1]))
+    x_q, x_scale = _quantize_activations(x.reshape(-1, shape[-1]))
     out = torch._scaled_mm(
         x_q,
         weight.t(),  # [K, N] column-major, as cuBLAS wants the second operand
@@ -100,3 +100,12 @@ def scaled_mm(
         out_dtype=x.dtype,
     )
     return out.view(*shape[:-1], weight.shape[0])
+
+
+def _quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """quantize_per_token in one Triton kernel where the row is contiguous, else in torch."""
+    if x.stride(-1) != 1:
+        return quantize_per_token(x)
+    from scheduler_proc.layers.fp8_quant_kernel import quantize_rows
+
+    return quantize_rows(x)
