@@ -17,6 +17,7 @@ import torch
 
 from engine.shared.model_config import architecture, check_model_config
 from engine.shared.quant_config import Fp8Scheme, fp8_scheme
+from scheduler_proc.layers.fp8 import fp8_matmul_supported
 from scheduler_proc.layers.fp8_linear import finish_loading, to_fp8
 from scheduler_proc.layers.linear import ColumnParallelLinear, RowParallelLinear
 from scheduler_proc.layers.moe import SparseMoE
@@ -49,6 +50,8 @@ def build_model(
     model = model.to(dtype)
     if scheme is not None:  # still on meta: the FP8 weights are the only ones ever allocated
         convert_to_fp8(model, scheme)
+        if dtype != torch.bfloat16 or not fp8_matmul_supported(device):
+            logger.info("FP8 weights: no FP8 matmuls for %s on %s; dequantizing them to %s", dtype, device, dtype)
     model = model.to_empty(device=device)
     model.tie_weights()
     for module in model.modules():
