@@ -136,6 +136,25 @@ def test_tp2_shards_weights_with_their_scales(folders, scheme):
         assert torch.equal(local, torch.cat([q[rows], k[kv_rows], v[kv_rows]]))
 
 
+@pytest.mark.parametrize("scheme", ["block", "tensor", "channel"])
+def test_fused_fp8_tensors_load_with_their_scales(tmp_path, default_model_path, scheme):
+    """Phi-3 stores q|k|v and gate|up as one tensor each, with one scale (per tensor), one per row of the
+    fused tensor, or its blocks: whole at tp=1, and each rank's rows of each part at tp=2."""
+    source = tiny_model_dir(tmp_path, "phi3", default_model_path, pad_token_id=0)
+    fp8_dir, ref_dir = write_fp8_folders(source, tmp_path, scheme, BLOCK if scheme == "block" else None)
+    ref = _build(ref_dir)
+    for module in LAYER_MODULES.values():
+        ours = _build(fp8_dir).model.layers[0].get_submodule(module)
+        assert torch.equal(_dequantized(ours), ref.model.layers[0].get_submodule(module).weight), module
+    head = 16
+    q, k, v = ref.model.layers[1].self_attn.qkv_proj.weight.split([4 * head, 2 * head, 2 * head])
+    for rank in range(2):
+        local = _dequantized(_build(fp8_dir, rank, 2).model.layers[1].self_attn.qkv_proj)
+        kv_rows = slice(rank * head, (rank + 1) * head)
+        expected = torch.cat([q[rank * 2 * head : (rank + 1) * 2 * head], k[kv_rows], v[kv_rows]])
+        assert torch.equal(local, expected)
+
+
 def test_block_edges_must_fall_between_ranks(tmp_path, default_model_path):
     """kv heads of 16 rows each at tp=2, blocks of 32 rows: a rank's rows would cut a block."""
     source = tiny_model_dir(tmp_path, "llama", default_model_path)
