@@ -1,7 +1,9 @@
 """The physical floor of a workload: weights read once per decode step, each cached KV token read once
 per generated token (at the measured copy bandwidth), prefill FLOPs at the measured matmul rate.
 With tensor parallelism over N GPUs each reads 1/N of the weights and KV, so the floor has N GPUs'
-bandwidth and FLOPs (the GPU measured is taken as typical of them)."""
+bandwidth and FLOPs (the GPU measured is taken as typical of them). FP8 weights (quantization="fp8" or an
+FP8 checkpoint) are read at one byte each but the embeddings and LM head, which stay in bf16, and an
+FP8 KV cache at one byte per element; prefill is still counted at the bf16 matmul rate."""
 
 from __future__ import annotations
 
@@ -50,7 +52,9 @@ def roofline(
     head_dim = config.get("head_dim") or hidden // heads
     batch = min(len(workload.input_ids), int(settings.get("max_running_requests") or len(workload.input_ids)))
     params, read_per_step, active = model_params(config, batch)
-    weight_bytes, kv_bytes_per_token = 2 * read_per_step, 2 * 2 * layers * kv_heads * head_dim
+    weight_bytes = _weight_bytes(config, read_per_step, settings)
+    kv_element_bytes = 1 if settings.get("kv_cache_dtype") == "fp8_e4m3" else 2
+    kv_bytes_per_token = 2 * kv_element_bytes * layers * kv_heads * head_dim
     ceilings = measure_ceilings()
     tp_size = int(settings.get("tp_size", 1))
     # Every request decodes at once (the engine's batch holds them all), so there are max(out) steps.
@@ -70,6 +74,17 @@ def roofline(
         "floor_output_tok_s": floor,
         "fraction_of_floor": ferry["output_tok_s"] / floor,
     }
+
+
+def _weight_bytes(config: dict[str, Any], read_per_step: float, settings: dict[str, Any]) -> float:
+    """Bytes of weights a decode step reads: bf16, or FP8 linear layers beside bf16 embeddings and LM head."""
+    fp8 = (
+        settings.get("quantization") == "fp8" or (config.get("quantization_config") or {}).get("quant_method") == "fp8"
+    )
+    if not fp8:
+        return 2 * read_per_step
+    embeddings = config["vocab_size"] * config["hidden_size"] * (1 if config.get("tie_word_embeddings") else 2)
+    return 2 * embeddings + (read_per_step - embeddings)
 
 
 def model_params(config: dict[str, Any], batch: int) -> tuple[int, float, int]:

@@ -4,6 +4,9 @@ Slot 0 is never handed out: padded rows of a CUDA-graph batch write their KV the
 
 Under tensor parallelism only rank 0 allocates, but every rank's attention reads req_to_token, so
 rank 0 keeps a journal of its writes to the table and ships it with the next step (tp/step_broadcast.py).
+
+An FP8 pool (kv_cache_dtype="fp8_e4m3") holds keys / k_scale and values / v_scale in e4m3, per layer
+scales from the checkpoint or 1.0: half the bytes of a bf16 pool, so twice the tokens in the same memory.
 """
 
 from __future__ import annotations
@@ -11,6 +14,9 @@ from __future__ import annotations
 from typing import Optional, Union
 
 import torch
+
+FP8 = torch.float8_e4m3fn
+_FP8_MAX = torch.finfo(FP8).max
 
 
 class KVPool:
@@ -24,9 +30,12 @@ class KVPool:
         device: torch.device,
         max_requests: int,
         max_context: int,
+        compute_dtype: Optional[torch.dtype] = None,
     ) -> None:
         self.num_slots = num_slots
         self.device = device
+        self.compute_dtype = compute_dtype or dtype  # of the queries, and of keys and values read back
+        self.kv_scales = [(1.0, 1.0)] * num_layers  # each layer's (k_scale, v_scale): stored = value / scale
         shape = (num_layers, num_slots, num_kv_heads, head_dim)
         self.k_buffer = torch.zeros(shape, dtype=dtype, device=device)
         self.v_buffer = torch.zeros(shape, dtype=dtype, device=device)
@@ -57,6 +66,20 @@ class KVPool:
             empty = torch.zeros(0, dtype=torch.int64, device=self.device)
             return empty, empty, empty
         return tuple(torch.cat([w[i].to(torch.int64) for w in writes]) for i in range(3))  # type: ignore[return-value]
+
+    @property
+    def is_fp8(self) -> bool:
+        return self.k_buffer.dtype == FP8
+
+    def set_kv_scales(self, scales: dict[int, list[float]]) -> None:
+        """A checkpoint's per-layer [k_scale, v_scale] (layers it does not list keep 1.0)."""
+        self.kv_scales = [tuple(scales.get(i, (1.0, 1.0))) for i in range(len(self.kv_scales))]
+
+    def to_pool_dtype(self, x: torch.Tensor, scale: float) -> torch.Tensor:
+        """Keys or values as the pool stores them: x itself, or x / scale in e4m3 in an FP8 pool."""
+        if not self.is_fp8:
+            return x
+        return (x if scale == 1.0 else x / scale).clamp(-_FP8_MAX, _FP8_MAX).to(FP8)
 
     @property
     def capacity(self) -> int:

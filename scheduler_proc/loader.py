@@ -16,6 +16,11 @@ from typing import Any, Optional
 import torch
 
 from engine.shared.model_config import architecture, check_model_config
+from engine.shared.quant_config import Fp8Scheme, fp8_scheme
+from scheduler_proc.layers.fp8 import fp8_matmul_supported
+from scheduler_proc.layers.fp8_linear import finish_loading, to_fp8
+from scheduler_proc.layers.linear import ColumnParallelLinear, RowParallelLinear
+from scheduler_proc.layers.moe import SparseMoE
 from scheduler_proc.models.decoder import CausalLM
 from scheduler_proc.models.registry import ARCHITECTURES
 from scheduler_proc.tp.group import TPGroup
@@ -32,14 +37,22 @@ def build_model(
     seed: int,
     tp: Optional[TPGroup] = None,
     is_embedding: bool = False,
+    quantization: Optional[str] = None,
 ) -> CausalLM:
     """Build on the meta device (no memory), materialise on `device`, then fill the weights. An embedding
-    model's checkpoint may lack the LM head (it is never used)."""
+    model's checkpoint may lack the LM head (it is never used). `quantization` "fp8", or an FP8 checkpoint,
+    turns the linear layers FP8 before any weight is read (a 70B model never exists in bf16)."""
     check_model_config(config)
     arch = architecture(config)
+    scheme = fp8_scheme(config, quantization)
     with torch.device("meta"):
         model = ARCHITECTURES[arch](config, tp=tp or TPGroup())
-    model = model.to(dtype).to_empty(device=device)
+    model = model.to(dtype)
+    if scheme is not None:  # still on meta: the FP8 weights are the only ones ever allocated
+        convert_to_fp8(model, scheme)
+        if dtype != torch.bfloat16 or not fp8_matmul_supported(device):
+            logger.info("FP8 weights: no FP8 matmuls for %s on %s; dequantizing them to %s", dtype, device, dtype)
+    model = model.to_empty(device=device)
     model.tie_weights()
     for module in model.modules():
         if hasattr(module, "reset_buffers"):
@@ -53,7 +66,29 @@ def build_model(
     if missing:
         more = "..." if len(missing) > 5 else ""
         raise ValueError(f"checkpoint in {model_dir} lacks weights for {missing[:5]}{more}")
+    for module in model.modules():
+        if getattr(module, "fp8", None) is not None:
+            finish_loading(module, dtype)
     return model.eval()
+
+
+def convert_to_fp8(model: CausalLM, scheme: Fp8Scheme) -> None:
+    """Turn the model's column- and row-parallel linear layers FP8, but those the checkpoint leaves in
+    high precision; experts of a mixture stay in the model's dtype (their FP8 checkpoints are refused)."""
+    for name, module in model.named_modules():
+        if isinstance(module, SparseMoE) and scheme.from_checkpoint:
+            raise ValueError("FP8 checkpoints of mixture-of-experts models are not supported (their experts)")
+        if not isinstance(module, (ColumnParallelLinear, RowParallelLinear)):
+            continue
+        parent = name.rsplit(".", 1)[0]
+        names = [f"{parent}.{p.name}" for p in module.parts] if isinstance(module, ColumnParallelLinear) else [name]
+        if not any(_ignored(n, scheme.ignored_layers) for n in names):
+            to_fp8(module, scheme.weight_block_size)
+
+
+def _ignored(name: str, ignored_layers: tuple[str, ...]) -> bool:
+    """A checkpoint module listed as left unquantized (by its full name, or its name inside a layer)."""
+    return any(name == ignored or name.endswith("." + ignored) for ignored in ignored_layers)
 
 
 def iter_safetensors(model_dir: str) -> Iterator[tuple[str, Any]]:

@@ -70,6 +70,7 @@ class ModelRunner:
             args.random_seed,
             self.tp,
             args.is_embedding,
+            args.quantization,
         )
         if self.device.type == "cuda":
             torch.cuda.empty_cache()  # loading's temporaries must not count as used when the pool is sized
@@ -111,7 +112,8 @@ class ModelRunner:
 
     def _make_pool(self) -> KVPool:
         shape, args = self.shape, self.args
-        per_token = KVPool.bytes_per_token(shape.num_layers, shape.num_kv_heads_per_rank, shape.head_dim, self.dtype)
+        kv_dtype = torch.float8_e4m3fn if args.kv_cache_dtype == "fp8_e4m3" else self.dtype
+        per_token = KVPool.bytes_per_token(shape.num_layers, shape.num_kv_heads_per_rank, shape.head_dim, kv_dtype)
         if self.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(self.device)
             budget = int(total * args.mem_fraction_static) - (total - free) - args.gpu_reserve_bytes
@@ -134,11 +136,13 @@ class ModelRunner:
             num_tokens + 1,
             shape.num_kv_heads_per_rank,
             shape.head_dim,
-            self.dtype,
+            kv_dtype,
             self.device,
             max_requests,
             args.context_length + 1,
+            compute_dtype=self.dtype,
         )
+        pool.set_kv_scales(self.model.kv_scales)
         logger.info("KV pool: %d tokens, %.2f GiB, %d request rows", pool.capacity, pool.bytes / 2**30, max_requests)
         return pool
 

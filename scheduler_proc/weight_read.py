@@ -1,6 +1,7 @@
 """A weight read back by its checkpoint (Hugging Face) name, as the engine holds it, so that a trainer
 can check a sync: each rank takes its block of the tensor out of the fused or sharded parameter that
-holds it, and rank 0 joins the blocks of every rank (SGLang's get_weights_by_name).
+holds it, and rank 0 joins the blocks of every rank (SGLang's get_weights_by_name). An FP8 weight is
+read dequantized (e4m3 values times their scales).
 
 Not for speed: the rows asked for cross the host group in float32, from every rank.
 """
@@ -13,6 +14,7 @@ from typing import Any, Optional
 import torch
 
 from scheduler_proc.layers.embedding import VocabParallelEmbedding
+from scheduler_proc.layers.fp8 import dequantize
 from scheduler_proc.layers.linear import ColumnParallelLinear, RowParallelLinear
 from scheduler_proc.models.decoder import CausalLM
 from scheduler_proc.tp.group import TPGroup
@@ -55,17 +57,24 @@ def local_block(model: CausalLM, key: str, name: str) -> Block:
         if isinstance(module, ColumnParallelLinear) and module_name.rsplit(".", 1)[0] == parent:
             for index, part in enumerate(module.parts):
                 if part.name == part_name and getattr(module, kind, None) is not None:
-                    rows = getattr(module, kind)[module.offsets[index] : module.offsets[index + 1]]
+                    rows = _value(module, kind)[module.offsets[index] : module.offsets[index + 1]]
                     return Block(rows, "rows", part.shard)
     module = modules.get(owner)
     if isinstance(module, RowParallelLinear) and kind == "weight":
-        return Block(module.weight, "columns")
+        return Block(_value(module, kind), "columns")
     if isinstance(module, VocabParallelEmbedding):
         return Block(module.weight, "vocab")
     params = dict(model.named_parameters())
     if key not in params:
         raise UpdateRefused(f"{type(model).__name__} has no weight named {name!r}")
     return Block(params[key], "whole")
+
+
+def _value(module: torch.nn.Module, kind: str) -> torch.Tensor:
+    """A linear layer's weight or bias as the model computes with it: an FP8 weight times its scales."""
+    if kind == "weight" and getattr(module, "fp8", None) is not None:
+        return dequantize(module.weight, module.weight_scale, torch.float32, module.fp8.block)
+    return getattr(module, kind)
 
 
 def _join(tp: TPGroup, block: Block, values: torch.Tensor) -> Optional[torch.Tensor]:

@@ -2,9 +2,10 @@
 the parameters' existing storage (CUDA graphs keep pointers to it), each rank taking its shard the way
 the loader does (CausalLM.load_weights with checkpoint names).
 
-Sources are checkpoint (Hugging Face) named tensors of any floating dtype (cast to the model's), or a
-folder of safetensors. A bad update (an unknown name, a wrong shape or dtype, a folder that is not a
-checkpoint of this model) is refused before the first copy, with a message naming what is wrong.
+Sources are checkpoint (Hugging Face) named tensors of any floating dtype (cast to the model's; FP8
+layers re-quantize them, see layers/fp8_linear.py), or a folder of safetensors; FP8 tensors are refused.
+A bad update (an unknown name, a wrong shape or dtype, a folder that is not a checkpoint of this model)
+is refused before the first copy, with a message naming what is wrong.
 """
 
 from __future__ import annotations
@@ -48,6 +49,8 @@ def check_update(model: CausalLM, specs: list[WeightSpec], complete: bool = Fals
     for spec in specs:
         if not spec.dtype.is_floating_point:
             raise UpdateRefused(f"weight {spec.name!r} has dtype {spec.dtype}; weights must be floating point")
+        if spec.dtype.itemsize == 1:  # FP8 without its scale: send high precision, FP8 layers re-quantize it
+            raise UpdateRefused(f"weight {spec.name!r} has dtype {spec.dtype}; send bf16/fp16/fp32 weights")
         if _skipped(model, spec.name):
             continue
         key = model.checkpoint_name(spec.name)

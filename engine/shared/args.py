@@ -11,6 +11,7 @@ from typing import Any, Optional
 
 from engine.shared.model_config import check_model_config
 from engine.shared.pooling import read_pooling_config
+from engine.shared.quant_config import KV_CACHE_DTYPES, fp8_scheme
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +48,8 @@ class EngineArgs:
     disable_overlap_schedule: bool = False  # read each step's outputs before scheduling the next
     profile_steps: int = 0  # record device/host time of up to this many steps (server info "step_profile")
     attention_backend: str = "auto"  # auto: flashinfer on GPU when installed, else torch
+    quantization: Optional[str] = None  # "fp8": bf16/fp16 weights quantized to FP8 e4m3 as they load
+    kv_cache_dtype: str = "auto"  # "fp8_e4m3": the KV pool in FP8 (twice the tokens); auto: the model's dtype
     return_hidden_states: bool = False  # default for requests that do not say
     is_embedding: bool = False  # an embedding model: Engine.encode() pools prompts' hidden states; no generate()
     grammar_cache_size: int = 256  # compiled grammars (json_schema / regex / ebnf) kept, by their text
@@ -70,6 +73,8 @@ class EngineArgs:
         _choice("attention_backend", self.attention_backend, _ATTENTION_BACKENDS)
         _choice("log_level", self.log_level.lower(), _LOG_LEVELS)
         _choice("schedule_policy", self.schedule_policy, _SCHEDULE_POLICIES)
+        _choice("kv_cache_dtype", self.kv_cache_dtype, KV_CACHE_DTYPES)
+        fp8_scheme({}, self.quantization)  # quantization names a method ferry has
         for name in ("disable_radix_cache", "allow_long_context"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
@@ -181,6 +186,7 @@ class EngineArgs:
                 "Pass allow_long_context=True to run with it anyway."
             )
         check_model_config(config)
+        fp8_scheme(config, resolved.quantization)
         if resolved.is_embedding:
             read_pooling_config(resolved.model_path)  # a pooling ferry lacks is refused here
         _check_tp_shape(resolved.tp_size, config)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+from engine.shared.quant_config import fp8_scheme
+
 ARCHITECTURES = (
     "LlamaForCausalLM",
     "MistralForCausalLM",
@@ -41,9 +43,7 @@ def check_model_config(config: dict[str, Any]) -> None:
     arch = architecture(config)
     if arch not in ARCHITECTURES:
         raise ValueError(f"model architecture {arch!r} is not supported; supported: {list(ARCHITECTURES)}")
-    if config.get("quantization_config"):
-        method = config["quantization_config"].get("quant_method", "?")
-        raise ValueError(f"{arch}: quantized checkpoints (quantization_config {method!r}) are not supported")
+    fp8_scheme(config)  # refuses every quantization method but FP8
     supported = _ROPE_TYPES + _EXTRA_ROPE_TYPES.get(arch, ())
     for kind in rope_types(config):
         if kind not in supported:

@@ -121,7 +121,7 @@ class FlashInferBackend(AttentionBackend):
 
     def _plan_with(self, batch: ForwardBatch, indptr: torch.Tensor, indices: torch.Tensor, decoders) -> None:
         """Plan every layer kind's wrapper: the decoders given, or the prefill wrappers when None."""
-        dtype = self.pool.k_buffer.dtype
+        dtype, kv_dtype = self.pool.compute_dtype, self.pool.k_buffer.dtype  # kv_dtype: e4m3 in an FP8 pool
         last_page_len = self.ones[: len(indptr) - 1]
         indices = indices.to(torch.int32)
         shape = (self.num_heads, self.num_kv_heads, self.head_dim, 1)
@@ -129,7 +129,7 @@ class FlashInferBackend(AttentionBackend):
         if decoders is not None:
             for kind, decoder in zip(self.kinds, decoders):
                 decoder.plan(
-                    indptr, indices, last_page_len, *shape, q_data_type=dtype, kv_data_type=dtype, **_options(kind)
+                    indptr, indices, last_page_len, *shape, q_data_type=dtype, kv_data_type=kv_dtype, **_options(kind)
                 )
             self.active = decoders
         else:
@@ -149,7 +149,7 @@ class FlashInferBackend(AttentionBackend):
                     causal=True,
                     seq_lens=kv_lens,
                     q_data_type=dtype,
-                    kv_data_type=dtype,
+                    kv_data_type=kv_dtype,
                     **_options(kind),
                 )
             self.active = self.prefill
@@ -180,11 +180,21 @@ class FlashInferBackend(AttentionBackend):
     # ---- per layer ----
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int) -> torch.Tensor:
-        k_buf, v_buf = self.pool.k_buffer[layer_id], self.pool.v_buffer[layer_id]
-        store_kv(k, v, k_buf, v_buf, self.out_cache_loc)
+        pool = self.pool
+        k_buf, v_buf = pool.k_buffer[layer_id], pool.v_buffer[layer_id]
         kv = (k_buf.unsqueeze(1), v_buf.unsqueeze(1))  # [slots, page_size=1, Hkv, D]
-        out = self.active[self.kind_of_layer[layer_id]].run(q, kv)
-        return out.reshape(q.shape[0], -1)
+        wrapper = self.active[self.kind_of_layer[layer_id]]
+        if not pool.is_fp8:
+            store_kv(k, v, k_buf, v_buf, self.out_cache_loc)
+            return wrapper.run(q, kv).reshape(q.shape[0], -1)
+        # FP8 pool: k / k_scale and v / v_scale in e4m3, copied as bytes (the store kernel then needs no FP8
+        # type, which Triton lacks before Ada); attention reads e4m3 and multiplies the scales back in.
+        k_scale, v_scale = pool.kv_scales[layer_id]
+        k8, v8 = pool.to_pool_dtype(k, k_scale).view(torch.uint8), pool.to_pool_dtype(v, v_scale).view(torch.uint8)
+        store_kv(k8, v8, k_buf.view(torch.uint8), v_buf.view(torch.uint8), self.out_cache_loc)
+        # A scale of 1.0 passed as None: flashinfer then skips multiplying the output by it (one kernel less).
+        scales = {"k_scale": k_scale if k_scale != 1.0 else None, "v_scale": v_scale if v_scale != 1.0 else None}
+        return wrapper.run(q, kv, **scales).reshape(q.shape[0], -1)
 
 
 def _options(kind: LayerAttention) -> dict[str, Any]:

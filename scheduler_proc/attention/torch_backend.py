@@ -42,9 +42,7 @@ class TorchBackend(AttentionBackend):
         self.masks = {w: _mask(prefix, total, valid, max_q, w, device) for w in windows}
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int) -> torch.Tensor:
-        k_buf, v_buf = self.pool.k_buffer[layer_id], self.pool.v_buffer[layer_id]
-        k_buf.index_copy_(0, self.out_cache_loc, k)
-        v_buf.index_copy_(0, self.out_cache_loc, v)
+        keys, values = self._store_and_gather(k, v, layer_id, q.dtype)
         batch_size, max_q, max_kv = self.shape
         num_heads, head_dim = q.shape[1], q.shape[2]
         if self.q_index is None:
@@ -53,8 +51,8 @@ class TorchBackend(AttentionBackend):
             q_pad = q.new_zeros(batch_size * max_q, num_heads, head_dim).index_copy_(0, self.q_index, q)
             q_pad = q_pad.view(batch_size, max_q, num_heads, head_dim)
         kv_shape = (batch_size, max_kv, k.shape[1], head_dim)
-        keys = k_buf.index_select(0, self.kv_index).view(kv_shape).transpose(1, 2)
-        values = v_buf.index_select(0, self.kv_index).view(kv_shape).transpose(1, 2)
+        keys = keys.view(kv_shape).transpose(1, 2)
+        values = values.view(kv_shape).transpose(1, 2)
         layer = self.layers[layer_id]
         mask = self.masks[layer.window]
         if layer.softcap is None:
@@ -70,6 +68,26 @@ class TorchBackend(AttentionBackend):
             out = _softcapped_attention(q_pad.transpose(1, 2), keys, values, mask, layer)
         out = out.transpose(1, 2).reshape(batch_size * max_q, num_heads * head_dim)
         return out if self.q_index is None else out.index_select(0, self.q_index)
+
+    def _store_and_gather(
+        self, k: torch.Tensor, v: torch.Tensor, layer_id: int, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write the step's k, v into the pool, then read every sequence's keys and values [B * Lmax, Hkv, D]
+        in `dtype`. An FP8 pool is written and read as bytes (torch's CPU index ops have no FP8 kernels)
+        and upcast times the layer's scale."""
+        pool = self.pool
+        k_buf, v_buf = pool.k_buffer[layer_id], pool.v_buffer[layer_id]
+        if not pool.is_fp8:
+            k_buf.index_copy_(0, self.out_cache_loc, k)
+            v_buf.index_copy_(0, self.out_cache_loc, v)
+            return k_buf.index_select(0, self.kv_index), v_buf.index_select(0, self.kv_index)
+        gathered = []
+        for buf, x, scale in zip((k_buf, v_buf), (k, v), pool.kv_scales[layer_id]):
+            stored = pool.to_pool_dtype(x, scale)
+            buf.view(torch.uint8).index_copy_(0, self.out_cache_loc, stored.view(torch.uint8))
+            read = buf.view(torch.uint8).index_select(0, self.kv_index).view(buf.dtype).to(dtype)
+            gathered.append(read if scale == 1.0 else read * scale)
+        return gathered[0], gathered[1]
 
 
 def _mask(

@@ -175,6 +175,7 @@ class CausalLM(nn.Module):
         self.shape = ModelShape(config, qkv_bias, qk_norm, tp.size)
         self.model = self.make_model(config, tp)
         self.lm_head = ParallelLMHead(self.shape.vocab_size, self.shape.hidden_size, tp)
+        self.kv_scales: dict[int, list[float]] = {}  # layer -> [k_scale, v_scale] of an FP8 KV cache, if given
         self.tie_weights()
 
     def make_model(self, config: dict[str, Any], tp: TPGroup) -> nn.Module:
@@ -203,25 +204,25 @@ class CausalLM(nn.Module):
         fused = self._fused_parts()
         loaded: set[str] = set()
         for name, source in weights:
-            for old, new in self.checkpoint_renames:
-                name = name.replace(old, new)
-            if name.startswith(_BARE_DECODER):  # saved from the bare decoder (AutoModel), as embedding models are
-                name = "model." + name
+            name = self._our_name(name)
             if "rotary_emb" in name or (name == "lm_head.weight" and self.shape.tie_word_embeddings):
                 continue
             owner, kind = name.rsplit(".", 1)
+            if self._load_kv_scale(owner, kind, source):
+                continue
             if ".experts." in owner:  # model.layers.0.mlp.experts.7.up_proj: one expert's projection
                 moe, expert = owner.split(".experts.", 1)
                 index, projection = expert.split(".", 1)
                 loaded.add(f"{moe}.{modules[moe].load_expert(int(index), projection, source, name)}")
             elif owner in fused:
                 module_name, index = fused[owner]
-                modules[module_name].load_part(index, kind, source, name)
-                loaded.add(f"{module_name}.{kind}")
+                written = modules[module_name].load_part(index, kind, source, name)
+                loaded.update(f"{module_name}.{param}" for param in written)
             elif isinstance(modules.get(owner), ColumnParallelLinear):  # all parts in one tensor (Phi-3)
-                modules[owner].load_fused(kind, source, name)
-                loaded.add(name)
-            elif isinstance(modules.get(owner), _SHARDED):
+                loaded.update(f"{owner}.{param}" for param in modules[owner].load_fused(kind, source, name))
+            elif isinstance(modules.get(owner), RowParallelLinear):
+                loaded.update(f"{owner}.{param}" for param in modules[owner].load(kind, source, name))
+            elif isinstance(modules.get(owner), VocabParallelEmbedding):
                 modules[owner].load(kind, source, name)
                 loaded.add(name)
             elif name in params:
@@ -230,6 +231,27 @@ class CausalLM(nn.Module):
             else:
                 raise KeyError(f"checkpoint tensor {name!r} has no place in {type(self).__name__}")
         return loaded
+
+    def _our_name(self, name: str) -> str:
+        """A checkpoint tensor's name in this model."""
+        for old, new in self.checkpoint_renames:
+            name = name.replace(old, new)
+        if name.startswith(_BARE_DECODER):  # saved from the bare decoder (AutoModel), as embedding models are
+            name = "model." + name
+        return name
+
+    def _load_kv_scale(self, owner: str, kind: str, source: Any) -> bool:
+        """An FP8 checkpoint's scale of a layer's keys or values in the KV cache (self_attn.k_scale, or
+        k_proj.output_scale): kept in kv_scales for the KV pool; False when the name is none of these."""
+        names = {"k_scale": 0, "v_scale": 1, "k_proj.output_scale": 0, "v_proj.output_scale": 1}
+        layer, _, rest = owner.partition(".self_attn")
+        which = names.get(kind if rest == "" else f"{rest.lstrip('.')}.{kind}")
+        if which is None or not layer.startswith("model.layers."):  # (cheap: most names stop here)
+            return False
+        layer_id = int(layer.rsplit(".", 1)[1])
+        scales = self.kv_scales.setdefault(layer_id, [1.0, 1.0])
+        scales[which] = float(source[...].reshape(-1)[0])
+        return True
 
     def checkpoint_name(self, name: str) -> str:
         """The name checkpoint_shapes() gives the tensor a checkpoint (or a trainer) calls `name`."""
@@ -259,7 +281,6 @@ class CausalLM(nn.Module):
         return parts
 
 
-_SHARDED = (RowParallelLinear, VocabParallelEmbedding)  # layers with their own `load`
 _BARE_DECODER = ("layers.", "embed_tokens.", "norm.")
 
 

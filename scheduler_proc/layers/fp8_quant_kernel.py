@@ -1,0 +1,47 @@
+"""Per-token FP8 quantization of activations in one GPU kernel (Triton): each program reads its row twice
+(its absolute maximum, then the row over its scale) and writes the e4m3 row and its float32 scale.
+
+In torch the same is about eight kernels (abs, amax, casts, divisions, clamps); ahead of each of a layer's
+four FP8 matmuls, in every decode step, those launches would cost a large part of what FP8 saves.
+Divisions round to nearest (div_rn), as torch's do, so the scales and the values before the final cast
+equal torch's; the cast is the device's round-to-nearest-even, as torch's.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+FP8_MAX = 448.0
+
+
+@triton.jit
+def _quantize_rows(x, q, scale, cols, x_stride, FP8_MAX: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offsets = tl.arange(0, BLOCK)
+    amax = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in range(0, cols, BLOCK):
+        inside = start + offsets < cols
+        values = tl.load(x + row * x_stride + start + offsets, mask=inside, other=0.0).to(tl.float32)
+        amax = tl.maximum(amax, tl.abs(values))
+    row_scale = tl.math.div_rn(tl.maximum(tl.max(amax, 0), 1e-12), FP8_MAX)
+    tl.store(scale + row, row_scale)
+    for start in range(0, cols, BLOCK):
+        inside = start + offsets < cols
+        values = tl.load(x + row * x_stride + start + offsets, mask=inside, other=0.0).to(tl.float32)
+        values = tl.minimum(tl.maximum(tl.math.div_rn(values, row_scale), -FP8_MAX), FP8_MAX)
+        tl.store(q + row * cols + start + offsets, values.to(q.dtype.element_ty), mask=inside)
+
+
+def quantize_rows(x: torch.Tensor, out_dtype: torch.dtype = torch.float8_e4m3fn) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q [T, K] in out_dtype, scale [T, 1] float32) for x [T, K] with unit stride along K. out_dtype is
+    e4m3 on the device; float32 (the values before the cast) lets a test compare them exactly on CPU."""
+    assert x.dim() == 2 and x.stride(1) == 1, (x.shape, x.stride())
+    rows, cols = x.shape
+    q = torch.empty(rows, cols, dtype=out_dtype, device=x.device)
+    scale = torch.empty(rows, 1, dtype=torch.float32, device=x.device)
+    if rows:
+        block = min(triton.next_power_of_2(cols), 1024)
+        _quantize_rows[(rows,)](x, q, scale, cols, x.stride(0), FP8_MAX=FP8_MAX, BLOCK=block)
+    return q, scale
