@@ -35,6 +35,18 @@ def _counter_uniform(seed, position, mix1, mix2, golden, mask53):
 
 
 @triton.jit
+def _draw_in_block(base, vocab, chosen, scale, best_value, target, BLOCK: tl.constexpr):
+    """Pass 2, one block: its first token whose cumulative mass passes what is left of the target."""
+    offsets = tl.arange(0, BLOCK)
+    idx = chosen * BLOCK + offsets
+    x = tl.load(base + idx, mask=idx < vocab, other=-float("inf")).to(tl.float32) * scale
+    within = tl.cumsum(tl.exp(x - best_value), 0)
+    last = tl.minimum(vocab - chosen * BLOCK, BLOCK) - 1
+    pick = tl.minimum(tl.sum((within <= target).to(tl.int32), 0), last)
+    return (chosen * BLOCK + pick).to(tl.int64)
+
+
+@triton.jit
 def _sample_rows(
     logits,
     row_index,
@@ -92,13 +104,7 @@ def _sample_rows(
         before = tl.cumsum(mass, 0)
         chosen = tl.minimum(tl.sum((before <= target).to(tl.int32), 0), num_blocks - 1)
         target -= tl.sum(tl.where(blocks < chosen, mass, 0.0), 0)
-        # Pass 2, one block: the first token of it whose cumulative mass passes what is left.
-        idx = chosen * BLOCK + offsets
-        x = tl.load(base + idx, mask=idx < vocab, other=-float("inf")).to(tl.float32) * scale
-        within = tl.cumsum(tl.exp(x - best_value), 0)
-        last = tl.minimum(vocab - chosen * BLOCK, BLOCK) - 1
-        pick = tl.minimum(tl.sum((within <= target).to(tl.int32), 0), last)
-        tl.store(out + row, (chosen * BLOCK + pick).to(tl.int64))
+        tl.store(out + row, _draw_in_block(base, vocab, chosen, scale, best_value, target, BLOCK))
 
 
 def fused_sample(

@@ -75,6 +75,13 @@ def main() -> None:
         for i in range(args.batch)
     ]
     _prefill(sched, reqs, args, sync)
+    _profile_decode(sched, args, sync)
+
+
+def _profile_decode(sched, args, sync) -> None:
+    """Decode steps: wall time per step, then cProfile (host) and torch.profiler (host ops, kernels)."""
+    import torch
+
     for _ in range(20):
         sched.iterate()
     sync()
