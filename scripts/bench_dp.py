@@ -14,34 +14,24 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
-import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # run from a checkout
+
+from engine.bench_tools import run_harness  # noqa: E402
 
 
 def run(dp_size: int, args: argparse.Namespace, result_file: str) -> dict:
     """One throughput run at dp_size; its JSON line (also appended to result_file)."""
-    with tempfile.NamedTemporaryFile("r", suffix=".jsonl") as own:
-        cmd = [
-            sys.executable,
-            os.path.join(ROOT, "scripts/bench_offline_throughput.py"),
-            "--model-path",
-            args.model_path,
-        ]
-        cmd += ["--workload", args.workload] if args.workload else ["--num-prompts", str(args.num_prompts)]
-        cmd += ["--load-format", "dummy", "--dp-size", str(dp_size), "--device", args.device]
-        cmd += ["--result-file", own.name, "--tag", f"dp{dp_size}", *args.extra]
-        print(" ".join(cmd[1:]), flush=True)
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
-        subprocess.run(cmd, check=True, cwd=ROOT, timeout=args.timeout, env=env)  # this checkout's engine
-        line = own.read().strip().splitlines()[-1]
-    if result_file:
-        with open(result_file, "a") as f:
-            f.write(line + "\n")
-    return json.loads(line)
+    flags = ["--model-path", args.model_path]
+    flags += ["--workload", args.workload] if args.workload else ["--num-prompts", str(args.num_prompts)]
+    flags += ["--load-format", "dummy", "--dp-size", str(dp_size), "--device", args.device, *args.extra]
+    row = run_harness(flags, f"dp{dp_size}", result_file, args.timeout)
+    if row is None:
+        raise SystemExit(f"the dp_size={dp_size} run failed")
+    return row
 
 
 def main() -> None:

@@ -18,16 +18,16 @@ Run on the device: bash scripts/device_run.sh python3 scripts/bench_fp8.py <part
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
-import subprocess
 import sys
-import time
 from typing import Any
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+from engine import bench_tools  # noqa: E402
+
 MODELS = {name: os.path.join(ROOT, "configs", name) for name in ("qwen3-0.6b", "llama-3.1-8b", "llama-3.1-70b")}
 VARIANTS = {
     "bf16": [],
@@ -38,13 +38,7 @@ GAPS = (0.1, 0.5, 1.0)  # bf16 top-2 logprob gaps above which agreement is count
 
 
 def record(out: str, row: dict[str, Any]) -> None:
-    row = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), **row}
-    with open(os.path.join(out, "fp8.jsonl"), "a") as f:
-        f.write(json.dumps(row) + "\n")
-    width = max(len(k) for k in row)
-    for key, value in row.items():
-        print(f"  {key:<{width}}  {value:.4g}" if isinstance(value, float) else f"  {key:<{width}}  {value}")
-    print(flush=True)
+    bench_tools.record(os.path.join(out, "fp8.jsonl"), row)
 
 
 def scores(model: str, settings: dict[str, Any], prompts: list[list[int]]) -> tuple[list[tuple], dict]:
@@ -102,31 +96,9 @@ def agreement(out: str, name: str) -> None:
 
 
 def throughput(out: str, name: str, variant: str, workload: str, extra: list[str], timeout: int) -> None:
-    cmd = [
-        sys.executable,
-        os.path.join(ROOT, "scripts/bench_offline_throughput.py"),
-        "--model-path",
-        MODELS[name],
-        "--load-format",
-        "dummy",
-        "--context-length",
-        "4096",
-        "--workload",
-        workload,
-        "--roofline",
-        "--result-file",
-        os.path.join(out, "bench.jsonl"),
-        "--tag",
-        f"fp8-bench {name} {variant}",
-        *VARIANTS[variant],
-        *extra,
-    ]
-    print(" ".join(cmd[1:]), flush=True)
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
-        print(proc.stdout[-3000:] or proc.stderr[-3000:], flush=True)
-    except subprocess.TimeoutExpired:
-        print(f"timed out after {timeout}s", flush=True)
+    flags = ["--model-path", MODELS[name], "--load-format", "dummy", "--context-length", "4096"]
+    flags += ["--workload", workload, "--roofline", *VARIANTS[variant], *extra]
+    bench_tools.run_harness(flags, f"fp8-bench {name} {variant}", os.path.join(out, "bench.jsonl"), timeout)
 
 
 def main() -> None:

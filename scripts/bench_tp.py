@@ -32,6 +32,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from bench_handoff import handoff  # noqa: E402  (scripts/ is on the path: this script's folder)
 
+from engine import bench_tools  # noqa: E402
 from engine.shared.child_process import MULTICAST_OFF_ENV  # noqa: E402
 
 os.environ.update(MULTICAST_OFF_ENV)
@@ -39,13 +40,7 @@ MODEL_8B, MODEL_70B = os.path.join(ROOT, "configs/llama-3.1-8b"), os.path.join(R
 
 
 def record(out: str, row: dict[str, Any]) -> None:
-    row = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), **row}
-    with open(os.path.join(out, "tp.jsonl"), "a") as f:
-        f.write(json.dumps(row) + "\n")
-    width = max(len(k) for k in row)
-    for key, value in row.items():
-        print(f"  {key:<{width}}  {value:.4g}" if isinstance(value, float) else f"  {key:<{width}}  {value}")
-    print(flush=True)
+    bench_tools.record(os.path.join(out, "tp.jsonl"), row)
 
 
 # ---- top-1 agreement (through the engine) ----
@@ -280,30 +275,8 @@ def decode_steps(out: str) -> None:
 
 def throughput(out: str, model: str, tp_sizes: list[int], flags: list[str], timeout: int = 270) -> None:
     for tp in tp_sizes:
-        cmd = [
-            sys.executable,
-            os.path.join(ROOT, "scripts/bench_offline_throughput.py"),
-            "--model-path",
-            model,
-            "--load-format",
-            "dummy",
-            "--context-length",
-            "4096",
-            "--tp-size",
-            str(tp),
-            "--roofline",
-            "--result-file",
-            os.path.join(out, "bench.jsonl"),
-            "--tag",
-            f"tp{tp}",
-            *flags,
-        ]
-        print(" ".join(cmd[1:]), flush=True)
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
-            print(proc.stdout[-3000:] or proc.stderr[-3000:], flush=True)
-        except subprocess.TimeoutExpired:
-            print(f"timed out after {timeout}s", flush=True)
+        harness = ["--model-path", model, "--load-format", "dummy", "--context-length", "4096", "--tp-size", str(tp)]
+        bench_tools.run_harness([*harness, "--roofline", *flags], f"tp{tp}", os.path.join(out, "bench.jsonl"), timeout)
 
 
 def big_model(out: str) -> None:
