@@ -11,6 +11,9 @@ from scheduler_proc.layers.kernels import flashinfer_for
 
 
 class RMSNorm(nn.Module):
+    # flashinfer's kernels for this norm: plain, and fused with the residual add
+    fi_norm, fi_fused_add = "rmsnorm", "fused_add_rmsnorm"
+
     def __init__(self, size: int, eps: float) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(size))
@@ -23,8 +26,8 @@ class RMSNorm(nn.Module):
         fi = flashinfer_for(x)
         if fi is not None and x.dim() == 2:
             if residual is None:
-                return fi.rmsnorm(x, self.weight, self.eps)
-            fi.fused_add_rmsnorm(x, residual, self.weight, self.eps)  # in place: x=norm, residual=sum
+                return getattr(fi, self.fi_norm)(x, self.weight, self.eps)
+            getattr(fi, self.fi_fused_add)(x, residual, self.weight, self.eps)  # in place: x=norm, residual=sum
             return x, residual
         if residual is not None:
             x = x + residual
@@ -36,7 +39,7 @@ class RMSNorm(nn.Module):
         """x = norm(x) over its last dim, in place; x may be a strided view (per-head q/k norms)."""
         fi = flashinfer_for(x)
         if fi is not None:
-            fi.rmsnorm(x, self.weight, self.eps, out=x)
+            getattr(fi, self.fi_norm)(x, self.weight, self.eps, out=x)
         else:
             x.copy_(self._torch_norm(x))
 
@@ -51,29 +54,7 @@ class RMSNorm(nn.Module):
 class GemmaRMSNorm(RMSNorm):
     """Gemma's RMSNorm: the checkpoint's weight w scales by (1 + w), and the whole norm runs in float32."""
 
-    def forward(
-        self, x: torch.Tensor, residual: Optional[torch.Tensor] = None
-    ) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        """norm(x), or with a residual: (norm(x + residual), x + residual)."""
-        fi = flashinfer_for(x)
-        if fi is not None and x.dim() == 2:
-            if residual is None:
-                return fi.gemma_rmsnorm(x, self.weight, self.eps)
-            fi.gemma_fused_add_rmsnorm(x, residual, self.weight, self.eps)
-            return x, residual
-        if residual is not None:
-            x = x + residual
-            residual = x
-        out = self._torch_norm(x)
-        return out if residual is None else (out, residual)
-
-    def forward_inplace(self, x: torch.Tensor) -> None:
-        """x = norm(x) over its last dim, in place; x may be a strided view (Gemma 3's per-head q/k norms)."""
-        fi = flashinfer_for(x)
-        if fi is not None:
-            fi.gemma_rmsnorm(x, self.weight, self.eps, out=x)
-        else:
-            x.copy_(self._torch_norm(x))
+    fi_norm, fi_fused_add = "gemma_rmsnorm", "gemma_fused_add_rmsnorm"
 
     def _torch_norm(self, x: torch.Tensor) -> torch.Tensor:
         x32 = x.float()
