@@ -98,12 +98,16 @@ def test_constrained_decode_through_cuda_graphs_equals_eager():
         sampled = engine.generate(
             input_ids=prompts, sampling_params=[p | {"temperature": 0.8, "seed": 1} for p in params]
         )
-    with _engine(disable_cuda_graph=True, disable_overlap_schedule=True) as engine:
+    # Same schedule (overlap on) without graphs: the graph path must give the eager path's tokens. Without
+    # overlap, requests leave the batch a step earlier, so batch shapes (and bf16 near-ties) differ: that
+    # run is checked against the grammar only.
+    with _engine(disable_cuda_graph=True) as engine:
         eager = engine.generate(input_ids=prompts, sampling_params=params)
-    for outputs in (graphs, sampled, eager):
+    with _engine(disable_overlap_schedule=True) as engine:
+        no_overlap = engine.generate(input_ids=prompts, sampling_params=params)
+    for outputs in (graphs, sampled, eager, no_overlap):
         _check(outputs, kinds)
-    tokens = sum(len(o["output_ids"]) for o in graphs)
-    mismatch = sum(a != b for x, y in zip(graphs, eager) for a, b in zip(x["output_ids"], y["output_ids"])) / tokens
+    differ = [k for x, y, k in zip(graphs, eager, kinds) if x["output_ids"] != y["output_ids"]]
     stopped = sum(o["meta_info"]["finish_reason"]["type"] == "stop" for o, k in zip(graphs, kinds) if k == "json")
-    print(f"constrained graph vs eager token mismatch {mismatch:.2%}; json requests ended by the grammar: {stopped}/16")
-    assert mismatch <= 0.05  # bf16 near-ties of a random model flip a few sequences (see test_gpu.py)
+    print(f"constrained graph vs eager: {len(differ)}/48 sequences differ {differ}; json stopped: {stopped}/16")
+    assert len(differ) <= 1  # test_gpu.py finds graph and eager decode identical on free rows

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from scheduler_proc.attention.base import LayerAttention
 from scheduler_proc.attention.torch_backend import TorchBackend
-from scheduler_proc.forward_batch import ForwardBatch
+from scheduler_proc.forward_batch import ForwardBatch, to_device_int64
 from scheduler_proc.kv_pool import KVPool
 from scheduler_proc.layers.linear import ColumnParallelLinear, Part
 
@@ -108,3 +108,12 @@ def test_torch_backend_matches_per_sequence_attention(prefix, extend, layer):
     out = backend.forward(q, k_new, v_new, 0)
     expected = _reference_attention(q, k_all, v_all, prefix, extend, layer)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_step_index_arrays_upload_as_aligned_views_of_one_buffer():
+    lists = [[1, 2, 3], [4], [], [5, 6], [7, 8, 9]]
+    views = to_device_int64(*lists, device=torch.device("cpu"))
+    assert [view.tolist() for view in views] == lists
+    assert len({view.untyped_storage().data_ptr() for view in views}) == 1
+    # Triton specializes pointers on 16-byte alignment: a view at another alignment would recompile a kernel.
+    assert all(view.data_ptr() % 16 == 0 for view in views)
