@@ -7,6 +7,7 @@ from typing import Optional
 
 from scheduler_proc.attention.base import AttentionBackend, LayerAttention
 from scheduler_proc.kv_pool import KVPool
+from scheduler_proc.layers.kernels import FLASHINFER_HEAD_DIMS
 
 logger = logging.getLogger(__name__)
 
@@ -22,7 +23,11 @@ def create_backend(
 ) -> AttentionBackend:
     """name: "torch", "flashinfer" or "auto" (flashinfer on CUDA when installed, else torch); layers:
     each layer's window, scale and soft cap (None: plain causal attention everywhere)."""
-    if name in ("auto", "flashinfer") and device == "cuda":
+    if name == "flashinfer" and head_dim not in FLASHINFER_HEAD_DIMS:
+        raise ValueError(f"attention_backend='flashinfer' supports head_dim {FLASHINFER_HEAD_DIMS}, not {head_dim}")
+    if name == "auto" and device == "cuda" and head_dim not in FLASHINFER_HEAD_DIMS:
+        logger.warning("head_dim %d: flashinfer has no kernels for it; using the torch attention backend", head_dim)
+    elif name in ("auto", "flashinfer") and device == "cuda":
         try:
             from scheduler_proc.attention.flashinfer_backend import FlashInferBackend
         except ImportError as exc:

@@ -23,6 +23,10 @@ def _flashinfer() -> Optional[ModuleType]:
     return flashinfer
 
 
+# Head sizes flashinfer's attention and RoPE kernels are built for; others (tiny test models) run in torch.
+FLASHINFER_HEAD_DIMS = (64, 128, 256, 512)
+
+
 def flashinfer_for(x: torch.Tensor) -> Optional[ModuleType]:
     """flashinfer if it can run on this tensor (CUDA, half precision), else None."""
     if x.device.type != "cuda" or x.dtype not in (torch.bfloat16, torch.float16):

@@ -11,8 +11,10 @@ from scheduler_proc.layers.kernels import flashinfer_for
 
 
 class RMSNorm(nn.Module):
-    # flashinfer's kernels for this norm: plain, and fused with the residual add
+    # flashinfer's kernels for this norm: plain, and fused with the residual add; whether the plain one
+    # takes [rows, D] only (rmsnorm also takes the [T, H, D] heads of a per-head q/k norm)
     fi_norm, fi_fused_add = "rmsnorm", "fused_add_rmsnorm"
+    fi_rows_only = False
 
     def __init__(self, size: int, eps: float) -> None:
         super().__init__()
@@ -38,8 +40,10 @@ class RMSNorm(nn.Module):
     def forward_inplace(self, x: torch.Tensor) -> None:
         """x = norm(x) over its last dim, in place; x may be a strided view (per-head q/k norms)."""
         fi = flashinfer_for(x)
-        if fi is not None:
+        if fi is not None and (x.dim() == 2 or not self.fi_rows_only):
             getattr(fi, self.fi_norm)(x, self.weight, self.eps, out=x)
+        elif fi is not None:  # [T, H, D] heads through a kernel that takes rows only
+            x.copy_(getattr(fi, self.fi_norm)(x.reshape(-1, x.shape[-1]), self.weight, self.eps).view_as(x))
         else:
             x.copy_(self._torch_norm(x))
 
@@ -55,6 +59,7 @@ class GemmaRMSNorm(RMSNorm):
     """Gemma's RMSNorm: the checkpoint's weight w scales by (1 + w), and the whole norm runs in float32."""
 
     fi_norm, fi_fused_add = "gemma_rmsnorm", "gemma_fused_add_rmsnorm"
+    fi_rows_only = True
 
     def _torch_norm(self, x: torch.Tensor) -> torch.Tensor:
         x32 = x.float()

@@ -14,7 +14,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from scheduler_proc.layers.kernels import flashinfer_for
+from scheduler_proc.layers.kernels import FLASHINFER_HEAD_DIMS, flashinfer_for
 
 
 def rope_parameters(config: dict[str, Any]) -> tuple[float, Optional[dict[str, Any]]]:
@@ -99,7 +99,7 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> None:
         fi = flashinfer_for(q)
-        if fi is not None:
+        if fi is not None and self.head_dim in FLASHINFER_HEAD_DIMS:
             fi.apply_rope_with_cos_sin_cache_inplace(
                 positions, q.view(q.shape[0], -1), k.view(k.shape[0], -1), self.head_dim, self.cos_sin_cache, True
             )

@@ -117,3 +117,10 @@ def test_step_index_arrays_upload_as_aligned_views_of_one_buffer():
     assert len({view.untyped_storage().data_ptr() for view in views}) == 1
     # Triton specializes pointers on 16-byte alignment: a view at another alignment would recompile a kernel.
     assert all(view.data_ptr() % 16 == 0 for view in views)
+
+
+def test_flashinfer_backend_refuses_a_head_size_it_has_no_kernels_for():
+    from scheduler_proc.attention import create_backend
+
+    with pytest.raises(ValueError, match="head_dim"):
+        create_backend("flashinfer", None, "cuda", num_heads=4, num_kv_heads=2, head_dim=16)
