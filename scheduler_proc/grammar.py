@@ -28,7 +28,9 @@ class GrammarQueue:
 
     def __init__(self, tokenizer: Any, vocab_size: int, stop_token_ids: list[int], args: EngineArgs) -> None:
         self.tokenizer = tokenizer
-        self.vocab_size = vocab_size  # the model's: its logits may be wider than the tokenizer's vocabulary
+        # The tokenizer's ids, the grammars' vocabulary: a model's logits may be wider (padding, no tokens;
+        # grammar_mask.py forbids those to constrained rows).
+        self.token_vocab = min(vocab_size, max(tokenizer.get_vocab().values()) + 1)
         self.stop_token_ids = stop_token_ids  # what the matcher takes as the end once the grammar is complete
         self.cache_size = args.grammar_cache_size
         # Any whitespace between JSON elements (SGLang's default), or none but ", " and ": ".
@@ -100,7 +102,7 @@ class GrammarQueue:
 
         if self._compiler is None:  # the tokenizer's info takes a moment: not on the scheduler's thread
             info = xgrammar.TokenizerInfo.from_huggingface(
-                self.tokenizer, vocab_size=self.vocab_size, stop_token_ids=self.stop_token_ids
+                self.tokenizer, vocab_size=self.token_vocab, stop_token_ids=self.stop_token_ids
             )
             self._compiler = xgrammar.GrammarCompiler(info, cache_enabled=False)  # the cache is ours
         kind, text = key
@@ -113,12 +115,3 @@ class GrammarQueue:
         self.num_compiled += 1
         logger.info("compiled a %s grammar (%d characters)", kind, len(text))
         return compiled
-
-
-def accept_token(req: Request, token: int) -> None:
-    """Advance a constrained request's matcher past its new token. A token the grammar refuses cannot come
-    from a masked step; should one come anyway, the request ends with an error, not the engine."""
-    if req.grammar is not None and not req.grammar.accept_token(token) and req.error is None:
-        req.error = (
-            f"token {token} does not continue the output allowed by sampling_params.{req.sampling.constraint[0]}"
-        )

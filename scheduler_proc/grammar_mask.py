@@ -1,6 +1,8 @@
 """The vocabulary mask of a step's constrained rows: filled on the host from the requests' matchers
 (xgrammar, several rows at once in its own threads), copied to the device, and applied there to the logits
-the sampler reads (xgrammar's kernel: -inf wherever the grammar forbids the token).
+the sampler reads (xgrammar's kernel: -inf wherever the grammar forbids the token). The matchers advance
+past each step's tokens here too, in threads (xgrammar's batch call releases the GIL): at a batch of
+hundreds, one after another they took longer than a small model's step.
 
 A step with a constrained row samples only once each of its requests has its previous token in its
 matcher; scheduler.py decides when that is (with overlap, after the step before is read).
@@ -9,17 +11,33 @@ matcher; scheduler.py decides when that is (with overlap, after the step before 
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
 
+from scheduler_proc.forward_batch import to_device
 from scheduler_proc.request import Request
+
+_ROWS_PER_THREAD = 32  # fewer rows than this a thread: not worth a hand-off
+
+
+@dataclass
+class StepMask:
+    """A step's mask: bits [S, ceil(vocab / 32)] int32 over the tokenizer's ids (0: forbidden), and the rows
+    that have a grammar, whose logits past `vocab` (a model's padding, no token at all) are forbidden too."""
+
+    bits: torch.Tensor
+    vocab: int
+    constrained: torch.Tensor  # [C] int64, on the bits' device
 
 
 class TokenMasks:
-    """One [rows, ceil(vocab / 32)] int32 bitmask, reused every step; allocated on first use."""
+    """One [rows, ceil(vocab / 32)] int32 bitmask, reused every step, allocated on first use; vocab: the
+    tokenizer's ids (the grammars' vocabulary: filling also over a model's padding ids cost xgrammar 20x)."""
 
-    def __init__(self, max_rows: int, vocab_size: int, device: torch.device) -> None:
+    def __init__(self, max_rows: int, vocab_size: int, device: torch.device, threads: Optional[int] = None) -> None:
         self.max_rows = max_rows
         self.vocab_size = vocab_size
         self.device = device
@@ -27,8 +45,34 @@ class TokenMasks:
         self._on_device: Optional[torch.Tensor] = None
         self._copied: Optional[torch.cuda.Event] = None  # the host buffer may be written again after this
         self._batch: Any = None  # xgrammar.BatchGrammarMatcher
+        self._threads = threads or _fill_threads()
+        self._pool: Optional[ThreadPoolExecutor] = None  # advances the matchers; started on first use
 
-    def fill(self, reqs: list[Request]) -> torch.Tensor:
+    def accept(self, pairs: list[tuple[Request, int]]) -> None:
+        """Advance each constrained request's matcher past its new token, in parallel shards. A token the
+        grammar refuses cannot come from a masked step; should one come anyway, that request gets an error
+        (and ends), not the engine."""
+        import xgrammar
+
+        shards = max(1, min(self._threads, len(pairs) // _ROWS_PER_THREAD))
+        parts = [pairs[i::shards] for i in range(shards)]
+
+        def one(part: list[tuple[Request, int]]) -> list[bool]:
+            return xgrammar.BatchGrammarMatcher.batch_accept_token([r.grammar for r, _ in part], [t for _, t in part])
+
+        if shards == 1:
+            results = [one(pairs)]
+        else:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=self._threads, thread_name_prefix="grammar-accept")
+            results = list(self._pool.map(one, parts))
+        for part, accepted in zip(parts, results):
+            for (req, token), ok in zip(part, accepted):
+                if not ok and req.error is None:
+                    kind = req.sampling.constraint[0]
+                    req.error = f"token {token} does not continue the output allowed by sampling_params.{kind}"
+
+    def fill(self, reqs: list[Request]) -> StepMask:
         """The mask of a step's sampled rows (reqs in sampling-row order), on the device: row s allows what
         reqs[s]'s grammar allows next, or every token for a free request, or for one that has ended (its
         token is dropped). A matcher that fails sets that request's error and leaves its row open."""
@@ -48,13 +92,14 @@ class TokenMasks:
                 except Exception as exc:
                     reqs[s].error = f"filling the token mask failed: {type(exc).__name__}: {exc}"
                     rows[s].fill_(-1)
+        constrained = to_device([s for s, req in enumerate(reqs) if req.grammar is not None], torch.int64, self.device)
         if on_device is host:
-            return rows
+            return StepMask(rows, self.vocab_size, constrained)
         on_device = on_device[: len(reqs)]
         on_device.copy_(rows, non_blocking=True)
         self._copied = torch.cuda.Event()
         self._copied.record()
-        return on_device
+        return StepMask(on_device, self.vocab_size, constrained)
 
     def _buffers(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._host is None:
@@ -64,7 +109,7 @@ class TokenMasks:
             cuda = self.device.type == "cuda"
             self._host = torch.empty((self.max_rows, width), dtype=torch.int32, pin_memory=cuda)
             self._on_device = torch.empty_like(self._host, device=self.device) if cuda else self._host
-            self._batch = xgrammar.BatchGrammarMatcher(max_threads=_fill_threads())
+            self._batch = xgrammar.BatchGrammarMatcher(max_threads=self._threads)
         assert self._on_device is not None
         return self._host, self._on_device
 
@@ -76,8 +121,10 @@ def _fill_threads() -> int:
     return max(1, min(8, cores // 2))
 
 
-def apply_token_mask(logits: torch.Tensor, mask: torch.Tensor) -> None:
-    """Set logits [S, V] to -inf where mask [S, ceil(V / 32)] has a 0 bit (in place)."""
+def apply_token_mask(logits: torch.Tensor, mask: StepMask) -> None:
+    """Set logits [S, V] to -inf where the mask forbids the token (in place)."""
     import xgrammar
 
-    xgrammar.apply_token_bitmask_inplace(logits, mask, vocab_size=logits.shape[1])
+    xgrammar.apply_token_bitmask_inplace(logits, mask.bits, vocab_size=min(mask.vocab, logits.shape[1]))
+    if logits.shape[1] > mask.vocab and mask.constrained.numel():
+        logits[mask.constrained, mask.vocab :] = float("-inf")

@@ -16,6 +16,7 @@ import torch
 from engine.shared.sampling import SamplingParams
 from scheduler_proc.counter_rng import row_uniform
 from scheduler_proc.forward_batch import to_device
+from scheduler_proc.grammar_mask import StepMask
 
 
 @dataclass
@@ -30,7 +31,7 @@ class SamplingBatch:
     any_filter: bool = True  # some row uses top_k, top_p or min_p
     bias: list[tuple[int, int, float]] = field(default_factory=list)  # (batch index, token, bias)
     banned: list[tuple[int, int]] = field(default_factory=list)  # (batch index, token): min_new_tokens
-    grammar_mask: Optional[torch.Tensor] = None  # [S, ceil(V / 32)] int32 bitmask of constrained rows (grammar_mask.py)
+    grammar_mask: Optional[StepMask] = None  # what the constrained rows' grammars allow (grammar_mask.py)
 
 
 class SamplingState:

@@ -26,7 +26,7 @@ from engine.shared.protocol import AbortRequest, ControlRequest, FinishReason, G
 from scheduler_proc.cache_manager import CacheManager
 from scheduler_proc.control import ControlCalls
 from scheduler_proc.finish import FinishChecker
-from scheduler_proc.grammar import GrammarQueue, accept_token
+from scheduler_proc.grammar import GrammarQueue
 from scheduler_proc.grammar_mask import TokenMasks
 from scheduler_proc.in_flight import InFlight
 from scheduler_proc.model_runner import ModelRunner
@@ -83,7 +83,7 @@ class Scheduler(ControlCalls):
         self.trainer = TrainerOps(self.runner)  # weight updates and memory release, between steps
         checker, vocab_size = self.finish_checker, self.runner.shape.vocab_size
         self.grammars = GrammarQueue(checker.tokenizer, vocab_size, checker.eos_ids, args)
-        self.masks = TokenMasks(self.pool.max_requests, vocab_size, self.runner.device)
+        self.masks = TokenMasks(self.pool.max_requests, self.grammars.token_vocab, self.runner.device)
 
     # ---- the loop ----
 
@@ -305,6 +305,7 @@ class Scheduler(ControlCalls):
         except Exception as exc:
             self.fail_step(step, exc)
             return
+        took: list[Request] = []
         for (req, _), token, completed in zip(step.entries, next_ids, launched.completed):
             if req.finish is not None:  # finished (or aborted) while this step ran: its token is dropped
                 continue
@@ -316,7 +317,11 @@ class Scheduler(ControlCalls):
                 continue
             req.output_ids.append(token)
             req.new_ids.append(token)
-            accept_token(req, token)
+            took.append(req)
+        constrained = [(req, req.output_ids[-1]) for req in took if req.grammar is not None]
+        if constrained:
+            self.masks.accept(constrained)
+        for req in took:
             reason = self.finish_checker.check(req)
             if reason is not None:
                 self.finish(req, reason)

@@ -15,7 +15,7 @@ from test_scheduler import Driver, prompt
 from engine.shared.protocol import AbortRequest, GenerateBatch, GenerateRequest
 from engine.shared.sampling import SamplingParams
 from scheduler_proc.grammar import GrammarQueue
-from scheduler_proc.grammar_mask import TokenMasks, apply_token_mask
+from scheduler_proc.grammar_mask import StepMask, TokenMasks, apply_token_mask
 from scheduler_proc.request import Request
 from scheduler_proc.sampler import SamplingBatch, SamplingState
 
@@ -155,12 +155,54 @@ def test_the_mask_allows_exactly_what_the_grammar_does(tokenizer):
     assert torch.isfinite(logits[0]).nonzero().flatten().tolist() == [tokenizer.eos_token_id]
 
 
+def test_padding_ids_of_the_model_are_forbidden_to_constrained_rows_only(tokenizer):
+    queue = GrammarQueue(tokenizer, 49152 + 96, [tokenizer.eos_token_id], _args())  # logits wider than the vocab
+    assert queue.token_vocab == 49152
+    constrained = compiled_request(tokenizer, YES_NO)
+    free = Request(GenerateRequest(rid="free", input_ids=[1], sampling=SamplingParams()), seed=0)
+    logits = torch.zeros(2, 49152 + 96)
+    apply_token_mask(logits, TokenMasks(2, queue.token_vocab, torch.device("cpu")).fill([constrained, free]))
+    assert torch.isneginf(logits[0, 49152:]).all() and torch.isfinite(logits[0, :49152]).sum() > 0
+    assert torch.isfinite(logits[1]).all()
+
+
+def test_matchers_advance_in_parallel_shards_as_one_by_one(tokenizer):
+    queue = GrammarQueue(tokenizer, 49152, [tokenizer.eos_token_id], _args())
+    reqs = []
+    for i in range(100):
+        req = Request(GenerateRequest(rid=str(i), input_ids=[1], sampling=SamplingParams(regex=REGEXES[i % 3])), 0)
+        queue.add(req)
+        reqs.append(req)
+    for _, future in queue.compiling:
+        future.result(timeout=60)
+    assert len(queue.ready()) == 100
+    words = ["alpha-12", "[true, false]", "abc@de.org"]
+    paths = [tokenizer.encode(words[i % 3]) for i in range(100)]
+    masks = TokenMasks(100, queue.token_vocab, torch.device("cpu"), threads=4)
+    for step in range(max(map(len, paths))):
+        pairs = [(req, path[step]) for req, path in zip(reqs, paths) if step < len(path)]
+        if step == 0:  # refused: that request alone gets an error
+            pairs[8] = (reqs[8], tokenizer.encode("~")[0])
+        masks.accept(pairs)
+    assert [i for i, req in enumerate(reqs) if req.error] == [8] and "sampling_params.regex" in reqs[8].error
+    for i, req in enumerate(reqs):
+        alone = Request(GenerateRequest(rid="a", input_ids=[1], sampling=SamplingParams(regex=REGEXES[i % 3])), 0)
+        queue.add(alone)
+        queue.compiling[-1][1].result(timeout=60)
+        queue.ready()
+        for token in paths[i]:
+            assert alone.grammar.accept_token(token)
+        if i != 8:  # the same state: the same mask next
+            assert torch.equal(masks.fill([req]).bits, TokenMasks(1, 49152, torch.device("cpu")).fill([alone]).bits)
+
+
 def test_the_grammar_wins_when_bias_and_min_new_tokens_leave_a_row_nothing():
     state = SamplingState(2, 64, torch.device("cpu"))
     for row in range(2):
         state.admit(row, SamplingParams(temperature=0.7), seed=row, prompt_ids=[0])
-    mask = torch.zeros(2, 2, dtype=torch.int32)
-    mask[:, 0] = (1 << 3) | (1 << 5)  # tokens 3 and 5 allowed
+    bits = torch.zeros(2, 2, dtype=torch.int32)
+    bits[:, 0] = (1 << 3) | (1 << 5)  # tokens 3 and 5 allowed
+    mask = StepMask(bits, 64, torch.tensor([0, 1]))
     logits = torch.zeros(2, 64)  # tokens 3 and 5 equally likely
     apply_token_mask(logits, mask)
     seen = set()
