@@ -116,7 +116,7 @@ def run_ferry(workload: Workload, settings: dict[str, Any], args: argparse.Names
         "kv_pool_tokens": info["kv_pool_tokens"],
         "device": info.get("device_name", info.get("device")),
         **latency,
-        **_step_stats(info.get("step_profile"), start),
+        **_step_stats(info.get("step_profile"), start, start + wall),
     }
 
 
@@ -133,7 +133,7 @@ def warm_up(engine: Any, workload: Workload) -> None:
         engine.generate(input_ids=prompts, sampling_params=params, use_tqdm=False)
 
 
-def _step_stats(profile: Optional[dict[str, list]], since: float) -> dict[str, Any]:
+def _step_stats(profile: Optional[dict[str, list]], since: float, until: float) -> dict[str, Any]:
     """From the steps recorded with --profile-steps: p50/p99 of the decode steps run at (near) the run's
     largest batch (device time, device idle time before the step, host time per step), and the totals of
     device and idle time over decode-only and prefill/mixed steps. Only steps queued after `since` (the
@@ -141,9 +141,14 @@ def _step_stats(profile: Optional[dict[str, list]], since: float) -> dict[str, A
     if not profile or not profile["batch_size"]:
         return {}
     timed = [i for i, clock in enumerate(profile["clock"]) if clock >= since]
+    if not timed:
+        return {}
     profile = {key: [values[i] for i in timed] for key, values in profile.items()}
+    profile["gap_ms"][0] = None  # the idle before the first timed step began before the timer did
     decode = profile["decode"]
-    stats: dict[str, Any] = {}
+    # Host time outside the steps: from the call to the first step queued (frontend, transfer, admission,
+    # the first step's building) and from the last step queued until the call returned.
+    stats: dict[str, Any] = {"lead_s": profile["clock"][0] - since, "tail_s": until - profile["clock"][-1]}
     for kind, want in (("decode", True), ("prefill", False)):
         steps = [i for i, d in enumerate(decode) if d == want]
         stats[f"{kind}_steps"] = len(steps)
@@ -254,6 +259,8 @@ def print_table(result: dict[str, Any]) -> None:
                     f"{ferry[f'{kind}_steps']}, {ferry[f'{kind}_gpu_s']:.2f}, {ferry[f'{kind}_gap_s']:.2f}",
                 )
             )
+    if "lead_s" in ferry:
+        rows.append(("before first / after last step (s)", f"{ferry['lead_s']:.3f} / {ferry['tail_s']:.3f}"))
     if "profile_steps" in ferry:
         rows.append(
             ("profiled decode steps", f"{ferry['profile_steps']} at batch >= {0.9 * ferry['profile_batch_size']:.0f}")
