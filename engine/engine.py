@@ -155,13 +155,16 @@ class Engine(TrainerMethods):
         if stream:
             return self._loop.iterate(self._manager.stream(batch.all(), with_index=not batch.single))
         states: list[ReqState] = []
+        progress = wants_progress(use_tqdm, batch.size)  # a progress bar counts tokens as they come
         try:
             for reqs in batch.slices:  # images are preprocessed here while earlier slices already run
+                for req in reqs:
+                    req.stream = req.stream or progress
                 states += self._loop.run(self._submit(reqs))
         except BaseException:
             self._loop.run(self._abort([s.rid for s in states]))  # a later image failed: nothing half-done
             raise
-        outputs = self._loop.run(self._wait(states, use_tqdm))
+        outputs = self._loop.run(self._wait(states, progress))
         return outputs[0] if batch.single else outputs
 
     async def async_generate(

@@ -68,11 +68,13 @@ class SchedulerIO:
 
     def send_outputs(self, reqs: list[Request]) -> None:
         """One TokenBatch for the requests with news (new tokens, extras or a finish not sent yet), each
-        once; nothing when none has any."""
+        once; nothing when none has any. A request that does not stream keeps its news until it ends."""
         seen: set[int] = set()
         news = []
         for r in reqs:
-            if not r.closed and (r.new_ids or r.extras or r.finish) and id(r) not in seen:
+            if r.closed or not (r.msg.stream or r.finish) or id(r) in seen:
+                continue
+            if r.new_ids or r.extras or r.finish:
                 seen.add(id(r))
                 news.append(r)
         if not news:

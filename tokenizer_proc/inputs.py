@@ -141,6 +141,7 @@ class _CheckedCall:
                 return_hidden_states=call.return_hidden_states,
                 images=images,
                 embed=call.embed,
+                stream=call.stream,
             )
             for k in range(p.n)
         ]

@@ -60,6 +60,9 @@ class GenerateRequest(msgspec.Struct):
     return_hidden_states: bool = False
     images: list[ImageInput] = []  # in prompt order; their tokens are already expanded in input_ids
     embed: bool = False  # an embedding request: the prompt's pooled hidden state comes back (ReqExtras.embedding)
+    # Its tokens go out as they come; False: all at once when it ends (a caller waiting for whole outputs),
+    # so that the scheduler, the detokenizer and the frontend handle each request once, not every step.
+    stream: bool = True
 
 
 class GenerateBatch(msgspec.Struct, tag="generate"):

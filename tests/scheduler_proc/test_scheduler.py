@@ -26,6 +26,7 @@ class Outputs:
         self.finish: dict[str, str] = {}
         self.cached: dict[str, int] = {}
         self.extras: dict[str, dict[str, list]] = {}  # logprob lists and hidden-state arrays, concatenated
+        self.sends: dict[str, int] = {}  # how many batches carried each request
         self._decoder = msgspec.msgpack.Decoder(TokenBatch)
 
     def send(self, data: bytes) -> None:
@@ -34,6 +35,7 @@ class Outputs:
             batch.rids, batch.new_token_ids, batch.finish, batch.cached_tokens, batch.extras
         ):
             assert rid not in self.finish, f"{rid} got output after it finished"
+            self.sends[rid] = self.sends.get(rid, 0) + 1
             self.ids.setdefault(rid, []).extend(ids)
             for name in ("input_token_logprobs", "output_token_logprobs", "hidden_states"):
                 values = getattr(extras, name) if extras is not None else None
@@ -195,3 +197,18 @@ def test_retracted_request_sends_each_logprob_and_hidden_state_once(model_dir):
         # One [prompt, hidden] array, then one row per decode step (the last token is never run).
         assert [a.shape for a in got["hidden_states"]] == [a.shape for a in want["hidden_states"]]
         assert got["hidden_states"][0].shape[0] == 20 and len(got["hidden_states"]) == 40
+
+
+@pytest.mark.parametrize("overlap", [False, True], ids=["plain", "overlap"])
+def test_a_request_that_does_not_stream_gets_its_whole_output_once_at_its_end(model_dir, overlap):
+    driver = Driver(model_dir, max_total_tokens=4096, disable_overlap_schedule=not overlap)
+    driver.submit("streamed", prompt(1, 30), 12, return_logprob=True)
+    driver.submit("whole", prompt(1, 30), 12, return_logprob=True, stream=False)
+    driver.run_all()
+    out = driver.out
+    assert out.sends["whole"] == 1 and out.sends["streamed"] >= 12
+    assert out.ids["whole"] == out.ids["streamed"] and len(out.ids["whole"]) == 12
+    whole, streamed = (out.extras[rid]["output_token_logprobs"] for rid in ("whole", "streamed"))
+    assert [t for _, t in whole] == [t for _, t in streamed] == out.ids["whole"]  # every step's logprobs kept
+    assert [v for v, _ in whole] == pytest.approx([v for v, _ in streamed], abs=1e-4)  # one hit the prefix cache
+    assert out.finish["whole"] == "length"
