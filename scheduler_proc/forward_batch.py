@@ -3,9 +3,11 @@ It knows nothing of requests: step.py builds it from them."""
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Optional, Protocol
 
+import numpy as np
 import torch
 
 from scheduler_proc.multimodal import ImagePart
@@ -14,10 +16,18 @@ from scheduler_proc.multimodal import ImagePart
 def to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A host list as a device tensor without waiting for the device: through pinned memory with an
     asynchronous copy. (`torch.tensor(values, device="cuda")` waits until the stream is idle, which
-    would stall the next step's preparation behind the step in flight.)"""
+    would stall the next step's preparation behind the step in flight.) The list is read by numpy,
+    about 3x faster than torch.tensor: a prefill step's index lists hold tens of thousands of ints."""
+    host = torch.from_numpy(np.array(values, dtype=_numpy_dtype(dtype)))
     if device.type != "cuda":
-        return torch.tensor(values, dtype=dtype)
-    return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
+        return host
+    pinned = torch.empty(host.shape, dtype=dtype, pin_memory=True)
+    return pinned.copy_(host).to(device, non_blocking=True)
+
+
+@functools.cache
+def _numpy_dtype(dtype: torch.dtype) -> np.dtype:
+    return torch.empty((), dtype=dtype).numpy().dtype
 
 
 def to_device_int64(*lists: list[int], device: torch.device) -> list[torch.Tensor]:

@@ -49,6 +49,8 @@ def waits_for_shared_prefix(req: Request, matched: int, prefilling: list[Request
         return False
     ids = req.cache_tokens(0, limit)  # as the cache keys them: two images of one size share no prefix
     for other in prefilling:
+        if other.cache_tokens(matched, matched + 1) != ids[matched : matched + 1]:
+            continue  # it adds nothing past the cached prefix: no copy of its tokens to find that out
         gain = common_prefix_len(other.cache_tokens(0, other.num_tokens), ids) - matched
         if gain > 0 and gain >= min(_SHARED_PREFIX_MIN, limit - matched):
             return True

@@ -216,6 +216,8 @@ def _common_prefix_len(key: list[int], ids: list[int], start: int) -> int:
     """Common prefix length of key and ids[start:]; slice comparisons run in C, so long shared
     prefixes cost a few passes instead of a Python loop per token."""
     n = min(len(key), len(ids) - start)
+    if n <= 0 or key[0] != ids[start]:  # most keys part at once: no slices copied for them
+        return 0
     if key[:n] == ids[start : start + n]:
         return n
     lo, hi = 0, n  # key[:lo] matches, key[:hi] does not
