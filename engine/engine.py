@@ -46,7 +46,8 @@ class Engine(TrainerMethods):
     {"type": "stop" | "length" | "abort", "matched": token id | stop string | None}.
 
     For RL trainers (engine/weights.py): update_weights_from_tensor / _from_disk / _from_distributed,
-    init_weights_update_group, get_weights_by_name, release_memory_occupation / resume_memory_occupation.
+    init_weights_update_group / destroy_weights_update_group, get_weights_by_name,
+    release_memory_occupation / resume_memory_occupation.
     """
 
     def __init__(self, model_path: Optional[str] = None, **settings: Any) -> None:

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Optional, Union
 from engine.shared.errors import EngineError, short_repr
 from engine.shared.weight_protocol import (
     MEMORY_TAGS,
+    DestroyWeightsUpdateGroup,
     GetWeightsByName,
     InitWeightsUpdateGroup,
     ReleaseMemory,
@@ -110,6 +111,16 @@ class TrainerMethods:
             raise ValueError(f"backend 'nccl' needs the engine on cuda (device={self.args.device!r}); use 'gloo'")
         op = InitWeightsUpdateGroup(master_address, master_port, rank_offset, world_size, group_name, backend)
         return self._trainer_call(op)
+
+    def destroy_weights_update_group(self, group_name: str) -> tuple[bool, str]:
+        """Leave a group joined with init_weights_update_group (every rank destroys its side), as a trainer
+        does before it exits or starts over: a group whose trainer has gone keeps its communicator (and, with
+        NCCL, a watchdog that logs the missing store) until then. The name may then be joined again.
+        Returns (success, message)."""
+        self._check_open()
+        if not isinstance(group_name, str):
+            raise TypeError(f"group_name must be a str, got {group_name!r}")
+        return self._trainer_call(DestroyWeightsUpdateGroup(group_name))
 
     def update_weights_from_distributed(
         self, names: list[str], dtypes: list[Any], shapes: list[list[int]], group_name: str, flush_cache: bool = True

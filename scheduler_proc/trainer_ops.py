@@ -18,6 +18,7 @@ import torch
 from engine.shared.tensor_wire import dtype_from_name, from_wire
 from engine.shared.weight_protocol import (
     CaptureGraphs,
+    DestroyWeightsUpdateGroup,
     GetWeightsByName,
     InitWeightsUpdateGroup,
     OpResult,
@@ -119,6 +120,10 @@ class TrainerOps:
             return OpResult(True, self.memory.capture_graphs())
         if isinstance(op, InitWeightsUpdateGroup):
             return OpResult(True, self.groups.join(op))
+        if isinstance(op, DestroyWeightsUpdateGroup):
+            if op.group_name not in self.groups:
+                raise UpdateRefused(f"no weight update group named {op.group_name!r} to destroy")
+            return OpResult(True, self.groups.leave(op.group_name))
         if isinstance(op, UpdateFromDistributed):
             return self._update_from_distributed(op)
         if isinstance(op, UpdateFromTensor):

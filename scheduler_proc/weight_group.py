@@ -46,6 +46,15 @@ class WeightGroups:
         )
         return f"joined weight update group {op.group_name!r} as rank {rank} of {op.world_size}"
 
+    def leave(self, group_name: str) -> str:
+        """Destroy this rank's side of a group it joined; returns a message."""
+        import torch.distributed as dist
+
+        group, _ = self.groups.pop(group_name)
+        dist.destroy_process_group(group)
+        logger.info("left weight update group %s", group_name)
+        return f"left weight update group {group_name!r}"
+
     def receive(self, op: UpdateFromDistributed) -> Iterator[tuple[str, torch.Tensor]]:
         """Each tensor the trainer broadcasts, in the call's order, received as it is asked for (so
         that one tensor at a time is held, besides the weights)."""

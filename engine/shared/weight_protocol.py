@@ -57,6 +57,10 @@ class InitWeightsUpdateGroup(msgspec.Struct, tag="init_weights_update_group"):
     backend: str  # "nccl" or "gloo"
 
 
+class DestroyWeightsUpdateGroup(msgspec.Struct, tag="destroy_weights_update_group"):
+    group_name: str
+
+
 class UpdateFromDistributed(msgspec.Struct, tag="update_weights_from_distributed"):
     names: list[str]
     dtypes: list[str]  # torch's names
@@ -86,6 +90,7 @@ TrainerOp = Union[
     UpdateFromTensor,
     UpdateFromDisk,
     InitWeightsUpdateGroup,
+    DestroyWeightsUpdateGroup,
     UpdateFromDistributed,
     GetWeightsByName,
     ReleaseMemory,

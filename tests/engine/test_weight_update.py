@@ -249,3 +249,25 @@ def test_call_mistakes_raise_in_the_caller(engine):
     with pytest.raises(ValueError, match="tags"):
         engine.release_memory_occupation(["gpu"])
     assert engine.get_server_info()["memory_released"] == []
+
+
+def test_a_destroyed_group_refuses_updates_and_its_name_can_be_joined_again(engine, hf, on_a):
+    import torch.distributed as dist
+
+    name, good = "weights-again", [("model.norm.weight", hf["b"].get_parameter("model.norm.weight"))]
+    for _ in range(2):  # the second join reuses the name of the group the first left
+        port = free_port()
+        with ThreadPoolExecutor(1) as pool:
+            joined = pool.submit(engine.init_weights_update_group, "127.0.0.1", port, 1, 2, name, "gloo")
+            trainer = trainer_group(port, 2, name)
+            assert joined.result(timeout=120)[0]
+        with ThreadPoolExecutor(1) as pool:
+            call = pool.submit(engine.update_weights_from_distributed, ["model.norm.weight"], ["float32"], [[64]], name)
+            broadcast_all(trainer, [t for _, t in good])
+            assert call.result(timeout=120)[0]
+        assert engine.destroy_weights_update_group(name) == (True, f"left weight update group {name!r}")
+        dist.destroy_process_group(trainer)
+        success, message = engine.update_weights_from_distributed(["model.norm.weight"], ["float32"], [[64]], name)
+        assert not success and name in message, message
+    success, message = engine.destroy_weights_update_group(name)
+    assert not success and "no weight update group" in message, message
