@@ -101,6 +101,7 @@ def trainer_main(model_path: str, port: int, world_size: int, device: str, comma
             torch.distributed.broadcast(tensor, src=0, group=group)
         torch.cuda.synchronize()
         replies.put("done")
+    torch.distributed.destroy_process_group(group)
 
 
 def bench_from_distributed(engine, args, repeats: int) -> dict:
@@ -124,6 +125,7 @@ def bench_from_distributed(engine, args, repeats: int) -> dict:
 
         times = timed(update, repeats)
     finally:
+        engine.destroy_weights_update_group(GROUP)
         commands.put("stop")
         trainer.join(timeout=60)
     best = min(times)

@@ -97,4 +97,5 @@ def test_update_from_distributed_over_nccl():
         via_nccl = outputs(engine)
         assert engine.update_weights_from_tensor([(n, t.cpu()) for n, t in named])[0]
         assert outputs(engine) == via_nccl
+        assert engine.destroy_weights_update_group(group_name)[0]
         torch.distributed.destroy_process_group(group)
