@@ -136,8 +136,7 @@ class Engine(TrainerMethods):
         path, bytes, a PIL image, a `data:image/...;base64,` URL or an http(s) URL. The prompt holds one
         `<|vision_start|><|image_pad|><|vision_end|>` per image, as the chat template writes it.
 
-        `use_tqdm`: a progress bar (prompts done, input and output tok/s); by default on for a batch of
-        32 prompts or more when stderr is a terminal.
+        `use_tqdm`: a progress bar (prompts done, input and output tok/s); default: 32+ prompts on a terminal.
         """
         call = GenerateInput(
             prompt=prompt,
@@ -156,12 +155,10 @@ class Engine(TrainerMethods):
         if stream:
             return self._loop.iterate(self._manager.stream(batch.all(), with_index=not batch.single))
         states: list[ReqState] = []
-        progress = wants_progress(use_tqdm, batch.size)  # a progress bar counts tokens as they come
+        progress = wants_progress(use_tqdm, batch.size)
         try:
             for reqs in batch.slices:  # images are preprocessed here while earlier slices already run
-                for req in reqs:
-                    req.stream = req.stream or progress
-                states += self._loop.run(self._submit(reqs))
+                states += self._loop.run(self._submit(reqs, every_step=progress))
         except BaseException:
             self._loop.run(self._abort([s.rid for s in states]))  # a later image failed: nothing half-done
             raise
@@ -214,7 +211,7 @@ class Engine(TrainerMethods):
         except BaseException:
             await self._loop.run_async(self._abort([s.rid for s in states]))
             raise
-        outputs = await self._loop.run_async(self._wait(states, use_tqdm=False))
+        outputs = await self._loop.run_async(self._wait(states, progress=False))
         return outputs[0] if batch.single else outputs
 
     # ---- embeddings ----
@@ -229,7 +226,7 @@ class Engine(TrainerMethods):
         sentence-transformers config says (modules.json), else the last token's, L2-normalised."""
         batch = self._prepare_encode(prompt, input_ids, rid)
         states = self._loop.run(self._submit(batch.all()))
-        outputs = self._loop.run(self._wait(states, use_tqdm=False))
+        outputs = self._loop.run(self._wait(states, progress=False))
         return outputs[0] if batch.single else outputs
 
     async def async_encode(
@@ -238,7 +235,7 @@ class Engine(TrainerMethods):
         """The awaitable form of `encode`, from any event loop."""
         batch = self._prepare_encode(prompt, input_ids, rid)
         states = await self._loop.run_async(self._submit(batch.all()))
-        outputs = await self._loop.run_async(self._wait(states, use_tqdm=False))
+        outputs = await self._loop.run_async(self._wait(states, progress=False))
         return outputs[0] if batch.single else outputs
 
     def _prepare_encode(self, prompt: Prompt, input_ids: InputIds, rid: Union[str, list[str], None]) -> PreparedBatch:
@@ -290,11 +287,15 @@ class Engine(TrainerMethods):
             call.return_hidden_states = self.args.return_hidden_states
         return prepare(self.tokenizer, self._limits, call, self._image_processor)
 
-    async def _submit(self, reqs: list[GenerateRequest]) -> list[ReqState]:
+    async def _submit(self, reqs: list[GenerateRequest], every_step: bool = False) -> list[ReqState]:
+        """every_step: the tokens come as they are made even where the caller waits for whole outputs (a
+        progress bar counts them)."""
+        for req in reqs:
+            req.stream = req.stream or every_step
         return self._manager.submit(reqs)
 
-    async def _wait(self, states: list[ReqState], use_tqdm: Optional[bool]) -> list[dict[str, Any]]:
-        if not wants_progress(use_tqdm, len(states)):
+    async def _wait(self, states: list[ReqState], progress: bool) -> list[dict[str, Any]]:
+        if not progress:
             return await self._manager.wait_all(states)
         progress = BatchProgress(states)
         watcher = asyncio.ensure_future(progress.watch())

@@ -22,6 +22,14 @@ def runner_for(name: str, **settings):
     return ModelRunner(args)
 
 
+def random_engine(name: str = "qwen2.5-0.5b", **settings):
+    """An Engine on a shipped config with random weights, leaving room on the GPU for a second one."""
+    from engine import Engine
+
+    settings = dict(load_format="dummy", context_length=4096, mem_fraction_static=0.6) | settings
+    return Engine(model_path=os.path.join(CONFIGS, name), **settings)
+
+
 def hf_copy(runner):
     """An HF model holding exactly the runner's weights (q|k|v and gate|up split back apart)."""
     from transformers import AutoConfig, AutoModelForCausalLM

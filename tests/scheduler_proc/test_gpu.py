@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gc
-import os
 import random
 
 import pytest
@@ -11,7 +10,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
-from gpu_reference import CONFIGS, hf_copy, peak_lm_head, prefill_logits, runner_for  # noqa: E402
+from gpu_reference import hf_copy, peak_lm_head, prefill_logits, random_engine, runner_for  # noqa: E402
 
 
 def _agreement(a, b) -> tuple[float, float]:
@@ -49,27 +48,15 @@ def test_prefill_logits_match_hf(name):
     assert agree >= min(0.99, hf_agree - 0.01)
 
 
-def _engine(**settings):
-    from engine import Engine
-
-    return Engine(
-        model_path=os.path.join(CONFIGS, "qwen2.5-0.5b"),
-        load_format="dummy",
-        context_length=4096,
-        mem_fraction_static=0.6,
-        **settings,
-    )
-
-
 def test_cuda_graph_decode_equals_eager_and_batch_invariance():
     rng = random.Random(1)
     prompts = [[rng.randint(0, 10000) for _ in range(rng.randint(16, 200))] for _ in range(64)]
     params = {"temperature": 0, "max_new_tokens": 32, "ignore_eos": True}
-    with _engine() as engine:
+    with random_engine() as engine:
         assert engine.get_server_info()["cuda_graph_batch_sizes"]
         batched = [o["output_ids"] for o in engine.generate(input_ids=prompts, sampling_params=params)]
         alone = [engine.generate(input_ids=p, sampling_params=params)["output_ids"] for p in prompts]
-    with _engine(disable_cuda_graph=True) as engine:
+    with random_engine(disable_cuda_graph=True) as engine:
         eager = [o["output_ids"] for o in engine.generate(input_ids=prompts, sampling_params=params)]
     tokens = sum(len(x) for x in batched)
     graph_vs_eager = sum(a != b for x, y in zip(batched, eager) for a, b in zip(x, y)) / tokens

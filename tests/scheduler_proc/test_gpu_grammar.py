@@ -5,7 +5,6 @@ through CUDA-graph decode with overlap, and graph decode equals eager decode."""
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 
@@ -14,7 +13,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
-from gpu_reference import CONFIGS  # noqa: E402
+from gpu_reference import random_engine  # noqa: E402
 
 REGEX = r"[a-z]{3,8}-[0-9]{2,4}"
 SCHEMA = {
@@ -64,18 +63,6 @@ def test_device_mask_equals_the_cpu_mask(tokenizer):
     assert torch.isfinite(on_cpu[-1]).all() and 0 < int(torch.isfinite(on_cpu[0]).sum()) < vocab // 2
 
 
-def _engine(**settings):
-    from engine import Engine
-
-    return Engine(
-        model_path=os.path.join(CONFIGS, "qwen2.5-0.5b"),
-        load_format="dummy",
-        context_length=4096,
-        mem_fraction_static=0.6,
-        **settings,
-    )
-
-
 def _check(outputs: list[dict], kinds: list[str]) -> None:
     for output, kind in zip(outputs, kinds):
         finish = output["meta_info"]["finish_reason"]["type"]
@@ -105,13 +92,13 @@ def test_constrained_decode_through_cuda_graphs_equals_eager():
     extra = {"regex": {"regex": REGEX}, "json": {"json_schema": json.dumps(SCHEMA)}, "free": {"ignore_eos": True}}
     params = [{"temperature": 0, "max_new_tokens": 64} | extra[kind] for kind in kinds]
     logprobs = dict(return_logprob=True, top_logprobs_num=2)
-    with _engine() as engine:
+    with random_engine() as engine:
         assert engine.get_server_info()["cuda_graph_batch_sizes"]
         graphs = engine.generate(input_ids=prompts, sampling_params=params, **logprobs)
         sampled = engine.generate(
             input_ids=prompts, sampling_params=[p | {"temperature": 0.8, "seed": 1} for p in params]
         )
-    with _engine(disable_cuda_graph=True, disable_overlap_schedule=True) as engine:
+    with random_engine(disable_cuda_graph=True, disable_overlap_schedule=True) as engine:
         eager = engine.generate(input_ids=prompts, sampling_params=params, **logprobs)
     for outputs in (graphs, sampled, eager):
         _check(outputs, kinds)
