@@ -5,8 +5,10 @@ samples in step N counts that token as pending (req.pending) until N is read, an
 it: its input id is taken on the device from N's sampled ids, so the host never waits for them.
 
 A step with constrained rows (grammar_mask.py) is launched without its sampling, whose mask needs each row's
-previous token in its matcher: it samples once that token is read (with overlap, at the next turn's start,
-so the device computes its forward meanwhile), before step N+1's forward is queued behind it.
+previous token in its matcher: it samples once that token is read (with overlap, in the next turn, after
+step N+1 is scheduled and before it is launched, so that the device computes step N's forward while the
+host schedules). Its requests' rows are withheld from that schedule: a row freed by a request that ended
+meanwhile must not pass to a new request before this step's sampling has read and written it.
 """
 
 from __future__ import annotations
@@ -35,6 +37,11 @@ class InFlight:
             req = step.entries[i][0]
             req.pending += 1
             self.sample_row[req] = row
+        self.pool_rows = [req.row for req in self.sample_row] if self.awaiting_sample else []
+
+    def rows_to_withhold(self) -> list[int]:
+        """The request rows its sampling, not queued yet, will read (none once it is queued)."""
+        return self.pool_rows if self.awaiting_sample else []
 
     @torch.inference_mode()
     def fill_input_ids(self, batch: ForwardBatch, pending_inputs: list[tuple[int, Request]]) -> None:
@@ -49,7 +56,7 @@ class InFlight:
     def sample(self, runner: ModelRunner, masks: TokenMasks) -> None:
         """Queue the sampling of a step launched without it, once each of its constrained requests has its
         previous token in its matcher (with overlap: once the step before this one has been read). Call it
-        before the next schedule, which may hand the rows of requests that ended to new ones."""
+        before the next step is launched: that step's input ids are what this one samples."""
         if not self.awaiting_sample:
             return
         self.awaiting_sample = False

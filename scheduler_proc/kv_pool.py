@@ -11,6 +11,8 @@ scales from the checkpoint or 1.0: half the bytes of a bf16 pool, so twice the t
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Optional, Union
 
 import torch
@@ -114,3 +116,15 @@ class KVPool:
 
     def free_row(self, row: int) -> None:
         self._free_rows.append(row)
+
+    @contextmanager
+    def rows_withheld(self, rows: Iterable[int]) -> Iterator[None]:
+        """Inside the block, none of `rows` is handed out, even if free."""
+        held = set(rows)
+        kept = [r for r in self._free_rows if r in held]
+        if kept:
+            self._free_rows = [r for r in self._free_rows if r not in held]
+        try:
+            yield
+        finally:
+            self._free_rows += kept

@@ -99,9 +99,13 @@ class Scheduler(ControlCalls):
         for msg in self.io.receive(block=idle, timeout_ms=_GRAMMAR_POLL_MS if self.grammars else None):
             self.handle(msg)
         self.admit_compiled()
-        if self.in_flight is not None:  # before scheduling, which may give its requests' rows to others
-            self.sample(self.in_flight)
-        step = self.schedule()
+        withheld = self.in_flight.rows_to_withhold() if self.in_flight is not None else []
+        with self.pool.rows_withheld(withheld):
+            step = self.schedule()
+        # A constrained step in flight samples now: its forward ran while this turn scheduled.
+        if self.in_flight is not None and not self.sample(self.in_flight) and step is not None:
+            self.unbuild(step)
+            step = None
         launched = self.launch(step) if step is not None else None
         to_read = launched
         if self.overlap:  # read the step launched last turn; this one's outputs wait for the next
@@ -287,12 +291,19 @@ class Scheduler(ControlCalls):
                 self.cache.cache_prefix(req)
         return InFlight(step, output, completed)
 
-    def sample(self, launched: InFlight) -> None:
-        """Queue the sampling of a step launched without it (in_flight.py), if it was."""
+    def sample(self, launched: InFlight) -> bool:
+        """Queue the sampling of a step launched without it (in_flight.py), if it was; False if that failed."""
         try:
             launched.sample(self.runner, self.masks)
         except Exception as exc:
             self.fail_step(launched.step, exc)
+            return False
+        return True
+
+    def unbuild(self, step: Step) -> None:
+        """Give back the slots a built step took, without launching it (the step in flight, whose tokens it
+        may decode, failed): its requests that are still running continue from where they were."""
+        self.pool.free_slots(step.batch.out_cache_loc)
 
     def process(self, launched: InFlight) -> None:
         """Wait for a launched step, then hand its tokens to its requests: finish checks, outputs."""

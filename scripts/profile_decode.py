@@ -63,8 +63,11 @@ def main() -> None:
     sched = Scheduler(settings.resolve(), Endpoints.in_dir(tempfile.mkdtemp()), zmq.Context())
     sched.io.to_detokenizer = _Sink()
     rng = random.Random(0)
+    # Long enough for the prefill's turns and every profiled one, short enough that the whole batch fits the
+    # context and the pool (a request that can only end by length reserves its whole length at admission).
+    max_new = min(1024, settings.context_length - args.prompt_len)
     params = SamplingParams(
-        temperature=args.temperature, max_new_tokens=4000, ignore_eos=True, json_schema=args.json_schema
+        temperature=args.temperature, max_new_tokens=max_new, ignore_eos=True, json_schema=args.json_schema
     )
     reqs = [
         GenerateRequest(

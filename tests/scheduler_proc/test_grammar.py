@@ -120,6 +120,51 @@ def test_constrained_outputs_survive_retraction_and_chunked_prefill(model_dir, t
         assert re.fullmatch(LONG_REGEXES[i % 3], text(tokenizer, small.out.ids[f"c{i}"]))
 
 
+def test_a_row_freed_under_a_step_yet_to_sample_waits_for_that_sampling(model_dir):
+    # With overlap, a constrained step samples after the next step is scheduled (its forward runs
+    # meanwhile). A request that ended before that sampling frees its row; a request admitted in that
+    # schedule must not take the row, or the sampling's token count lands in the newcomer's penalties.
+    d = Driver(model_dir, max_total_tokens=1000, disable_overlap_schedule=False)
+    s = d.scheduler
+    submit(d, "constrained", prompt(1, 8), regex=r"[0-9]{6}", max_new_tokens=20)
+    turn_until(d, lambda: "constrained" in d.out.finish)
+    assert s.in_flight is not None and s.in_flight.awaiting_sample  # its last step, yet to sample
+    freed = s.in_flight.rows_to_withhold()
+    submit(d, "penalized", prompt(2, 8), max_new_tokens=4, frequency_penalty=1.0)
+    s.iterate()  # admits "penalized" and launches its prefill, which samples one token
+    newcomer = d.request("penalized")
+    assert newcomer.row not in freed
+    assert int(s.runner.sampling._output_counts[newcomer.row].sum()) == 1
+    turn_until(d, lambda: "penalized" in d.out.finish)
+    d.check_slots()
+
+
+def test_a_failed_sampling_fails_its_step_and_the_next_one_is_not_launched(model_dir, monkeypatch):
+    # The step in flight fails its requests; the step scheduled before it sampled is given back unlaunched,
+    # and a request admitted there (not in the failed step) runs as it would alone.
+    alone = Driver(model_dir, max_total_tokens=1000, disable_overlap_schedule=False)
+    submit(alone, "late", prompt(3, 8), max_new_tokens=16)
+    turn_until(alone, lambda: "late" in alone.out.finish)
+
+    d = Driver(model_dir, max_total_tokens=1000, disable_overlap_schedule=False)
+    submit(d, "free", prompt(2, 8), max_new_tokens=30)
+    submit(d, "constrained", prompt(1, 8), regex=r"[0-9]{12}", max_new_tokens=20)
+    turn_until(d, lambda: len(d.out.ids.get("constrained", [])) >= 3)
+    original, calls = TokenMasks.fill, []
+
+    def fail_once(self, reqs):
+        calls.append(len(reqs))
+        if len(calls) == 1:
+            raise RuntimeError("device lost")
+        return original(self, reqs)
+
+    monkeypatch.setattr(TokenMasks, "fill", fail_once)
+    submit(d, "late", prompt(3, 8), max_new_tokens=16)
+    turn_until(d, lambda: len(d.out.finish) == 3)  # checks every slot, every turn
+    assert d.out.finish == {"free": "abort", "constrained": "abort", "late": "length"}
+    assert d.out.ids["late"] == alone.out.ids["late"]
+
+
 def compiled_request(tokenizer, grammar: str, rid: str = "r") -> Request:
     queue = GrammarQueue(tokenizer, 49152, [tokenizer.eos_token_id], _args())
     req = Request(GenerateRequest(rid=rid, input_ids=[1], sampling=SamplingParams(ebnf=grammar)), seed=0)
