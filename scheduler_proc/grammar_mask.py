@@ -10,7 +10,6 @@ matcher; scheduler.py decides when that is (with overlap, after the step before 
 
 from __future__ import annotations
 
-import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -18,6 +17,7 @@ from typing import Any, Optional
 import torch
 
 from scheduler_proc.forward_batch import to_device
+from scheduler_proc.host_cpus import usable_cores
 from scheduler_proc.request import Request
 
 _ROWS_PER_THREAD = 32  # fewer rows than this a thread: not worth a hand-off
@@ -80,7 +80,7 @@ class TokenMasks:
         rows = host[: len(reqs)]
         if self._copied is not None:
             self._copied.synchronize()  # the last step's copy has left the buffer (long since, in practice)
-        rows.fill_(-1)  # every bit set: every token allowed
+        rows.numpy().fill(-1)  # every bit set: every token allowed (numpy: no thread pool woken for a memset)
         live = [s for s, req in enumerate(reqs) if req.grammar is not None and req.finish is None and req.error is None]
         try:
             if live:
@@ -117,8 +117,7 @@ class TokenMasks:
 def _fill_threads() -> int:
     """Threads filling masks: half the cores this process may use (xgrammar's "auto" counts the host's, and
     its threads then contend with torch's where a container has few), at most 8."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, min(8, cores // 2))
+    return max(1, min(8, usable_cores() // 2))
 
 
 def apply_token_mask(logits: torch.Tensor, mask: StepMask) -> None:

@@ -19,6 +19,7 @@ from scheduler_proc.attention import create_backend
 from scheduler_proc.cuda_graph import CudaGraphRunner
 from scheduler_proc.forward_batch import ForwardBatch
 from scheduler_proc.grammar_mask import apply_token_mask
+from scheduler_proc.host_cpus import size_torch_threads
 from scheduler_proc.kv_pool import KVPool
 from scheduler_proc.loader import build_model
 from scheduler_proc.sampler import SamplingBatch, SamplingState
@@ -53,6 +54,7 @@ class ModelRunner:
         self.tp = tp or TPGroup()
         assert self.tp.size == args.tp_size, (self.tp.size, args.tp_size)
         self.device = rank_device(args, self.tp.rank)
+        size_torch_threads(self.device)
         self.dtype = getattr(torch, args.dtype)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
