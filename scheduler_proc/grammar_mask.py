@@ -1,8 +1,10 @@
 """The vocabulary mask of a step's constrained rows: filled on the host from the requests' matchers
-(xgrammar, several rows at once in its own threads), copied to the device, and applied there to the logits
-the sampler reads (xgrammar's kernel: -inf wherever the grammar forbids the token). The matchers advance
-past each step's tokens here too, in threads (xgrammar's batch call releases the GIL): at a batch of
-hundreds, one after another they took longer than a small model's step.
+(xgrammar), copied to the device, and applied there to the logits the sampler reads (xgrammar's kernel:
+-inf wherever the grammar forbids the token). The matchers advance past each step's tokens here too.
+
+Both run on this thread, in one xgrammar call each: on the device's host (32 cores), 256 matchers took
+0.8 ms to fill and 1.0 ms to advance that way, and 1.3 and 4.3 ms split over 8 threads (the per-call hand-off
+and the Python around each shard cost more than the rows save; scripts/bench_grammar_host.py).
 
 A step with a constrained row samples only once each of its requests has its previous token in its
 matcher; scheduler.py decides when that is (with overlap, after the step before is read).
@@ -10,17 +12,13 @@ matcher; scheduler.py decides when that is (with overlap, after the step before 
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
 
 from scheduler_proc.forward_batch import to_device
-from scheduler_proc.host_cpus import usable_cores
 from scheduler_proc.request import Request
-
-_ROWS_PER_THREAD = 32  # fewer rows than this a thread: not worth a hand-off
 
 
 @dataclass
@@ -37,7 +35,7 @@ class TokenMasks:
     """One [rows, ceil(vocab / 32)] int32 bitmask, reused every step, allocated on first use; vocab: the
     tokenizer's ids (the grammars' vocabulary: filling also over a model's padding ids cost xgrammar 20x)."""
 
-    def __init__(self, max_rows: int, vocab_size: int, device: torch.device, threads: Optional[int] = None) -> None:
+    def __init__(self, max_rows: int, vocab_size: int, device: torch.device) -> None:
         self.max_rows = max_rows
         self.vocab_size = vocab_size
         self.device = device
@@ -45,32 +43,18 @@ class TokenMasks:
         self._on_device: Optional[torch.Tensor] = None
         self._copied: Optional[torch.cuda.Event] = None  # the host buffer may be written again after this
         self._batch: Any = None  # xgrammar.BatchGrammarMatcher
-        self._threads = threads or _fill_threads()
-        self._pool: Optional[ThreadPoolExecutor] = None  # advances the matchers; started on first use
 
     def accept(self, pairs: list[tuple[Request, int]]) -> None:
-        """Advance each constrained request's matcher past its new token, in parallel shards. A token the
-        grammar refuses cannot come from a masked step; should one come anyway, that request gets an error
-        (and ends), not the engine."""
+        """Advance each constrained request's matcher past its new token. A token the grammar refuses
+        cannot come from a masked step; should one come anyway, that request gets an error (and ends),
+        not the engine."""
         import xgrammar
 
-        shards = max(1, min(self._threads, len(pairs) // _ROWS_PER_THREAD))
-        parts = [pairs[i::shards] for i in range(shards)]
-
-        def one(part: list[tuple[Request, int]]) -> list[bool]:
-            return xgrammar.BatchGrammarMatcher.batch_accept_token([r.grammar for r, _ in part], [t for _, t in part])
-
-        if shards == 1:
-            results = [one(pairs)]
-        else:
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(max_workers=self._threads, thread_name_prefix="grammar-accept")
-            results = list(self._pool.map(one, parts))
-        for part, accepted in zip(parts, results):
-            for (req, token), ok in zip(part, accepted):
-                if not ok and req.error is None:
-                    kind = req.sampling.constraint[0]
-                    req.error = f"token {token} does not continue the output allowed by sampling_params.{kind}"
+        accepted = xgrammar.BatchGrammarMatcher.batch_accept_token([r.grammar for r, _ in pairs], [t for _, t in pairs])
+        for (req, token), ok in zip(pairs, accepted):
+            if not ok and req.error is None:
+                kind = req.sampling.constraint[0]
+                req.error = f"token {token} does not continue the output allowed by sampling_params.{kind}"
 
     def fill(self, reqs: list[Request]) -> StepMask:
         """The mask of a step's sampled rows (reqs in sampling-row order), on the device: row s allows what
@@ -109,15 +93,9 @@ class TokenMasks:
             cuda = self.device.type == "cuda"
             self._host = torch.empty((self.max_rows, width), dtype=torch.int32, pin_memory=cuda)
             self._on_device = torch.empty_like(self._host, device=self.device) if cuda else self._host
-            self._batch = xgrammar.BatchGrammarMatcher(max_threads=self._threads)
+            self._batch = xgrammar.BatchGrammarMatcher(max_threads=1)
         assert self._on_device is not None
         return self._host, self._on_device
-
-
-def _fill_threads() -> int:
-    """Threads filling masks: half the cores this process may use (xgrammar's "auto" counts the host's, and
-    its threads then contend with torch's where a container has few), at most 8."""
-    return max(1, min(8, usable_cores() // 2))
 
 
 def apply_token_mask(logits: torch.Tensor, mask: StepMask) -> None:

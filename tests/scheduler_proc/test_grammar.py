@@ -211,7 +211,7 @@ def test_padding_ids_of_the_model_are_forbidden_to_constrained_rows_only(tokeniz
     assert torch.isfinite(logits[1]).all()
 
 
-def test_matchers_advance_in_parallel_shards_as_one_by_one(tokenizer):
+def test_matchers_advance_in_one_batch_as_one_by_one(tokenizer):
     queue = GrammarQueue(tokenizer, 49152, [tokenizer.eos_token_id], _args())
     reqs = []
     for i in range(100):
@@ -223,7 +223,7 @@ def test_matchers_advance_in_parallel_shards_as_one_by_one(tokenizer):
     assert len(queue.ready()) == 100
     words = ["alpha-12", "[true, false]", "abc@de.org"]
     paths = [tokenizer.encode(words[i % 3]) for i in range(100)]
-    masks = TokenMasks(100, queue.token_vocab, torch.device("cpu"), threads=4)
+    masks = TokenMasks(100, queue.token_vocab, torch.device("cpu"))
     for step in range(max(map(len, paths))):
         pairs = [(req, path[step]) for req, path in zip(reqs, paths) if step < len(path)]
         if step == 0:  # refused: that request alone gets an error
