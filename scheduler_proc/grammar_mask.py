@@ -35,10 +35,11 @@ class TokenMasks:
     """One [rows, ceil(vocab / 32)] int32 bitmask, reused every step, allocated on first use; vocab: the
     tokenizer's ids (the grammars' vocabulary: filling also over a model's padding ids cost xgrammar 20x)."""
 
-    def __init__(self, max_rows: int, vocab_size: int, device: torch.device) -> None:
+    def __init__(self, max_rows: int, vocab_size: int, device: torch.device, logits_width: int = 0) -> None:
         self.max_rows = max_rows
         self.vocab_size = vocab_size
         self.device = device
+        self.logits_width = logits_width or vocab_size  # the model's logits: its vocabulary, padding included
         self._host: Optional[torch.Tensor] = None  # pinned on CUDA, so the copy to the device is asynchronous
         self._on_device: Optional[torch.Tensor] = None
         self._copied: Optional[torch.cuda.Event] = None  # the host buffer may be written again after this
@@ -94,8 +95,21 @@ class TokenMasks:
             self._host = torch.empty((self.max_rows, width), dtype=torch.int32, pin_memory=cuda)
             self._on_device = torch.empty_like(self._host, device=self.device) if cuda else self._host
             self._batch = xgrammar.BatchGrammarMatcher(max_threads=1)
+            if cuda:
+                self._compile_mask_kernel()
         assert self._on_device is not None
         return self._host, self._on_device
+
+    def _compile_mask_kernel(self) -> None:
+        """Compile xgrammar's Triton kernel for every class of row count now, at the first constrained step:
+        Triton compiles an integer argument apart when it is 1, a multiple of 16, or neither, and a step
+        that first met a class (a request alone in its step) stalled every request while it compiled."""
+        assert self._on_device is not None
+        for rows in (1, 16, 17):
+            if rows <= self.max_rows:
+                logits = torch.zeros(rows, self.logits_width, device=self.device)
+                mask = StepMask(self._on_device[:rows].fill_(-1), self.vocab_size, torch.empty(0, dtype=torch.int64))
+                apply_token_mask(logits, mask)
 
 
 def apply_token_mask(logits: torch.Tensor, mask: StepMask) -> None:

@@ -55,12 +55,13 @@ def text(tokenizer, ids: list[int]) -> str:
 
 
 def test_compiling_never_holds_up_other_requests(model_dir, tokenizer, monkeypatch):
-    release = threading.Event()
+    release, started = threading.Event(), threading.Event()
     threads = []
     original = GrammarQueue._compile
 
     def slow_compile(self, key):  # as a grammar that takes long to compile
         threads.append(threading.current_thread())
+        started.set()
         assert release.wait(60)
         return original(self, key)
 
@@ -73,7 +74,8 @@ def test_compiling_never_holds_up_other_requests(model_dir, tokenizer, monkeypat
     turn_until(d, lambda: "free" in d.out.finish)
     assert len(d.out.ids["free"]) == 12
     assert "constrained" not in d.out.ids and len(s.grammars) == 2  # both wait for the one compile
-    assert threads and threads[0] is not threading.main_thread()
+    assert started.wait(30)  # the worker thread may start after a short request is done: wait for it
+    assert threads[0] is not threading.main_thread()
     assert s.server_info()["num_waiting"] == 2
     release.set()
     turn_until(d, lambda: {"constrained", "same-grammar"} <= set(d.out.finish))
