@@ -50,7 +50,9 @@ class Driver:
         # Without overlap by default: every step's outputs are read in the turn that launched it.
         settings = {"disable_overlap_schedule": True} | settings
         args = EngineArgs(model_path=model_dir, **settings).resolve()
-        self.context = zmq.Context()
+        # The process-wide context: one per driver, collected with its sockets in one garbage cycle, could
+        # block the collector in term() (the sockets' weak references cleared before they were closed).
+        self.context = zmq.Context.instance()
         self.scheduler = Scheduler(args, Endpoints.in_dir(tempfile.mkdtemp()), self.context)
         self.out = Outputs()
         self.scheduler.io.to_detokenizer = self.out
