@@ -121,9 +121,11 @@ class KVPool:
     def rows_withheld(self, rows: Iterable[int]) -> Iterator[None]:
         """Inside the block, none of `rows` is handed out, even if free."""
         held = set(rows)
+        if not held:  # every turn but a constrained step's: no pass over the free rows
+            yield
+            return
         kept = [r for r in self._free_rows if r in held]
-        if kept:
-            self._free_rows = [r for r in self._free_rows if r not in held]
+        self._free_rows = [r for r in self._free_rows if r not in held]
         try:
             yield
         finally:
