@@ -2,16 +2,20 @@
 (xgrammar), copied to the device, and applied there to the logits the sampler reads (xgrammar's kernel:
 -inf wherever the grammar forbids the token). The matchers advance past each step's tokens here too.
 
-Both run on this thread, in one xgrammar call each: on the device's host (32 cores), 256 matchers took
-0.8 ms to fill and 1.0 ms to advance that way, and 1.3 and 4.3 ms split over 8 threads (the per-call hand-off
-and the Python around each shard cost more than the rows save; scripts/bench_grammar_host.py).
+Each is one xgrammar call: on the device's host (32 cores), 256 matchers took 0.8 ms to fill and 1.0 ms to
+advance that way, and 1.3 and 4.3 ms split over 8 threads (the per-call hand-off and the Python around each
+shard cost more than the rows save; scripts/bench_grammar_host.py).
 
 A step with a constrained row samples only once each of its requests has its previous token in its
-matcher; scheduler.py decides when that is (with overlap, after the step before is read).
+matcher; scheduler.py decides when that is (with overlap, after the step before is read). With overlap
+the mask is filled ahead (fill_ahead) on one worker thread as soon as the matchers are current, while the
+scheduler's thread sends outputs and schedules the next step: xgrammar's fill releases the GIL, and that
+host work was on the path between two device steps.
 """
 
 from __future__ import annotations
 
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -44,6 +48,8 @@ class TokenMasks:
         self._on_device: Optional[torch.Tensor] = None
         self._copied: Optional[torch.cuda.Event] = None  # the host buffer may be written again after this
         self._batch: Any = None  # xgrammar.BatchGrammarMatcher
+        self._worker: Optional[ThreadPoolExecutor] = None  # fills ahead (fill_ahead), started on first use
+        self._ahead: Optional[tuple[list[Request], Future]] = None
 
     def accept(self, pairs: list[tuple[Request, int]]) -> None:
         """Advance each constrained request's matcher past its new token. A token the grammar refuses
@@ -57,16 +63,52 @@ class TokenMasks:
                 kind = req.sampling.constraint[0]
                 req.error = f"token {token} does not continue the output allowed by sampling_params.{kind}"
 
+    def fill_ahead(self, reqs: list[Request]) -> None:
+        """Start filling the host rows of the step that samples next (reqs in sampling-row order) on the worker
+        thread; fill() with the same list takes them. Call it once every matcher of reqs is current: nothing
+        may advance those matchers until fill() returns."""
+        self._take_ahead()
+        host, _ = self._buffers()
+        self._host_free()
+        live = _live(reqs)
+        if self._worker is None:
+            self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="token-masks")
+        self._ahead = (reqs, self._worker.submit(self._fill_rows, reqs, live, host))
+
     def fill(self, reqs: list[Request]) -> StepMask:
         """The mask of a step's sampled rows (reqs in sampling-row order), on the device: row s allows what
         reqs[s]'s grammar allows next, or every token for a free request, or for one that has ended (its
         token is dropped). A matcher that fails sets that request's error and leaves its row open."""
         host, on_device = self._buffers()
+        if self._take_ahead() is not reqs:
+            self._host_free()
+            self._fill_rows(reqs, _live(reqs), host)
         rows = host[: len(reqs)]
+        constrained = to_device([s for s, req in enumerate(reqs) if req.grammar is not None], torch.int64, self.device)
+        if on_device is host:
+            return StepMask(rows, self.vocab_size, constrained)
+        on_device = on_device[: len(reqs)]
+        on_device.copy_(rows, non_blocking=True)
+        self._copied = torch.cuda.Event()
+        self._copied.record()
+        return StepMask(on_device, self.vocab_size, constrained)
+
+    def _take_ahead(self) -> Optional[list[Request]]:
+        """Wait for the fill started ahead, if any; returns the requests it filled for."""
+        if self._ahead is None:
+            return None
+        reqs, future = self._ahead
+        self._ahead = None
+        future.result()
+        return reqs
+
+    def _host_free(self) -> None:
         if self._copied is not None:
             self._copied.synchronize()  # the last step's copy has left the buffer (long since, in practice)
+
+    def _fill_rows(self, reqs: list[Request], live: list[int], host: torch.Tensor) -> None:
+        rows = host[: len(reqs)]
         rows.numpy().fill(-1)  # every bit set: every token allowed (numpy: no thread pool woken for a memset)
-        live = [s for s, req in enumerate(reqs) if req.grammar is not None and req.finish is None and req.error is None]
         try:
             if live:
                 self._batch.batch_fill_next_token_bitmask([reqs[s].grammar for s in live], host, live)
@@ -76,15 +118,7 @@ class TokenMasks:
                     reqs[s].grammar.fill_next_token_bitmask(host, s)
                 except Exception as exc:
                     reqs[s].error = f"filling the token mask failed: {type(exc).__name__}: {exc}"
-                    rows[s].fill_(-1)
-        constrained = to_device([s for s, req in enumerate(reqs) if req.grammar is not None], torch.int64, self.device)
-        if on_device is host:
-            return StepMask(rows, self.vocab_size, constrained)
-        on_device = on_device[: len(reqs)]
-        on_device.copy_(rows, non_blocking=True)
-        self._copied = torch.cuda.Event()
-        self._copied.record()
-        return StepMask(on_device, self.vocab_size, constrained)
+                    rows[s].numpy().fill(-1)
 
     def _buffers(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._host is None:
@@ -110,6 +144,11 @@ class TokenMasks:
                 logits = torch.zeros(rows, self.logits_width, device=self.device)
                 mask = StepMask(self._on_device[:rows].fill_(-1), self.vocab_size, torch.empty(0, dtype=torch.int64))
                 apply_token_mask(logits, mask)
+
+
+def _live(reqs: list[Request]) -> list[int]:
+    """The rows whose grammar decides their next token (a request that ended keeps its row open)."""
+    return [s for s, req in enumerate(reqs) if req.grammar is not None and req.finish is None and req.error is None]
 
 
 def apply_token_mask(logits: torch.Tensor, mask: StepMask) -> None:

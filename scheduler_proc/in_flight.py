@@ -38,6 +38,7 @@ class InFlight:
             req.pending += 1
             self.sample_row[req] = row
         self.pool_rows = [req.row for req in self.sample_row] if self.awaiting_sample else []
+        self.sample_reqs = [step.entries[i][0] for i in step.sample_entries]  # in sampling-row order
 
     def rows_to_withhold(self) -> list[int]:
         """The request rows its sampling, not queued yet, will read (none once it is queued)."""
@@ -53,6 +54,12 @@ class InFlight:
         assert sampled is not None
         batch.input_ids[to_device(rows, torch.int64, device)] = sampled.ids[to_device(sample_rows, torch.int64, device)]
 
+    def fill_mask_ahead(self, masks: TokenMasks) -> None:
+        """With overlap: start filling the mask of a step yet to sample, once the step before it is read (its
+        matchers are current then); sample() takes it."""
+        if self.awaiting_sample:
+            masks.fill_ahead(self.sample_reqs)
+
     def sample(self, runner: ModelRunner, masks: TokenMasks) -> None:
         """Queue the sampling of a step launched without it, once each of its constrained requests has its
         previous token in its matcher (with overlap: once the step before this one has been read). Call it
@@ -62,7 +69,7 @@ class InFlight:
         self.awaiting_sample = False
         sampling = self.step.sampling
         assert sampling is not None
-        reqs = [self.step.entries[i][0] for i in self.step.sample_entries]
+        reqs = self.sample_reqs
         sampling.grammar_mask = masks.fill(reqs)
         runner.sample(self.output, sampling, masked_logprobs=any(req.msg.return_logprob for req in reqs))
 

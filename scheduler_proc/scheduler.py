@@ -338,6 +338,8 @@ class Scheduler(ControlCalls):
             reason = self.finish_checker.check(req)
             if reason is not None:
                 self.finish(req, reason)
+        if self.in_flight is not None:  # with overlap: its matchers are current now
+            self.in_flight.fill_mask_ahead(self.masks)
         self.estimate.step_done()
         self.outputs += [req for req, _ in step.entries]
         self._drop_finished()

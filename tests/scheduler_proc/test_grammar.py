@@ -122,6 +122,35 @@ def test_constrained_outputs_survive_retraction_and_chunked_prefill(model_dir, t
         assert re.fullmatch(LONG_REGEXES[i % 3], text(tokenizer, small.out.ids[f"c{i}"]))
 
 
+def test_with_overlap_masks_are_filled_ahead_on_the_worker_thread(model_dir, monkeypatch):
+    # A constrained step's mask is filled while the scheduler's thread sends outputs and schedules (it was
+    # on the path between two device steps); the outputs are those of the plain loop, which fills in place.
+    threads: list[str] = []
+    original = TokenMasks._fill_rows
+
+    def recording(self, reqs, live, host):
+        threads.append(threading.current_thread().name)
+        return original(self, reqs, live, host)
+
+    monkeypatch.setattr(TokenMasks, "_fill_rows", recording)
+    outputs = []
+    for overlap in (False, True):
+        d = Driver(model_dir, max_total_tokens=1000, disable_overlap_schedule=not overlap)
+        for i in range(3):
+            submit(d, f"c{i}", prompt(i, 6), regex=LONG_REGEXES[i], max_new_tokens=44, temperature=1.0, seed=i)
+        submit(d, "free", prompt(5, 6), max_new_tokens=30)
+        turn_until(d, lambda d=d: len(d.out.finish) == 4)
+        outputs.append(d.out.ids)
+        on_worker = sum(name.startswith("token-masks") for name in threads)
+        on_main = len(threads) - on_worker
+        if overlap:  # all, or all but the first step's if no step was read before it
+            assert on_worker >= 30 and on_main <= 1
+        else:
+            assert on_worker == 0 and on_main >= 30
+        threads.clear()
+    assert outputs[0] == outputs[1]
+
+
 def test_a_row_freed_under_a_step_yet_to_sample_waits_for_that_sampling(model_dir):
     # With overlap, a constrained step samples after the next step is scheduled (its forward runs
     # meanwhile). A request that ended before that sampling frees its row; a request admitted in that
