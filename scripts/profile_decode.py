@@ -40,6 +40,8 @@ def main() -> None:
     p.add_argument("--disable-overlap-schedule", action="store_true")
     p.add_argument("--prefill", action="store_true", help="also profile the prefill of the batch (device kernels)")
     p.add_argument("--json-schema", help="constrain every request to this JSON Schema (text): the grammar's host cost")
+    p.add_argument("--quantization", choices=["fp8"], help="FP8 weights, quantized as they load")
+    p.add_argument("--kv-cache-dtype", default="auto", help="auto or fp8_e4m3")
     args = p.parse_args()
 
     import torch
@@ -58,6 +60,8 @@ def main() -> None:
         cuda_graph_max_bs=max(args.batch, 8),
         max_running_requests=args.batch,
         disable_overlap_schedule=args.disable_overlap_schedule,
+        quantization=args.quantization,
+        kv_cache_dtype=args.kv_cache_dtype,
     )
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     sched = Scheduler(settings.resolve(), Endpoints.in_dir(tempfile.mkdtemp()), zmq.Context())
