@@ -19,7 +19,7 @@ from engine.shared.errors import EngineError
 from engine.shared.protocol import GenerateRequest
 from engine.weights import TrainerMethods
 from tokenizer_proc.chat import chat_image_data, chat_prompts
-from tokenizer_proc.constraints import uses_constraints
+from tokenizer_proc.constraints import needs_checking
 from tokenizer_proc.images import image_processor_for
 from tokenizer_proc.inputs import GenerateInput, InputIds, Limits, PreparedBatch, Prompt, SamplingArg, prepare
 from tokenizer_proc.manager import TokenizerManager
@@ -195,8 +195,8 @@ class Engine(TrainerMethods):
             return_text_in_logprobs=return_text_in_logprobs,
             return_hidden_states=return_hidden_states,
         )
-        # Fetching and preprocessing images, or checking a grammar, must not block the caller's event loop.
-        in_thread = image_data is not None or uses_constraints(sampling_params)
+        # Fetching and preprocessing images, or checking a new grammar, must not block the caller's event loop.
+        in_thread = image_data is not None or needs_checking(sampling_params)
         batch = await asyncio.to_thread(self._prepare, call) if in_thread else self._prepare(call)
         if stream:
             reqs = await asyncio.to_thread(batch.all) if in_thread else batch.all()
