@@ -32,7 +32,7 @@ class StepMask:
 
     bits: torch.Tensor
     vocab: int
-    constrained: torch.Tensor  # [C] int64, on the bits' device
+    constrained: Optional[torch.Tensor]  # [C] int64, on the bits' device; None: every row (the usual step)
 
 
 class TokenMasks:
@@ -90,7 +90,9 @@ class TokenMasks:
             self._host_free()
             self._fill_rows(reqs, _live(reqs), host)
         rows = host[: len(reqs)]
-        constrained = to_device([s for s, req in enumerate(reqs) if req.grammar is not None], torch.int64, self.device)
+        with_grammar = [s for s, req in enumerate(reqs) if req.grammar is not None]
+        every_row = len(with_grammar) == len(reqs)  # then no index to copy, and a plain fill of the padding
+        constrained = None if every_row else to_device(with_grammar, torch.int64, self.device)
         if on_device is host:
             return StepMask(rows, self.vocab_size, constrained)
         on_device = on_device[: len(reqs)]
@@ -148,7 +150,7 @@ class TokenMasks:
         for rows in (1, 16, 17):
             if rows <= self.max_rows:
                 logits = torch.zeros(rows, self.logits_width, device=self.device)
-                mask = StepMask(self._on_device[:rows].fill_(-1), self.vocab_size, torch.empty(0, dtype=torch.int64))
+                mask = StepMask(self._on_device[:rows].fill_(-1), self.vocab_size, None)
                 apply_token_mask(logits, mask)
 
 
@@ -162,5 +164,9 @@ def apply_token_mask(logits: torch.Tensor, mask: StepMask) -> None:
     import xgrammar
 
     xgrammar.apply_token_bitmask_inplace(logits, mask.bits, vocab_size=min(mask.vocab, logits.shape[1]))
-    if logits.shape[1] > mask.vocab and mask.constrained.numel():
+    if logits.shape[1] <= mask.vocab:
+        return
+    if mask.constrained is None:
+        logits[:, mask.vocab :] = float("-inf")
+    elif mask.constrained.numel():
         logits[mask.constrained, mask.vocab :] = float("-inf")

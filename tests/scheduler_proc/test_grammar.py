@@ -241,6 +241,10 @@ def test_padding_ids_of_the_model_are_forbidden_to_constrained_rows_only(tokeniz
     apply_token_mask(logits, TokenMasks(2, queue.token_vocab, torch.device("cpu")).fill([constrained, free]))
     assert torch.isneginf(logits[0, 49152:]).all() and torch.isfinite(logits[0, :49152]).sum() > 0
     assert torch.isfinite(logits[1]).all()
+    other = compiled_request(tokenizer, YES_NO, "other")
+    logits = torch.zeros(2, 49152 + 96)  # every row constrained: the padding is filled without an index
+    apply_token_mask(logits, TokenMasks(2, queue.token_vocab, torch.device("cpu")).fill([constrained, other]))
+    assert torch.isneginf(logits[:, 49152:]).all() and (torch.isfinite(logits[:, :49152]).sum(dim=1) > 0).all()
 
 
 def test_matchers_advance_in_one_batch_as_one_by_one(tokenizer):
