@@ -1,7 +1,7 @@
 """flashinfer attention kernels at the shapes of our benchmark steps, on the device: the prefill, mixed and
 decode calls one step makes per layer, with each kernel choice, plus the host time of plan().
 
-    python scripts/bench_attention.py [--heads 16 --kv-heads 8 --head-dim 128] [--out FILE]
+    python scripts/bench_attention.py [--heads 16 --kv-heads 8 --head-dim 128] [--kv-dtype fp8] [--out FILE]
 
 Prints one line per case (device µs per layer call, median of 50; plan() host µs); --out appends JSON lines.
 """
@@ -15,6 +15,8 @@ import time
 
 import flashinfer
 import torch
+
+KV_DTYPES = {"bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn}  # fp8: kv_cache_dtype="fp8_e4m3"
 
 
 def _median_us(fn, reps: int = 50) -> float:
@@ -51,8 +53,9 @@ def _layout(prefix: list[int], extend: list[int], page: int, num_pages: int):
 def run_case(name: str, prefix: list[int], extend: list[int], args, kind: str, page: int, backend: str) -> dict:
     hq, hkv, d = args.heads, args.kv_heads, args.head_dim
     total_pages = (sum(p + e for p, e in zip(prefix, extend)) // page) + len(prefix) + 16
-    k = torch.randn(total_pages, page, hkv, d, dtype=torch.bfloat16, device="cuda")
-    v = torch.randn_like(k)
+    kv_dtype = KV_DTYPES[args.kv_dtype]
+    k = torch.randn(total_pages, page, hkv, d, dtype=torch.bfloat16, device="cuda").to(kv_dtype)
+    v = torch.randn_like(k, dtype=torch.bfloat16).to(kv_dtype)
     qo, kv_indptr, indices, last = _layout(prefix, extend, page, total_pages)
     q = torch.randn(sum(extend), hq, d, dtype=torch.bfloat16, device="cuda")
     workspace = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
@@ -71,15 +74,13 @@ def run_case(name: str, prefix: list[int], extend: list[int], args, kind: str, p
                 page,
                 causal=True,
                 q_data_type=torch.bfloat16,
-                kv_data_type=torch.bfloat16,
+                kv_data_type=kv_dtype,
             )
     else:
         wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace, "NHD", use_tensor_cores=backend == "tc")
 
         def plan():
-            wrapper.plan(
-                kv_indptr, indices, last, hq, hkv, d, page, q_data_type=torch.bfloat16, kv_data_type=torch.bfloat16
-            )
+            wrapper.plan(kv_indptr, indices, last, hq, hkv, d, page, q_data_type=torch.bfloat16, kv_data_type=kv_dtype)
 
     plan()
     torch.cuda.synchronize()
@@ -89,7 +90,7 @@ def run_case(name: str, prefix: list[int], extend: list[int], args, kind: str, p
     plan_us = (time.perf_counter() - start) / 20 * 1e6
     torch.cuda.synchronize()
     us = _median_us(lambda: wrapper.run(q, (k, v)))
-    kv_bytes = 2 * sum(p + e for p, e in zip(prefix, extend)) * hkv * d * 2
+    kv_bytes = 2 * sum(p + e for p, e in zip(prefix, extend)) * hkv * d * k.element_size()
     row = {
         "case": name,
         "kind": kind,
@@ -99,9 +100,10 @@ def run_case(name: str, prefix: list[int], extend: list[int], args, kind: str, p
         "plan_us": plan_us,
         "kv_GBps": kv_bytes / us / 1e3,
         "heads": [hq, hkv, d],
+        "kv_dtype": args.kv_dtype,
     }
     print(
-        f"{name:<28}{kind:<8}{backend:<6}page {page:<4}{us:>9.1f} us  plan {plan_us:>7.1f} us  "
+        f"{name:<28}{kind:<8}{backend:<6}{args.kv_dtype:<5}page {page:<4}{us:>9.1f} us  plan {plan_us:>7.1f} us  "
         f"KV read {row['kv_GBps']:>6.0f} GB/s"
     )
     return row
@@ -134,8 +136,9 @@ def run_layouts(args, pool_tokens: int) -> list[dict]:
     rng = random.Random(0)
     prompt = [rng.randint(100, 1024) for _ in range(256)]
     lengths = [p + rng.randint(0, 600) for p in prompt]
-    k = torch.randn(pool_tokens, 1, hkv, d, dtype=torch.bfloat16, device="cuda")
-    v = torch.randn_like(k)
+    kv_dtype = KV_DTYPES[args.kv_dtype]
+    k = torch.randn(pool_tokens, 1, hkv, d, dtype=torch.bfloat16, device="cuda").to(kv_dtype)
+    v = torch.randn_like(k, dtype=torch.bfloat16).to(kv_dtype)
     q = torch.randn(len(lengths), hq, d, dtype=torch.bfloat16, device="cuda")
     workspace = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
     rows = []
@@ -146,9 +149,9 @@ def run_layouts(args, pool_tokens: int) -> list[dict]:
             indices = torch.tensor([x for s in slots for x in s], dtype=torch.int32, device="cuda")
             last = torch.ones(len(slots), dtype=torch.int32)
             wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace, "NHD", use_tensor_cores=tc)
-            wrapper.plan(indptr, indices, last, hq, hkv, d, 1, q_data_type=torch.bfloat16, kv_data_type=torch.bfloat16)
+            wrapper.plan(indptr, indices, last, hq, hkv, d, 1, q_data_type=torch.bfloat16, kv_data_type=kv_dtype)
             us = _median_us(lambda w=wrapper: w.run(q, (k, v)))
-            gbps = 2 * sum(lengths) * hkv * d * 2 / us / 1e3
+            gbps = 2 * sum(lengths) * hkv * d * k.element_size() / us / 1e3
             kind = "tc" if tc else "cuda"
             print(f"layout {layout:<11} {kind:<5} pool {pool_tokens:>8} {us:>8.1f} us  {gbps:>6.0f} GB/s")
             rows.append(
@@ -169,6 +172,7 @@ def main() -> None:
     p.add_argument("--heads", type=int, default=16)
     p.add_argument("--kv-heads", type=int, default=8)
     p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--kv-dtype", default="bf16", choices=sorted(KV_DTYPES), help="the KV cache's element type")
     p.add_argument("--out", default=None)
     p.add_argument("--layouts", type=int, default=0, help="pool tokens: time decode over KV slot layouts only")
     args = p.parse_args()
