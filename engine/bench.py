@@ -116,7 +116,7 @@ def run_ferry(workload: Workload, settings: dict[str, Any], args: argparse.Names
         "kv_pool_tokens": info["kv_pool_tokens"],
         "device": info.get("device_name", info.get("device")),
         **latency,
-        **_step_stats(info.get("step_profile"), start, start + wall),
+        **step_stats(info.get("step_profile"), start, start + wall),
     }
 
 
@@ -133,7 +133,7 @@ def warm_up(engine: Any, workload: Workload) -> None:
         engine.generate(input_ids=prompts, sampling_params=params, use_tqdm=False)
 
 
-def _step_stats(profile: Optional[dict[str, list]], since: float, until: float) -> dict[str, Any]:
+def step_stats(profile: Optional[dict[str, list]], since: float, until: float) -> dict[str, Any]:
     """From the steps recorded with --profile-steps: p50/p99 of the decode steps run at (near) the run's
     largest batch (device time, device idle time before the step, host time per step), and the totals of
     device and idle time over decode-only and prefill/mixed steps. Only steps queued after `since` (the

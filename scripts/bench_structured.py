@@ -48,6 +48,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--context-length", type=int, default=4096)
     p.add_argument("--cuda-graph-max-bs", type=int, default=256)
     p.add_argument("--disable-overlap-schedule", action="store_true")
+    p.add_argument(
+        "--profile-steps",
+        type=int,
+        default=100_000,
+        help="steps timed by the scheduler: each mode's decode step p50 (device, device idle before it, host)",
+    )
     p.add_argument("--result-file", default=None)
     p.add_argument("--tag", default="")
     return p.parse_args(argv)
@@ -64,6 +70,7 @@ def run_model(model_path: str, args: argparse.Namespace, schema: dict[str, Any])
         "context_length": args.context_length,
         "cuda_graph_max_bs": args.cuda_graph_max_bs,
         "disable_overlap_schedule": args.disable_overlap_schedule,
+        "profile_steps": args.profile_steps,
     }
     with Engine(model_path, **settings) as engine:
         for params in modes.values():  # kernels warm, and the schema compiled: the grammar cache is warm
@@ -85,9 +92,12 @@ def run_model(model_path: str, args: argparse.Namespace, schema: dict[str, Any])
 
 
 def _throughput(engine: Any, prompts: list[list[int]], params: dict[str, Any]) -> dict[str, Any]:
+    from engine.bench import step_stats
+
     start = time.perf_counter()
     outputs = engine.generate(input_ids=prompts, sampling_params=params)
     wall = time.perf_counter() - start
+    steps = step_stats(engine.get_server_info().get("step_profile"), start, start + wall)
     tokens = sum(o["meta_info"]["completion_tokens"] for o in outputs)
     stopped = [o for o in outputs if o["meta_info"]["finish_reason"]["type"] == "stop"]
     return {
@@ -98,6 +108,7 @@ def _throughput(engine: Any, prompts: list[list[int]], params: dict[str, Any]) -
         "mean_output_len": tokens / len(outputs),
         "finished_by_grammar": len(stopped) if "json_schema" in params else 0,
         "valid_json_of_finished": sum(_is_json(o["text"]) for o in stopped) if "json_schema" in params else 0,
+        **{key: value for key, value in steps.items() if key.startswith("step_")},
     }
 
 
@@ -126,8 +137,15 @@ def _is_json(text: str) -> bool:
     return True
 
 
+def _step_cell(r: dict[str, Any]) -> str:
+    """Decode step p50 at full batch: device / idle before it / host ms (with --profile-steps)."""
+    if "step_gpu_ms_p50" not in r:
+        return ""
+    return "/".join(f"{r.get(f'step_{key}_ms_p50') or 0:.2f}" for key in ("gpu", "gap", "host"))
+
+
 def print_table(rows: list[dict[str, Any]]) -> None:
-    header = ["model", "mode", "out tok/s", "req/s", "mean out", "TTFT p50 ms", "TTFT p99 ms", "json/free"]
+    header = ["model", "mode", "out tok/s", "req/s", "mean out", "TTFT p50 ms", "TTFT p99 ms", "step ms", "json/free"]
     lines = [header]
     for row in rows:
         for mode in ("free", "json"):
@@ -142,6 +160,7 @@ def print_table(rows: list[dict[str, Any]]) -> None:
                     f"{r['mean_output_len']:.0f}",
                     f"{r['ttft_p50_s'] * 1e3:.0f}",
                     f"{r['ttft_p99_s'] * 1e3:.0f}",
+                    _step_cell(r),
                     ratio,
                 ]
             )
