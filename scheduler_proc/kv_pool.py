@@ -121,7 +121,8 @@ class KVPool:
     def rows_withheld(self, rows: Iterable[int]) -> Iterator[None]:
         """Inside the block, none of `rows` is handed out, even if free."""
         held = set(rows)
-        if not held:  # every turn but a constrained step's: no pass over the free rows
+        # Held rows are in-flight requests' rows, free only where one ended meanwhile: mostly none are.
+        if not held or held.isdisjoint(self._free_rows):
             yield
             return
         kept = [r for r in self._free_rows if r in held]
