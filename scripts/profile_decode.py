@@ -3,6 +3,7 @@
 (host ops and device kernels). Prints the top entries of each.
 
     python scripts/profile_decode.py --model-path configs/qwen2.5-0.5b --batch 256 [--temperature 0.6]
+        [--json-schema TEXT] [--quantization fp8] [--trace $OUT/decode.json.gz]
 
 On a CPU machine, a tiny config (one layer, hidden 64) makes the forward cheap, so that what is left
 per step is the scheduler's host work: the part of a GPU step that CPU tests can measure.
@@ -13,9 +14,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import cProfile
+import gzip
 import os
 import pstats
 import random
+import shutil
 import sys
 import tempfile
 import time
@@ -42,6 +45,7 @@ def main() -> None:
     p.add_argument("--json-schema", help="constrain every request to this JSON Schema (text): the grammar's host cost")
     p.add_argument("--quantization", choices=["fp8"], help="FP8 weights, quantized as they load")
     p.add_argument("--kv-cache-dtype", default="auto", help="auto or fp8_e4m3")
+    p.add_argument("--trace", help="write the decode steps' torch.profiler timeline here (Chrome trace, .json.gz)")
     args = p.parse_args()
 
     import torch
@@ -110,6 +114,13 @@ def _profile_decode(sched, args, sync) -> None:
             sched.iterate()
         sync()
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+    if args.trace:  # where the device idles, and what the host does meanwhile (chrome://tracing, Perfetto)
+        raw = args.trace.removesuffix(".gz")
+        prof.export_chrome_trace(raw)
+        with open(raw, "rb") as f, gzip.open(raw + ".gz", "wb") as out:
+            shutil.copyfileobj(f, out)
+        os.remove(raw)
+        print(f"timeline: {raw}.gz")
     if torch.cuda.is_available():
         print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=20))
 
