@@ -39,6 +39,8 @@ def needs_checking(sampling_params: Any) -> bool:
         values = entry if isinstance(entry, dict) else {name: getattr(entry, name, None) for name in CONSTRAINT_FIELDS}
         for name in CONSTRAINT_FIELDS:
             value = values.get(name)
+            if name == "json_schema" and isinstance(value, dict):
+                value = json.dumps(value)  # the text SamplingParams makes of it
             if value is not None and (not isinstance(value, str) or (name, value) not in _checked):
                 return True
     return False

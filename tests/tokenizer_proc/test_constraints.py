@@ -18,7 +18,8 @@ def test_a_constraint_checked_once_is_answered_without_a_thread():
     assert not needs_checking({"json_schema": schema})
     assert not needs_checking([{"max_new_tokens": 4}, SamplingParams(json_schema=schema)])
     assert not needs_checking({"temperature": 0.5})
-    assert needs_checking({"json_schema": json.loads(schema)})  # a dict: its text is made later
+    assert not needs_checking({"json_schema": json.loads(schema)})  # a dict: the text SamplingParams makes
+    assert needs_checking({"json_schema": {"type": "object", "title": "unseen"}})
     assert needs_checking([{}, {"regex": "[0-9]+ unseen"}])
 
 
