@@ -15,6 +15,7 @@ host work was on the path between two device steps.
 
 from __future__ import annotations
 
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -79,7 +80,12 @@ class TokenMasks:
         live = _live(reqs)
         if self._worker is None:
             self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="token-masks")
-        self._ahead = (reqs, self._worker.submit(self._fill_rows, reqs, live, host))
+        started = threading.Event()
+        self._ahead = (reqs, self._worker.submit(self._fill_rows, reqs, live, host, started))
+        # Hand the GIL over until the worker is inside xgrammar (which releases it): a thread woken while
+        # this one runs Python gets the GIL only when this one blocks or after the 5 ms switch interval,
+        # so the fill started at the join instead of beside the scheduling.
+        started.wait()
 
     def fill(self, reqs: list[Request]) -> StepMask:
         """The mask of a step's sampled rows (reqs in sampling-row order), on the device: row s allows what
@@ -114,12 +120,19 @@ class TokenMasks:
         if self._copied is not None:
             self._copied.synchronize()  # the last step's copy has left the buffer (long since, in practice)
 
-    def _fill_rows(self, reqs: list[Request], live: list[int], host: torch.Tensor) -> None:
-        rows = host[: len(reqs)]
-        rows.numpy().fill(-1)  # every bit set: every token allowed (numpy: no thread pool woken for a memset)
+    def _fill_rows(
+        self, reqs: list[Request], live: list[int], host: torch.Tensor, started: Optional[threading.Event] = None
+    ) -> None:
+        try:
+            rows = host[: len(reqs)]
+            rows.numpy().fill(-1)  # every bit set: every token allowed (numpy: no thread pool woken for a memset)
+            matchers = [reqs[s].grammar for s in live]
+        finally:
+            if started is not None:
+                started.set()
         try:
             if live:
-                self._batch.batch_fill_next_token_bitmask([reqs[s].grammar for s in live], host, live)
+                self._batch.batch_fill_next_token_bitmask(matchers, host, live)
         except Exception:  # find the matcher that failed: it alone ends
             for s in live:
                 try:

@@ -128,9 +128,9 @@ def test_with_overlap_masks_are_filled_ahead_on_the_worker_thread(model_dir, mon
     threads: list[str] = []
     original = TokenMasks._fill_rows
 
-    def recording(self, reqs, live, host):
+    def recording(self, reqs, live, host, started=None):
         threads.append(threading.current_thread().name)
-        return original(self, reqs, live, host)
+        return original(self, reqs, live, host, started)
 
     monkeypatch.setattr(TokenMasks, "_fill_rows", recording)
     outputs = []
@@ -149,6 +149,31 @@ def test_with_overlap_masks_are_filled_ahead_on_the_worker_thread(model_dir, mon
             assert on_worker == 0 and on_main >= 30
         threads.clear()
     assert outputs[0] == outputs[1]
+
+
+def test_fill_ahead_returns_once_the_worker_is_inside_xgrammar(tokenizer, monkeypatch):
+    # The scheduler's thread runs Python without blocking after fill_ahead: a worker still waiting for the GIL
+    # then would start only at the join, and the fill would not overlap anything.
+    reqs = [compiled_request(tokenizer, YES_NO, f"r{i}") for i in range(4)]
+    masks = TokenMasks(4, 49152, torch.device("cpu"))
+    entered, release = threading.Event(), threading.Event()
+
+    class SlowBatch:  # xgrammar's batch fill, held until the test lets it go (waiting releases the GIL)
+        def batch_fill_next_token_bitmask(self, matchers, host, live):
+            entered.set()
+            release.wait(timeout=10)
+            real.batch_fill_next_token_bitmask(matchers, host, live)
+
+    masks.fill_ahead(reqs)  # the first starts the worker thread (its start alone hands the GIL over)
+    masks.fill(reqs)
+    real, masks._batch = masks._batch, SlowBatch()
+    masks.fill_ahead(reqs)
+    for _ in range(20_000):  # ~1 ms of Python on this thread, as the scheduler's turn runs after it
+        pass
+    assert entered.is_set()
+    release.set()
+    alone = TokenMasks(4, 49152, torch.device("cpu"))
+    assert torch.equal(masks.fill(reqs).bits, alone.fill(reqs).bits)
 
 
 def test_a_row_freed_under_a_step_yet_to_sample_waits_for_that_sampling(model_dir):
