@@ -40,7 +40,9 @@ class FinishChecker:
         params = req.sampling
         token = req.output_ids[-1]
         count = len(req.output_ids)
-        if req.grammar is not None and req.grammar.is_terminated():  # complete, and its end token taken
+        # Complete, and its end token taken: a matcher ends only by taking one of its stop tokens (the EOS
+        # ids, grammar.py), so the others skip the call (256 of them a step cost the host 0.1-0.3 ms).
+        if req.grammar is not None and token in self.eos_ids and req.grammar.is_terminated():
             return FinishReason(type="stop", matched=token)
         if count >= params.min_new_tokens:
             if token in params.stop_token_ids:
