@@ -40,7 +40,10 @@ def needs_checking(sampling_params: Any) -> bool:
         for name in CONSTRAINT_FIELDS:
             value = values.get(name)
             if name == "json_schema" and isinstance(value, dict):
-                value = json.dumps(value)  # the text SamplingParams makes of it
+                try:
+                    value = json.dumps(value)  # the text SamplingParams makes of it
+                except (TypeError, ValueError):  # not JSON: the check in the thread says so, naming the field
+                    return True
             if value is not None and (not isinstance(value, str) or (name, value) not in _checked):
                 return True
     return False

@@ -163,7 +163,10 @@ def _check_type(name: str, value: Any) -> Any:
 
 def _check_constraint_type(name: str, value: Any) -> str:
     if name == "json_schema" and isinstance(value, dict):
-        return json.dumps(value)  # a schema given as a dict: the same text every time, so it caches
+        try:
+            return json.dumps(value)  # a schema given as a dict: the same text every time, so it caches
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"sampling_params.json_schema must be JSON (a dict of JSON values): {exc}") from None
     if not isinstance(value, str):
         kinds = "a string (or a dict)" if name == "json_schema" else "a string"
         raise TypeError(f"sampling_params.{name} must be {kinds}, got {type(value).__name__}")
