@@ -18,9 +18,11 @@ Run on the device: bash scripts/device_run.sh python3 scripts/bench_tp.py <part>
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import os
 import random
+import shutil
 import statistics
 import subprocess
 import sys
@@ -233,8 +235,12 @@ def _profile(runner, step, batch: int, trace: str | None) -> dict[str, Any]:
         nccl = [e for e in kernels if "nccl" in e.name.lower()]
         if nccl or runner.tp.size == 1:
             break
-    if trace:
-        prof.export_chrome_trace(trace)
+    if trace:  # gzipped: a call brings back few files and small ones
+        raw = trace.removesuffix(".gz")
+        prof.export_chrome_trace(raw)
+        with open(raw, "rb") as f, gzip.open(raw + ".gz", "wb") as packed:
+            shutil.copyfileobj(f, packed)
+        os.remove(raw)
     kernel_us = sum(e.time_range.elapsed_us() for e in kernels) / n
     nccl_us = sum(e.time_range.elapsed_us() for e in nccl) / n
     return {
@@ -250,7 +256,7 @@ def _profile(runner, step, batch: int, trace: str | None) -> dict[str, Any]:
 def decode_steps(out: str) -> None:
     base = {"model": MODEL_8B, "batch": 64, "context": 512, "steps": 60, "profile": True}
     one = run_harness(base | {"tp": 1})
-    two = run_harness(base | {"tp": 2, "trace": os.path.join(out, "tp2_decode_trace.json")})
+    two = run_harness(base | {"tp": 2, "trace": os.path.join(out, "tp2_decode_trace.json.gz")})
     record(
         out,
         {
