@@ -18,11 +18,9 @@ Run on the device: bash scripts/device_run.sh python3 scripts/bench_tp.py <part>
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import os
 import random
-import shutil
 import statistics
 import subprocess
 import sys
@@ -235,12 +233,8 @@ def _profile(runner, step, batch: int, trace: str | None) -> dict[str, Any]:
         nccl = [e for e in kernels if "nccl" in e.name.lower()]
         if nccl or runner.tp.size == 1:
             break
-    if trace:  # gzipped: a call brings back few files and small ones
-        raw = trace.removesuffix(".gz")
-        prof.export_chrome_trace(raw)
-        with open(raw, "rb") as f, gzip.open(raw + ".gz", "wb") as packed:
-            shutil.copyfileobj(f, packed)
-        os.remove(raw)
+    if trace:  # a .gz name: torch gzips it (a call brings back few files and small ones)
+        prof.export_chrome_trace(trace)
     kernel_us = sum(e.time_range.elapsed_us() for e in kernels) / n
     nccl_us = sum(e.time_range.elapsed_us() for e in nccl) / n
     return {

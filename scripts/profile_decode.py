@@ -14,11 +14,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import cProfile
-import gzip
 import os
 import pstats
 import random
-import shutil
 import sys
 import tempfile
 import time
@@ -45,7 +43,7 @@ def main() -> None:
     p.add_argument("--json-schema", help="constrain every request to this JSON Schema (text): the grammar's host cost")
     p.add_argument("--quantization", choices=["fp8"], help="FP8 weights, quantized as they load")
     p.add_argument("--kv-cache-dtype", default="auto", help="auto or fp8_e4m3")
-    p.add_argument("--trace", help="write the decode steps' torch.profiler timeline here (Chrome trace, .json.gz)")
+    p.add_argument("--trace", help="write the decode steps' timeline here (Chrome trace; .json.gz: gzipped)")
     args = p.parse_args()
 
     import torch
@@ -115,12 +113,8 @@ def _profile_decode(sched, args, sync) -> None:
         sync()
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
     if args.trace:  # where the device idles, and what the host does meanwhile (chrome://tracing, Perfetto)
-        raw = args.trace.removesuffix(".gz")
-        prof.export_chrome_trace(raw)
-        with open(raw, "rb") as f, gzip.open(raw + ".gz", "wb") as out:
-            shutil.copyfileobj(f, out)
-        os.remove(raw)
-        print(f"timeline: {raw}.gz")
+        prof.export_chrome_trace(args.trace)  # gzipped by torch when the name ends in .gz
+        print(f"timeline: {args.trace}")
     if torch.cuda.is_available():
         print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=20))
 

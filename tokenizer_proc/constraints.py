@@ -4,7 +4,6 @@ without the tokenizer; the scheduler compiles it against the tokenizer later (sc
 
 from __future__ import annotations
 
-import functools
 import json
 import re
 from typing import Any, Optional
@@ -20,13 +19,14 @@ def check_constraint(params: SamplingParams) -> None:
     constraint = params.constraint
     if constraint is None:
         return
-    kind, text = constraint
-    problem = _problem(kind, text)
-    if len(_checked) >= _CHECKED_TEXTS:
-        _checked.clear()
-    _checked.add(constraint)
+    problem = _checked.get(constraint, _UNCHECKED)
+    if problem is _UNCHECKED:
+        problem = _problem(*constraint)
+        if len(_checked) >= _CHECKED_TEXTS:
+            _checked.clear()
+        _checked[constraint] = problem
     if problem is not None:
-        raise ValueError(f"sampling_params.{kind} {problem}")
+        raise ValueError(f"sampling_params.{constraint[0]} {problem}")
 
 
 def needs_checking(sampling_params: Any) -> bool:
@@ -49,11 +49,11 @@ def needs_checking(sampling_params: Any) -> bool:
     return False
 
 
-# The constraints check_constraint has answered (from _problem's cache from then on).
-_checked: set[tuple[str, str]] = set()
+# The constraints check_constraint has answered, with the answer: what is wrong, or None.
+_checked: dict[tuple[str, str], Optional[str]] = {}
+_UNCHECKED = object()
 
 
-@functools.lru_cache(maxsize=_CHECKED_TEXTS)
 def _problem(kind: str, text: str) -> Optional[str]:
     """What is wrong with a constraint, in words that follow its field name; None when xgrammar takes it."""
     import xgrammar  # imports torch: only callers who ask for a constraint pay for it
