@@ -19,6 +19,10 @@ import torch
 
 FP8 = torch.float8_e4m3fn
 _FP8_MAX = torch.finfo(FP8).max
+# Freed slots wait in this many chunks before they join the free list in one copy: the list holds every
+# free slot of the pool (10M on an H200 for a small model), and copying it at each free cost a request's
+# finish ~50 us of device time on the GPU and ~1.4 ms of host time on the CPU.
+_MERGE_CHUNKS = 256
 
 
 class KVPool:
@@ -43,6 +47,8 @@ class KVPool:
         self.v_buffer = torch.zeros(shape, dtype=dtype, device=device)
         self.req_to_token = torch.zeros((max_requests, max_context), dtype=torch.int32, device=device)
         self._free_slots = torch.arange(1, num_slots, dtype=torch.int64, device=device)
+        self._returned: list[torch.Tensor] = []  # freed since the last merge into _free_slots
+        self._num_returned = 0
         self._free_rows = list(range(max_requests - 1, -1, -1))
         self.max_requests = max_requests
         self.journal: Optional[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = None
@@ -97,16 +103,25 @@ class KVPool:
         return 2 * num_layers * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
 
     def num_free_slots(self) -> int:
-        return self._free_slots.numel()
+        return self._free_slots.numel() + self._num_returned
 
     def alloc_slots(self, n: int) -> torch.Tensor:
+        if n > self._free_slots.numel() and self._returned:
+            self._merge_returned()
         assert n <= self._free_slots.numel(), (n, self._free_slots.numel())
         slots, self._free_slots = self._free_slots[:n], self._free_slots[n:]
         return slots
 
     def free_slots(self, slots: torch.Tensor) -> None:
         if slots.numel():
-            self._free_slots = torch.cat([self._free_slots, slots.to(torch.int64)])
+            self._returned.append(slots.to(torch.int64))
+            self._num_returned += slots.numel()
+            if len(self._returned) >= _MERGE_CHUNKS:
+                self._merge_returned()
+
+    def _merge_returned(self) -> None:
+        self._free_slots = torch.cat([self._free_slots, *self._returned])
+        self._returned, self._num_returned = [], 0
 
     def num_free_rows(self) -> int:
         return len(self._free_rows)

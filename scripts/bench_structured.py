@@ -16,7 +16,7 @@ import json
 import subprocess
 import sys
 import time
-from typing import Any
+from typing import Any, Optional
 
 from engine.bench_workloads import random_ids
 
@@ -125,8 +125,26 @@ def _ttft(engine: Any, prompts: list[list[int]], params: dict[str, Any]) -> dict
     async def all_streams() -> list[float]:
         return await asyncio.gather(*(one(ids) for ids in prompts))
 
+    start = time.perf_counter()
     ttft = sorted(asyncio.run(all_streams()))
-    return {"ttft_p50_s": ttft[len(ttft) // 2], "ttft_p99_s": ttft[min(len(ttft) - 1, int(0.99 * len(ttft)))]}
+    p50 = ttft[len(ttft) // 2]
+    return {
+        "ttft_p50_s": p50,
+        "ttft_p99_s": ttft[min(len(ttft) - 1, int(0.99 * len(ttft)))],
+        "ttft_steps": _steps_until(engine.get_server_info().get("step_profile"), start, start + p50),
+    }
+
+
+def _steps_until(profile: Optional[dict[str, list]], since: float, until: float) -> list[list[float]]:
+    """The steps queued from `since` until `until` (the median first token): for each, when it was queued (ms
+    after `since`), its batch size, device ms and the device's idle ms before it: where a TTFT went."""
+    if not profile:
+        return []
+    return [
+        [round((clock - since) * 1e3, 1), size, round(gpu, 2), round(gap or 0.0, 2)]
+        for clock, size, gpu, gap in zip(profile["clock"], profile["batch_size"], profile["gpu_ms"], profile["gap_ms"])
+        if since <= clock <= until
+    ]
 
 
 def _is_json(text: str) -> bool:
@@ -167,6 +185,9 @@ def print_table(rows: list[dict[str, Any]]) -> None:
     widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
     for line in lines:
         print("  ".join(str(cell).ljust(width) for cell, width in zip(line, widths)))
+    for row in rows:  # [queued ms, batch size, device ms, idle ms before] of each step until the median TTFT
+        for mode in ("free", "json"):
+            print(f"{row['model_path']} {mode} steps until TTFT p50: {row[mode].get('ttft_steps')}")
 
 
 def main(argv: list[str]) -> list[dict[str, Any]]:
