@@ -165,6 +165,14 @@ def step_stats(profile: Optional[dict[str, list]], since: float, until: float) -
         if values:
             stats[f"step_{key}_p50"] = values[len(values) // 2]
             stats[f"step_{key}_p99"] = values[min(len(values) - 1, int(len(values) * 0.99))]
+    # Where the host time of those steps' turns went: each part's median ms (the scheduler's marks).
+    host_parts = profile.get("host_parts") or [None] * len(decode)
+    parts = [host_parts[i] for i in keep if host_parts[i]]
+    if parts:
+        names = sorted({name for p in parts for name in p})
+        stats["step_host_parts_ms_p50"] = {
+            name: round(sorted(p.get(name, 0.0) for p in parts)[len(parts) // 2], 3) for name in names
+        }
     return stats
 
 

@@ -40,6 +40,11 @@ def order_waiting(
     return matched
 
 
+def retraction_order(req: Request) -> tuple[int, int]:
+    """Which running request retracts first (the smallest): fewest generated tokens; among those, the most KV held."""
+    return (len(req.output_ids), -req.num_tokens)
+
+
 def waits_for_shared_prefix(req: Request, matched: int, prefilling: list[Request]) -> bool:
     """Whether req should stay queued because a request now prefilling computes a longer prefix of
     it than the cache holds: one step later that prefix is in the tree and req reuses it (the n > 1

@@ -30,7 +30,7 @@ from scheduler_proc.grammar import GrammarQueue
 from scheduler_proc.grammar_mask import TokenMasks
 from scheduler_proc.in_flight import InFlight
 from scheduler_proc.model_runner import ModelRunner
-from scheduler_proc.policy import NewTokenEstimate, order_waiting, waits_for_shared_prefix
+from scheduler_proc.policy import NewTokenEstimate, order_waiting, retraction_order, waits_for_shared_prefix
 from scheduler_proc.pooling import Pooler
 from scheduler_proc.radix_cache import create_prefix_cache
 from scheduler_proc.request import Request
@@ -97,24 +97,31 @@ class Scheduler(ControlCalls):
     def iterate(self) -> None:
         """One turn of the loop. With overlap, step N+1 is scheduled and queued on the device before
         step N's outputs are read, so the host work between steps hides behind the device's."""
+        mark = self.runner.profiler.mark  # with profile_steps: each part's host time (step_profile.py)
+        mark(None)
         idle = not (self.waiting or self.running or self.in_flight) or self.trainer.holds_requests
         for msg in self.io.receive(block=idle, timeout_ms=_GRAMMAR_POLL_MS if self.grammars else None):
             self.handle(msg)
         self.admit_compiled()
+        mark("receive")
         withheld = self.in_flight.rows_to_withhold() if self.in_flight is not None else []
         with self.pool.rows_withheld(withheld):
             step = self.schedule()
+        mark("schedule")
         # A constrained step in flight samples now: its forward ran while this turn scheduled.
         if self.in_flight is not None and not self.sample(self.in_flight) and step is not None:
             self.unbuild(step)
             step = None
+        mark("sample")
         launched = self.launch(step) if step is not None else None
+        mark("launch")
         to_read = launched
         if self.overlap:  # read the step launched last turn; this one's outputs wait for the next
             to_read, self.in_flight = self.in_flight, launched
         if to_read is not None:
             self.process(to_read)
         self.send_outputs()
+        self.runner.profiler.turn_done("send")
 
     def handle(self, msg: Message) -> None:
         """New requests join the waiting queue, aborts end theirs, control calls are answered."""
@@ -158,7 +165,7 @@ class Scheduler(ControlCalls):
         self.admit_waiting(entries, budget)
         if not entries:
             if len(self.running) > 1 and self.in_flight is None:  # none can advance: free room rather than spin
-                self.retract(min(self.running, key=_progress), "no request can advance")
+                self.retract(min(self.running, key=retraction_order), "no request can advance")
             return None
         self.cache.make_free(sum(n for _, n in entries))
         return build_step(entries, self.pool, self.finish_checker.eos_ids)
@@ -239,7 +246,7 @@ class Scheduler(ControlCalls):
         cache, retract the requests with the least progress back to the front of the waiting queue."""
         if not self.running or self.cache.available() >= self._decode_need():
             return
-        victims = sorted(self.running, key=_progress, reverse=True)
+        victims = sorted(self.running, key=retraction_order, reverse=True)
         while len(self.running) > 1 and self.cache.available() < self._decode_need() * _RETRACT_HEADROOM_STEPS:
             self.retract(victims.pop(), "KV pool full")
         self.estimate.retracted(self.running)
@@ -312,8 +319,10 @@ class Scheduler(ControlCalls):
         self.sample(launched)  # without overlap, a constrained step is sampled only now
         step, output = launched.step, launched.output
         launched.tokens_read()
+        mark = self.runner.profiler.mark
         try:
             tokens = self.runner.wait(output.sampled)
+            mark("wait")
             next_ids = read_step_outputs(step, output.hidden, output.logits, tokens, self.pooler)
         except Exception as exc:
             self.fail_step(step, exc)
@@ -334,12 +343,15 @@ class Scheduler(ControlCalls):
         constrained = [(req, req.output_ids[-1]) for req in took if req.grammar is not None]
         if constrained:
             self.masks.accept(constrained)
+            mark("accept")
         for req in took:
             reason = self.finish_checker.check(req)
             if reason is not None:
                 self.finish(req, reason)
+        mark("finish")
         if self.in_flight is not None:  # with overlap: its matchers are current now
             self.in_flight.fill_mask_ahead(self.masks)
+            mark("fill_ahead")
         self.estimate.step_done()
         self.outputs += [req for req, _ in step.entries]
         self._drop_finished()
@@ -386,8 +398,3 @@ def run_scheduler(args: EngineArgs, endpoints: Endpoints, context: zmq.Context) 
         if workers is not None:  # a dead worker is the error to report: give its watcher time to do so
             workers.wait_for_exit(timeout=1.0)
         raise
-
-
-def _progress(req: Request) -> tuple[int, int]:
-    """Retraction order: fewest generated tokens first; among those, the most KV held."""
-    return (len(req.output_ids), -req.num_tokens)

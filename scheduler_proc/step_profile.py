@@ -2,7 +2,10 @@
 worked on each step, how long it sat idle before it, and how much host time the loop spent per step.
 
 Device times come from CUDA events read once they have completed, so recording never waits for the
-device. Off (`profile_steps=0`) it costs one branch per step.
+device. Off (`profile_steps=0`) it costs one branch per step (and per mark).
+
+The scheduler's loop also marks the end of each part of a turn (mark()): the host time of each part,
+kept with the step the turn queued, says where a host-bound step's time goes.
 """
 
 from __future__ import annotations
@@ -19,9 +22,13 @@ class StepProfiler:
     def __init__(self, max_steps: int, device: torch.device) -> None:
         self.max_steps = max_steps
         self.cuda = device.type == "cuda"
-        self.records: list[list[Any]] = []  # [is decode, batch size, start event, end event, host ms, clock]
+        # [is decode, batch size, start event, end event, host ms, clock, {turn part: host ms}]
+        self.records: list[list[Any]] = []
         self._last_launch: Optional[float] = None
         self._waited = 0.0  # seconds blocked on the device since the last launch
+        self._parts: dict[str, float] = {}  # this turn's host ms by part, so far
+        self._last_mark = 0.0
+        self._queued = False  # this turn queued a step
 
     @property
     def active(self) -> bool:
@@ -38,7 +45,8 @@ class StepProfiler:
         self._last_launch, self._waited = now, 0.0
         if self.records:
             self.records[-1][4] = host_ms  # the host time between the previous launch and this one
-        self.records.append([batch.is_decode, batch.batch_size, self._event(), None, None, now])
+        self.records.append([batch.is_decode, batch.batch_size, self._event(), None, None, now, None])
+        self._queued = True
 
     def end(self) -> None:
         """Just after the step (forward and sampling) is queued."""
@@ -47,6 +55,25 @@ class StepProfiler:
 
     def waited(self, seconds: float) -> None:
         self._waited += seconds
+
+    def mark(self, part: Optional[str]) -> None:
+        """The host time since the last mark went to `part` of the loop's turn; None: a turn starts."""
+        if not self.active:
+            return
+        now = time.perf_counter()
+        if part is None:
+            self._parts, self._queued = {}, False
+        else:
+            self._parts[part] = self._parts.get(part, 0.0) + (now - self._last_mark) * 1e3
+        self._last_mark = now
+
+    def turn_done(self, last_part: str) -> None:
+        """The turn ended with `last_part`: its parts' host times go with the step it queued (a turn that
+        queued none: dropped)."""
+        self.mark(last_part)
+        if self._queued and self.records and self.records[-1][6] is None:
+            self.records[-1][6] = self._parts
+        self._parts, self._queued = {}, False
 
     def _event(self) -> Any:
         if not self.cuda:
@@ -57,10 +84,19 @@ class StepProfiler:
 
     def summary(self) -> dict[str, list]:
         """Per recorded step: whether it only decodes, batch size, device ms, device idle ms before it, host ms,
-        and the host clock (time.perf_counter, shared by the processes of one machine) when it was queued."""
-        out: dict[str, list] = {"decode": [], "batch_size": [], "gpu_ms": [], "gap_ms": [], "host_ms": [], "clock": []}
+        the host clock (time.perf_counter, shared by the processes of one machine) when it was queued, and
+        the host ms of each part of the turn that queued it (None where unknown)."""
+        out: dict[str, list] = {
+            "decode": [],
+            "batch_size": [],
+            "gpu_ms": [],
+            "gap_ms": [],
+            "host_ms": [],
+            "clock": [],
+            "host_parts": [],
+        }
         previous_end = None
-        for is_decode, size, start, end, host_ms, clock in self.records:
+        for is_decode, size, start, end, host_ms, clock, parts in self.records:
             if end is None or host_ms is None or (self.cuda and not end.query()):
                 previous_end = None
                 continue
@@ -76,4 +112,5 @@ class StepProfiler:
             out["gap_ms"].append(gap_ms)
             out["host_ms"].append(host_ms)
             out["clock"].append(clock)
+            out["host_parts"].append(parts)
         return out

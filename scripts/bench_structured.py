@@ -185,9 +185,13 @@ def print_table(rows: list[dict[str, Any]]) -> None:
     widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
     for line in lines:
         print("  ".join(str(cell).ljust(width) for cell, width in zip(line, widths)))
-    for row in rows:  # [queued ms, batch size, device ms, idle ms before] of each step until the median TTFT
+    for row in rows:
         for mode in ("free", "json"):
-            print(f"{row['model_path']} {mode} steps until TTFT p50: {row[mode].get('ttft_steps')}")
+            r = row[mode]
+            parts = r.get("step_host_parts_ms_p50")
+            print(f"{row['model_path']} {mode} host ms of a full-batch step's turn, by part: {parts}")
+            # [queued ms, batch size, device ms, idle ms before] of each step until the median TTFT
+            print(f"{row['model_path']} {mode} steps until TTFT p50: {r.get('ttft_steps')}")
 
 
 def main(argv: list[str]) -> list[dict[str, Any]]:
