@@ -35,11 +35,25 @@ def _counter_uniform(seed, position, mix1, mix2, golden, mask53):
 
 
 @triton.jit
-def _draw_in_block(base, vocab, chosen, scale, best_value, target, BLOCK: tl.constexpr):
+def _grammar_allows(x, idx, bits_row, bits_vocab, on):
+    """x where the row's grammar bitmask (xgrammar's: bit t%32 of int32 word t//32 set = allowed) allows the
+    token, else -inf; a token past the bitmask's vocabulary (a model's padding id) is forbidden too. A row
+    without a grammar (on == 0) keeps every token."""
+    word = tl.load(bits_row + idx // 32, mask=idx < bits_vocab, other=0)
+    allowed = ((word >> (idx % 32)) & 1) != 0
+    return tl.where(allowed | (on == 0), x, -float("inf"))
+
+
+@triton.jit
+def _draw_in_block(
+    base, vocab, chosen, scale, best_value, target, bits_row, bits_vocab, on, BLOCK: tl.constexpr, MASKED: tl.constexpr
+):
     """Pass 2, one block: its first token whose cumulative mass passes what is left of the target."""
     offsets = tl.arange(0, BLOCK)
     idx = chosen * BLOCK + offsets
     x = tl.load(base + idx, mask=idx < vocab, other=-float("inf")).to(tl.float32) * scale
+    if MASKED:
+        x = _grammar_allows(x, idx, bits_row, bits_vocab, on)
     within = tl.cumsum(tl.exp(x - best_value), 0)
     last = tl.minimum(vocab - chosen * BLOCK, BLOCK) - 1
     pick = tl.minimum(tl.sum((within <= target).to(tl.int32), 0), last)
@@ -63,12 +77,22 @@ def _sample_rows(
     block_max,
     block_sum,
     out,
+    bits,
+    bits_stride,
+    bits_vocab,
+    constrained,
     BLOCK: tl.constexpr,
     NUM_BLOCKS: tl.constexpr,
     HASH: tl.constexpr,
+    MASKED: tl.constexpr,
+    EVERY_ROW: tl.constexpr,
 ):
     row = tl.program_id(0)
     base = logits + tl.load(row_index + row) * row_stride
+    bits_row = bits + row.to(tl.int64) * bits_stride  # the mask's rows are the sampled rows, in order
+    on = 1
+    if MASKED and not EVERY_ROW:
+        on = tl.load(constrained + row).to(tl.int32)
     t = tl.load(temperature + row)
     greedy = t == 0.0
     scale = 1.0 / tl.where(greedy, 1.0, t)
@@ -79,6 +103,8 @@ def _sample_rows(
     for b in range(0, tl.cdiv(vocab, BLOCK)):
         idx = b * BLOCK + offsets
         x = tl.load(base + idx, mask=idx < vocab, other=-float("inf")).to(tl.float32) * scale
+        if MASKED:
+            x = _grammar_allows(x, idx, bits_row, bits_vocab, on)
         m = tl.max(x, 0)
         tl.store(block_max + row * NUM_BLOCKS + b, m)
         # A block the grammar masked whole holds no mass (exp(-inf - -inf) would be NaN).
@@ -104,7 +130,8 @@ def _sample_rows(
         before = tl.cumsum(mass, 0)
         chosen = tl.minimum(tl.sum((before <= target).to(tl.int32), 0), num_blocks - 1)
         target -= tl.sum(tl.where(blocks < chosen, mass, 0.0), 0)
-        tl.store(out + row, _draw_in_block(base, vocab, chosen, scale, best_value, target, BLOCK))
+        drawn = _draw_in_block(base, vocab, chosen, scale, best_value, target, bits_row, bits_vocab, on, BLOCK, MASKED)
+        tl.store(out + row, drawn)
 
 
 def fused_sample(
@@ -114,13 +141,19 @@ def fused_sample(
     uniform: Optional[torch.Tensor] = None,
     seeds: Optional[torch.Tensor] = None,
     positions: Optional[torch.Tensor] = None,
+    bits: Optional[torch.Tensor] = None,
+    bits_vocab: int = 0,
+    constrained: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """One token per entry of `rows` (int64 [S]: rows of logits [R, V], any float dtype, unit stride along V),
     with temperature [S] (0: greedy) and either uniform [S] in [0, 1) or the sampler's counter, seeds [S]
     int64 and positions [S], hashed in the kernel as counter_rng.row_uniform does (a dozen small
-    kernels fewer each step) -> token ids [S] int64."""
+    kernels fewer each step) -> token ids [S] int64.
+
+    With a grammar mask, bits [S, ceil(bits_vocab / 32)] int32 (grammar_mask.py's) applies to the rows that
+    constrained [S] bool marks (None: every row), read in place of a masked float32 copy of the logits."""
     vocab = logits.shape[1]
-    assert logits.stride(1) == 1
+    assert logits.stride(1) == 1 and (bits is None or bits.stride(1) == 1)
     assert (uniform is None) != (seeds is None or positions is None), "give uniform, or seeds and positions"
     count = rows.shape[0]
     num_blocks = triton.next_power_of_2(triton.cdiv(vocab, _BLOCK))
@@ -141,8 +174,14 @@ def fused_sample(
             scratch[0],
             scratch[1],
             out,
+            out if bits is None else bits,  # not read without a mask
+            0 if bits is None else bits.stride(0),
+            bits_vocab,
+            out if constrained is None else constrained,
             BLOCK=_BLOCK,
             NUM_BLOCKS=num_blocks,
             HASH=hashed,
+            MASKED=bits is not None,
+            EVERY_ROW=constrained is None,
         )
     return out

@@ -1,5 +1,6 @@
 """The vocabulary mask of a step's constrained rows: filled on the host from the requests' matchers
-(xgrammar), copied to the device, and applied there to the logits the sampler reads (xgrammar's kernel:
+(xgrammar), copied to the device, and applied there: read by the fused sampling kernel beside the logits
+(fused_sample.py), or, for the torch sampler and masked logprobs, by apply_token_mask (xgrammar's kernel:
 -inf wherever the grammar forbids the token). The matchers advance past each step's tokens here too.
 
 Each is one xgrammar call: on the device's host (32 cores), 256 matchers took 0.8 ms to fill and 1.0 ms to
@@ -33,7 +34,7 @@ class StepMask:
 
     bits: torch.Tensor
     vocab: int
-    constrained: Optional[torch.Tensor]  # [C] int64, on the bits' device; None: every row (the usual step)
+    constrained: Optional[torch.Tensor]  # [S] bool on the bits' device: rows with a grammar; None: every row
 
 
 class TokenMasks:
@@ -96,9 +97,9 @@ class TokenMasks:
             self._host_free()
             self._fill_rows(reqs, _live(reqs), host)
         rows = host[: len(reqs)]
-        with_grammar = [s for s, req in enumerate(reqs) if req.grammar is not None]
-        every_row = len(with_grammar) == len(reqs)  # then no index to copy, and a plain fill of the padding
-        constrained = None if every_row else to_device(with_grammar, torch.int64, self.device)
+        with_grammar = [req.grammar is not None for req in reqs]
+        every_row = all(with_grammar)  # then nothing to copy, and a plain fill of the padding
+        constrained = None if every_row else to_device(with_grammar, torch.bool, self.device)
         if on_device is host:
             return StepMask(rows, self.vocab_size, constrained)
         on_device = on_device[: len(reqs)]
@@ -181,5 +182,5 @@ def apply_token_mask(logits: torch.Tensor, mask: StepMask) -> None:
         return
     if mask.constrained is None:
         logits[:, mask.vocab :] = float("-inf")
-    elif mask.constrained.numel():
-        logits[mask.constrained, mask.vocab :] = float("-inf")
+    else:
+        logits[:, mask.vocab :].masked_fill_(mask.constrained[:, None], float("-inf"))

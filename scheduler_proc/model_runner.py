@@ -242,14 +242,13 @@ class ModelRunner:
         output.sampled = self._sample(output.logits, sampling, masked_logprobs)
 
     def _sample(self, logits: torch.Tensor, sampling: SamplingBatch, masked_logprobs: bool = False) -> SampledIds:
-        if sampling.grammar_mask is None:
-            ids = self.sampling.sample(logits, sampling)
-        else:  # indexing copies: `logits` stays whole for logprobs unless they are of the masked distribution
+        if sampling.grammar_mask is not None and masked_logprobs:  # logprobs of the masked distribution
             picked = logits[sampling.logit_index].float()
             apply_token_mask(picked, sampling.grammar_mask)
-            if masked_logprobs:
-                logits.index_copy_(0, sampling.logit_index, picked.to(logits.dtype))
+            logits.index_copy_(0, sampling.logit_index, picked.to(logits.dtype))
             ids = self.sampling.sample_rows(picked, sampling)
+        else:  # the grammar's mask, if any, applies there (on the device inside the sampling kernel)
+            ids = self.sampling.sample(logits, sampling)
         self.sampling.record(sampling.rows, ids)
         host = torch.empty(ids.shape, dtype=ids.dtype, pin_memory=self.device.type == "cuda")
         host.copy_(ids, non_blocking=True)

@@ -16,7 +16,7 @@ import torch
 from engine.shared.sampling import SamplingParams
 from scheduler_proc.counter_rng import row_uniform
 from scheduler_proc.forward_batch import to_device
-from scheduler_proc.grammar_mask import StepMask
+from scheduler_proc.grammar_mask import StepMask, apply_token_mask
 
 
 @dataclass
@@ -94,15 +94,20 @@ class SamplingState:
         return self._output_counts, self._seen
 
     def sample(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-        """The step's logits [R, V] (left unmodified) -> next token ids [S] int64 of its rows batch.logit_index."""
-        if self._plain(batch) and logits.is_cuda:  # one kernel reads the rows in place
-            return self._fused(logits, batch.logit_index, batch)
-        return self.sample_rows(logits[batch.logit_index].float(), batch)
+        """The step's logits [R, V] (left unmodified) -> next token ids [S] int64 of its rows batch.logit_index,
+        within what each constrained row's grammar allows (batch.grammar_mask)."""
+        mask = batch.grammar_mask
+        if self._plain(batch) and logits.is_cuda:  # one kernel reads the rows in place, and the mask with them
+            return self._fused(logits, batch.logit_index, batch, mask)
+        rows = logits[batch.logit_index].float()
+        if mask is not None:
+            apply_token_mask(rows, mask)
+        return self.sample_rows(rows, batch)
 
     def sample_rows(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         """logits [S, V] float32, a copy (modified in place; grammar-masked already) -> next token ids [S] int64."""
         if self._plain(batch) and logits.is_cuda:
-            return self._fused(logits, torch.arange(logits.shape[0], device=logits.device), batch)
+            return self._fused(logits, torch.arange(logits.shape[0], device=logits.device), batch, None)
         # A constrained row whose every allowed token is biased away or banned (min_new_tokens) keeps the
         # grammar's choice: the grammar must end somewhere, and nothing else could follow.
         allowed = logits.clone() if batch.grammar_mask is not None and (batch.bias or batch.banned) else None
@@ -135,11 +140,16 @@ class SamplingState:
         """Temperature (or greedy) alone: what the fused kernel does."""
         return not (batch.bias or batch.banned or batch.any_penalty or batch.any_filter)
 
-    def _fused(self, logits: torch.Tensor, index: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    def _fused(
+        self, logits: torch.Tensor, index: torch.Tensor, batch: SamplingBatch, mask: Optional[StepMask]
+    ) -> torch.Tensor:
         from scheduler_proc.fused_sample import fused_sample
 
         rows = batch.rows
-        return fused_sample(logits, index, self.temperature[rows], seeds=self.seed[rows], positions=batch.positions)
+        grammar = {} if mask is None else {"bits": mask.bits, "bits_vocab": mask.vocab, "constrained": mask.constrained}
+        return fused_sample(
+            logits, index, self.temperature[rows], seeds=self.seed[rows], positions=batch.positions, **grammar
+        )
 
     def _ids(self, values: Sequence[int]) -> torch.Tensor:
         return to_device(list(values), torch.int64, self.device)

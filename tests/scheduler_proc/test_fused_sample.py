@@ -78,3 +78,35 @@ def test_the_kernels_counter_hash_is_the_samplers():
     ours = fused_sample(logits, torch.arange(32), temperature, seeds=seeds, positions=positions)
     assert torch.equal(ours, fused_sample(logits, torch.arange(32), temperature, row_uniform(seeds, positions)))
     assert torch.equal(ours, _torch_draw(logits, temperature, row_uniform(seeds, positions)))
+
+
+@pytest.mark.parametrize("every_row", [False, True])
+def test_a_grammar_mask_read_in_the_kernel_equals_the_masked_copy(every_row):
+    """The bitmask applied inside the kernel (bits read beside the logits) draws what the sampler drew from a
+    float32 copy of the rows masked by apply_token_mask: the grammar's tokens only, no padding id for a
+    constrained row, and every token for a free one."""
+    from scheduler_proc.grammar_mask import StepMask, apply_token_mask
+
+    gen = torch.Generator().manual_seed(3)
+    count, vocab, width = 12, 9001, 9001 + 47  # logits wider than the grammar's vocabulary: padding ids
+    logits = (torch.randn(20, width, generator=gen) * 3).to(torch.bfloat16)
+    logits[:, vocab:] = 30.0  # padding ids that would win if a constrained row could take them
+    allowed = torch.rand(count, vocab, generator=gen) < 0.02
+    allowed[0] = False
+    allowed[0, [5, 4096, 9000]] = True  # a few tokens in three blocks
+    padded = torch.zeros(count, 32 * ((vocab + 31) // 32), dtype=torch.bool)
+    padded[:, :vocab] = allowed
+    weights = torch.tensor([1 << i for i in range(31)] + [-(1 << 31)], dtype=torch.int64)
+    bits = (padded.view(count, -1, 32).long() * weights).sum(-1).to(torch.int32)  # xgrammar's layout
+    constrained = None if every_row else torch.tensor([True, False, True] * 4)
+    rows = torch.randperm(20, generator=gen)[:count]
+    temperature = torch.tensor([0.0, 0.8, 1.0] * 4)
+    uniform = torch.rand(count, generator=gen)
+    ours = fused_sample(logits, rows, temperature, uniform, bits=bits, bits_vocab=vocab, constrained=constrained)
+    masked = logits.float()[rows]
+    apply_token_mask(masked, StepMask(bits, vocab, constrained))
+    assert torch.equal(ours, _torch_draw(masked, temperature, uniform))
+    on = torch.ones(count, dtype=torch.bool) if constrained is None else constrained
+    for s in range(count):
+        token = int(ours[s])
+        assert (token < vocab and bool(allowed[s, token])) if on[s] else token >= vocab  # free rows: padding wins

@@ -308,7 +308,7 @@ def test_the_grammar_wins_when_bias_and_min_new_tokens_leave_a_row_nothing():
         state.admit(row, SamplingParams(temperature=0.7), seed=row, prompt_ids=[0])
     bits = torch.zeros(2, 2, dtype=torch.int32)
     bits[:, 0] = (1 << 3) | (1 << 5)  # tokens 3 and 5 allowed
-    mask = StepMask(bits, 64, torch.tensor([0, 1]))
+    mask = StepMask(bits, 64, torch.tensor([True, True]))
     logits = torch.zeros(2, 64)  # tokens 3 and 5 equally likely
     apply_token_mask(logits, mask)
     seen = set()
