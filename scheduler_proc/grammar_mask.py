@@ -126,11 +126,12 @@ class TokenMasks:
     ) -> None:
         try:
             rows = host[: len(reqs)]
-            rows.numpy().fill(-1)  # every bit set: every token allowed (numpy: no thread pool woken for a memset)
             matchers = [reqs[s].grammar for s in live]
         finally:
             if started is not None:
                 started.set()
+        if len(live) < len(reqs):  # xgrammar writes a live row whole; the others allow every token (all bits set)
+            rows.numpy()[sorted(set(range(len(reqs))).difference(live))] = -1
         try:
             if live:
                 self._batch.batch_fill_next_token_bitmask(matchers, host, live)

@@ -255,6 +255,9 @@ def test_the_mask_allows_exactly_what_the_grammar_does(tokenizer):
     logits = torch.zeros(1, 49152)
     apply_token_mask(logits, masks.fill([constrained]))  # "yes" is complete: only the end token may follow
     assert torch.isfinite(logits[0]).nonzero().flatten().tolist() == [tokenizer.eos_token_id]
+    logits = torch.zeros(2, 49152)  # row 0 held a grammar's mask last step: a free request's row now
+    apply_token_mask(logits, masks.fill([free, constrained]))
+    assert torch.isfinite(logits[0]).all() and torch.isfinite(logits[1]).sum() == 1
 
 
 def test_padding_ids_of_the_model_are_forbidden_to_constrained_rows_only(tokenizer):
