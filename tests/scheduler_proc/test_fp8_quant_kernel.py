@@ -16,7 +16,8 @@ import torch  # noqa: E402
 from scheduler_proc.layers.fp8_quant_kernel import quantize_rows  # noqa: E402
 
 
-@pytest.mark.parametrize("rows,cols", [(1, 64), (5, 300), (3, 2500)])  # one block, ragged, several blocks
+# held in registers whole: a power of two, ragged, a hidden size; read in blocks: longer than 16,384
+@pytest.mark.parametrize("rows,cols", [(1, 64), (5, 300), (3, 2500), (2, 16400)])
 def test_scales_and_values_equal_torch(rows, cols):
     gen = torch.Generator().manual_seed(cols)
     x = (torch.randn(rows, cols + 16, generator=gen) * 3).to(torch.bfloat16)[:, 8 : 8 + cols]  # rows strided
