@@ -91,6 +91,10 @@ class Attention(nn.Module):
         self.q_norm = norm(self.head_dim, shape.rms_norm_eps) if shape.qk_norm else None
         self.k_norm = norm(self.head_dim, shape.rms_norm_eps) if shape.qk_norm else None
         self.rotary = rotary
+        # On the GPU, Qwen3's per-head norms and RoPE run as one kernel (layers/qk_norm_rope.py: its halves
+        # are Triton blocks, so a power-of-two head size); Gemma's (1 + w) norm keeps the separate kernels.
+        dim = self.head_dim
+        self.fused_qk_norm_rope = shape.qk_norm and norm is RMSNorm and dim >= 16 and dim & (dim - 1) == 0
         self.split = [p.local_size for p in parts]
 
     def forward(self, hidden: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
@@ -100,10 +104,16 @@ class Attention(nn.Module):
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            self.q_norm.forward_inplace(q)
-            self.k_norm.forward_inplace(k)
-        self.rotary(batch.positions, q, k)
+        if self.fused_qk_norm_rope and q.is_cuda:
+            from scheduler_proc.layers.qk_norm_rope import qk_norm_rope  # imports triton: GPU only
+
+            weights = (self.q_norm.weight, self.k_norm.weight)
+            qk_norm_rope(q, k, batch.positions, self.rotary.cos_sin_cache, *weights, self.q_norm.eps)
+        else:
+            if self.q_norm is not None:
+                self.q_norm.forward_inplace(q)
+                self.k_norm.forward_inplace(k)
+            self.rotary(batch.positions, q, k)
         return self.o_proj(batch.attention.forward(q, k, v, self.layer_id))
 
 
