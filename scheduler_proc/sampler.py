@@ -55,6 +55,7 @@ class SamplingState:
         self.max_requests = max_requests
         self._output_counts: Optional[torch.Tensor] = None  # [rows, V] int32, made on first use
         self._seen: Optional[torch.Tensor] = None  # [rows, V] bool: prompt or output tokens
+        self._masked_kernels_built = False
 
     def admit(
         self, row: int, params: SamplingParams, seed: int, prompt_ids: list[int], output_ids: Sequence[int] = ()
@@ -146,10 +147,36 @@ class SamplingState:
         from scheduler_proc.fused_sample import fused_sample
 
         rows = batch.rows
-        grammar = {} if mask is None else {"bits": mask.bits, "bits_vocab": mask.vocab, "constrained": mask.constrained}
+        if mask is None:
+            return fused_sample(logits, index, self.temperature[rows], seeds=self.seed[rows], positions=batch.positions)
+        if not self._masked_kernels_built:
+            self._build_masked_kernels(logits, index, batch, mask)
+        grammar = {"bits": mask.bits, "bits_vocab": mask.vocab, "constrained": mask.constrained}
         return fused_sample(
             logits, index, self.temperature[rows], seeds=self.seed[rows], positions=batch.positions, **grammar
         )
+
+    def _build_masked_kernels(
+        self, logits: torch.Tensor, index: torch.Tensor, batch: SamplingBatch, mask: StepMask
+    ) -> None:
+        """Triton builds one kernel for steps whose every row is constrained (no row flags) and one for mixed
+        steps: build both at the first constrained step, on one row of its tensors (the same dtypes and
+        alignments), rather than stall every request while the other compiles the first time a step meets it."""
+        from scheduler_proc.fused_sample import fused_sample
+
+        self._masked_kernels_built = True
+        row = batch.rows[:1]
+        for constrained in (None, torch.ones(1, dtype=torch.bool, device=logits.device)):
+            fused_sample(
+                logits,
+                index[:1],
+                self.temperature[row],
+                seeds=self.seed[row],
+                positions=batch.positions[:1],
+                bits=mask.bits[:1],
+                bits_vocab=mask.vocab,
+                constrained=constrained,
+            )
 
     def _ids(self, values: Sequence[int]) -> torch.Tensor:
         return to_device(list(values), torch.int64, self.device)

@@ -110,3 +110,45 @@ def test_a_grammar_mask_read_in_the_kernel_equals_the_masked_copy(every_row):
     for s in range(count):
         token = int(ours[s])
         assert (token < vocab and bool(allowed[s, token])) if on[s] else token >= vocab  # free rows: padding wins
+
+
+def test_the_first_constrained_step_builds_both_masked_kernels_and_samples_as_the_kernel():
+    """The sampler's fused path with a grammar mask: at the first constrained step it also runs the kernel's
+    other masked variant on one row (so no later step waits for Triton), then draws what the kernel draws."""
+    from engine.shared.sampling import SamplingParams
+    from scheduler_proc.grammar_mask import StepMask
+    from scheduler_proc.sampler import SamplingBatch, SamplingState
+
+    vocab = 300
+    state = SamplingState(4, vocab, torch.device("cpu"))
+    for row in range(4):
+        state.admit(row, SamplingParams(temperature=0.0 if row == 0 else 0.9), seed=row, prompt_ids=[0])
+    gen = torch.Generator().manual_seed(5)
+    logits = torch.randn(6, vocab, generator=gen)
+    bits = torch.randint(-(1 << 31), 1 << 31, (4, (vocab + 31) // 32), generator=gen, dtype=torch.int64)
+    bits = bits.to(torch.int32)
+    mask = StepMask(bits, vocab - 20, torch.tensor([True, False, True, True]))
+    batch = SamplingBatch(
+        rows=torch.tensor([2, 0, 3, 1]),
+        positions=torch.tensor([7, 8, 9, 10]),
+        logit_index=torch.tensor([5, 1, 2, 0]),
+        all_greedy=False,
+        any_penalty=False,
+        any_filter=False,
+        grammar_mask=mask,
+    )
+    assert not state._masked_kernels_built
+    ours = state._fused(logits, batch.logit_index, batch, mask)
+    assert state._masked_kernels_built
+    rows = batch.rows
+    expected = fused_sample(
+        logits,
+        batch.logit_index,
+        state.temperature[rows],
+        seeds=state.seed[rows],
+        positions=batch.positions,
+        bits=bits,
+        bits_vocab=vocab - 20,
+        constrained=mask.constrained,
+    )
+    assert torch.equal(ours, expected)
