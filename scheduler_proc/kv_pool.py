@@ -73,6 +73,8 @@ class KVPool:
         if not writes:
             empty = torch.zeros(0, dtype=torch.int64, device=self.device)
             return empty, empty, empty
+        if len(writes) == 1:  # a decode step's one write: no copies (three kernel launches) to join it
+            return tuple(t.to(torch.int64) for t in writes[0])  # type: ignore[return-value]
         return tuple(torch.cat([w[i].to(torch.int64) for w in writes]) for i in range(3))  # type: ignore[return-value]
 
     @property

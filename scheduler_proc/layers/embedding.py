@@ -60,7 +60,8 @@ class ParallelLMHead(VocabParallelEmbedding):
         self.matmul = LinearKernel()
 
     def forward(self, hidden: torch.Tensor) -> Optional[torch.Tensor]:
-        """float32 logits [R, vocab] on rank 0; None on the other ranks (which take part in the gather)."""
+        """Logits [R, vocab] in the model's dtype on rank 0 (an empty float32 tensor when R = 0); None on the
+        other ranks (which take part in the gather)."""
         if hidden.shape[0] == 0:  # a step that needs no logits (a prompt's middle chunk): on every rank alike
             return hidden.new_zeros(0, self.vocab_size, dtype=torch.float32) if self.tp.is_first else None
         logits = self.tp.gather_last_dim(self.matmul(hidden, self.weight))

@@ -203,7 +203,7 @@ class CausalLM(nn.Module):
         return self.model(batch)
 
     def compute_logits(self, hidden: torch.Tensor) -> Optional[torch.Tensor]:
-        """float32 logits [R, vocab]; under tensor parallelism on rank 0 only (None elsewhere)."""
+        """Logits [R, vocab] in the model's dtype; under tensor parallelism on rank 0 only (None elsewhere)."""
         return self.lm_head(hidden)
 
     def load_weights(self, weights: Iterable[tuple[str, Any]]) -> set[str]:
