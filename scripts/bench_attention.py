@@ -1,5 +1,7 @@
 """flashinfer attention kernels at the shapes of our benchmark steps, on the device: the prefill, mixed and
-decode calls one step makes per layer, with each kernel choice, plus the host time of plan().
+decode calls one step makes per layer, with each kernel choice, plus the host time of plan(); decode also
+through the Triton candidate (scheduler_proc/attention/triton_decode.py), with its largest difference from
+flashinfer's output.
 
     python scripts/bench_attention.py [--heads 16 --kv-heads 8 --head-dim 128] [--kv-dtype fp8] [--out FILE]
 
@@ -10,11 +12,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
+import sys
 import time
 
 import flashinfer
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
 KV_DTYPES = {"bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn}  # fp8: kv_cache_dtype="fp8_e4m3"
 
@@ -82,6 +88,11 @@ def run_case(name: str, prefix: list[int], extend: list[int], args, kind: str, p
         def plan():
             wrapper.plan(kv_indptr, indices, last, hq, hkv, d, page, q_data_type=torch.bfloat16, kv_data_type=kv_dtype)
 
+    run, error = (lambda: wrapper.run(q, (k, v))), None
+    if backend == "triton":  # scheduler_proc/attention/triton_decode.py, checked against flashinfer's output
+        plan()
+        run, error = _triton_decode(q, k, v, kv_indptr, indices, wrapper.run(q, (k, v)))
+        plan = _nothing  # the kernel reads the slot lists as they are
     plan()
     torch.cuda.synchronize()
     start = time.perf_counter()
@@ -89,7 +100,7 @@ def run_case(name: str, prefix: list[int], extend: list[int], args, kind: str, p
         plan()
     plan_us = (time.perf_counter() - start) / 20 * 1e6
     torch.cuda.synchronize()
-    us = _median_us(lambda: wrapper.run(q, (k, v)))
+    us = _median_us(run)
     kv_bytes = 2 * sum(p + e for p, e in zip(prefix, extend)) * hkv * d * k.element_size()
     row = {
         "case": name,
@@ -101,12 +112,32 @@ def run_case(name: str, prefix: list[int], extend: list[int], args, kind: str, p
         "kv_GBps": kv_bytes / us / 1e3,
         "heads": [hq, hkv, d],
         "kv_dtype": args.kv_dtype,
+        "max_abs_error_vs_flashinfer": error,
     }
     print(
         f"{name:<28}{kind:<8}{backend:<6}{args.kv_dtype:<5}page {page:<4}{us:>9.1f} us  plan {plan_us:>7.1f} us  "
         f"KV read {row['kv_GBps']:>6.0f} GB/s"
+        + (f"  max |diff| vs flashinfer {error:.2e}" if error is not None else "")
     )
     return row
+
+
+def _triton_decode(q, k, v, kv_indptr, indices, reference):
+    """The Triton decode kernel over the same page-size-1 pool: (its call, its largest difference from
+    flashinfer's output)."""
+    from scheduler_proc.attention.triton_decode import decode_attention
+
+    pool_k, pool_v = k.view(-1, *k.shape[2:]), v.view(-1, *v.shape[2:])
+    indptr, slots = kv_indptr.to(q.device), indices.to(torch.int32)
+
+    def run():
+        return decode_attention(q, pool_k, pool_v, indptr, slots, q.shape[-1] ** -0.5)
+
+    return run, (run().float() - reference.float()).abs().max().item()
+
+
+def _nothing() -> None:
+    pass
 
 
 def _decode_layout(lengths: list[int], prompt: list[int], layout: str) -> list[list[int]]:
@@ -196,10 +227,10 @@ def main() -> None:
     for name, prefix, extend, kind in cases:
         # fa3 takes q and KV of one dtype: over an FP8 cache (bf16 q) it cannot be built (nvcc fails after a minute)
         prefill = ("fa2",) if args.kv_dtype == "fp8" else ("fa2", "fa3")
-        backends = prefill if kind == "prefill" else ("cuda", "tc")
+        backends = prefill if kind == "prefill" else ("cuda", "tc", "triton")
         pages = (1,) if kind == "prefill" else (1, 16)
         for backend in backends:
-            for page in pages:
+            for page in pages if backend != "triton" else (1,):  # the Triton kernel reads token slots
                 try:
                     rows.append(run_case(name, prefix, extend, args, kind, page, backend))
                 except Exception as exc:  # a kernel flashinfer cannot build here: say so, go on

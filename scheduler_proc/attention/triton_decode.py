@@ -1,0 +1,148 @@
+"""Decode attention over the token-granular KV pool in two Triton kernels (split-KV "flash decoding"): a
+candidate beside flashinfer's decode kernels, timed against them by scripts/bench_attention.py before any
+backend uses it.
+
+Why a candidate: a Qwen3-0.6B decode step spends 75-77% of its time in flashinfer's decode kernel, which
+reads the KV at 3.3-3.6 TB/s of the H200's 4.8; and over an FP8 KV cache flashinfer's tensor-core path is
+slower than over bf16 (flashinfer #1753), where an FP8 cache should halve the bytes read.
+
+Stage 1, one program per (sequence, KV head, split): the split's slice of the sequence's slots, read in
+blocks of BLOCK_N tokens as whole [BLOCK_N, head_dim] rows of that head (an FP8 row converted in
+registers), against all of the head's GROUP query heads at once (a tl.dot of [GROUP_PAD, D] x [D, BLOCK_N]),
+with an online softmax; it writes its normalised partial output and log-sum-exp. Stage 2, one program per
+(sequence, query head): the splits' partial outputs weighted by their share of the softmax mass.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _split_kv(
+    q,
+    k_pool,
+    v_pool,
+    kv_indptr,
+    kv_indices,
+    partial,
+    lse,
+    q_stride_b,
+    q_stride_h,
+    pool_stride_s,
+    pool_stride_h,
+    scale,
+    v_scale,
+    GROUP: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    SPLITS: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    split = tl.program_id(2)
+    start = tl.load(kv_indptr + b)
+    length = tl.load(kv_indptr + b + 1) - start
+    chunk = tl.cdiv(length, SPLITS)
+    lo = split * chunk
+    hi = tl.minimum(lo + chunk, length)
+    g = tl.arange(0, GROUP_PAD)
+    d = tl.arange(0, D)
+    heads = h * GROUP + g
+    q_rows = tl.load(
+        q + b * q_stride_b + heads[:, None] * q_stride_h + d[None, :], mask=(g < GROUP)[:, None], other=0.0
+    )
+    m_i = tl.full([GROUP_PAD], -float("inf"), tl.float32)
+    l_i = tl.zeros([GROUP_PAD], tl.float32)
+    acc = tl.zeros([GROUP_PAD, D], tl.float32)
+    n = tl.arange(0, BLOCK_N)
+    for n0 in range(lo, hi, BLOCK_N):
+        valid = n0 + n < hi
+        slots = tl.load(kv_indices + start + n0 + n, mask=valid, other=0).to(tl.int64)
+        rows = slots[:, None] * pool_stride_s + h * pool_stride_h + d[None, :]
+        k = tl.load(k_pool + rows, mask=valid[:, None], other=0.0).to(q_rows.dtype)
+        scores = tl.dot(q_rows, tl.trans(k)) * scale  # scale: sm_scale * k_scale
+        scores = tl.where(valid[None, :], scores, -float("inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, 1))
+        p = tl.exp(scores - m_new[:, None])
+        alpha = tl.exp(m_i - m_new)
+        v = tl.load(v_pool + rows, mask=valid[:, None], other=0.0).to(q_rows.dtype)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        m_i = m_new
+    # A split past a short sequence's end holds no token: weight zero in stage 2 (its lse is -inf).
+    has = l_i > 0
+    out = tl.where(has[:, None], acc / tl.where(has, l_i, 1.0)[:, None] * v_scale, 0.0)
+    at = (b * (GROUP * tl.num_programs(1)) + heads) * SPLITS + split
+    tl.store(partial + at[:, None] * D + d[None, :], out, mask=(g < GROUP)[:, None])
+    tl.store(lse + at, tl.where(has, m_i + tl.log(tl.where(has, l_i, 1.0)), -float("inf")), mask=g < GROUP)
+
+
+@triton.jit
+def _merge_splits(partial, lse, out, out_stride_b, out_stride_h, D: tl.constexpr, SPLITS: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    s = tl.arange(0, SPLITS)
+    d = tl.arange(0, D)
+    at = (b * tl.num_programs(1) + head) * SPLITS + s
+    weights = tl.load(lse + at)
+    weights = tl.exp(weights - tl.max(weights, 0))
+    parts = tl.load(partial + at[:, None] * D + d[None, :])
+    merged = tl.sum(parts * weights[:, None], 0) / tl.sum(weights, 0)
+    tl.store(out + b * out_stride_b + head * out_stride_h + d, merged.to(out.dtype.element_ty))
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    kv_indptr: torch.Tensor,
+    kv_indices: torch.Tensor,
+    sm_scale: float,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
+    splits: Optional[int] = None,
+    block_n: int = 64,
+) -> torch.Tensor:
+    """Attention of one query token per sequence: q [B, Hq, D] against the KV pool [slots, Hkv, D] (bf16, or
+    FP8 holding value / scale) at each sequence's slots kv_indices[kv_indptr[b] : kv_indptr[b + 1]] ->
+    [B, Hq, D] in q's dtype. splits: slices of each sequence worked on apart (default: enough programs to
+    fill an H200's 132 SMs about four times over)."""
+    batch, num_q_heads, dim = q.shape
+    num_kv_heads = k_pool.shape[1]
+    group = num_q_heads // num_kv_heads
+    assert q.stride(2) == 1 and k_pool.stride(2) == 1 and k_pool.stride() == v_pool.stride()
+    if splits is None:
+        splits = triton.next_power_of_2(max(1, min(16, triton.cdiv(528, max(1, batch * num_kv_heads)))))
+    out = torch.empty_like(q)
+    if batch == 0:
+        return out
+    partial = torch.empty(batch * num_q_heads * splits, dim, dtype=torch.float32, device=q.device)
+    lse = torch.empty(batch * num_q_heads * splits, dtype=torch.float32, device=q.device)
+    _split_kv[(batch, num_kv_heads, splits)](
+        q,
+        k_pool,
+        v_pool,
+        kv_indptr,
+        kv_indices,
+        partial,
+        lse,
+        q.stride(0),
+        q.stride(1),
+        k_pool.stride(0),
+        k_pool.stride(1),
+        sm_scale * k_scale,
+        v_scale,
+        GROUP=group,
+        GROUP_PAD=max(16, triton.next_power_of_2(group)),
+        D=dim,
+        BLOCK_N=block_n,
+        SPLITS=splits,
+    )
+    _merge_splits[(batch, num_q_heads)](partial, lse, out, out.stride(0), out.stride(1), D=dim, SPLITS=splits)
+    return out

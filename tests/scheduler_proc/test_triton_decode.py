@@ -1,0 +1,59 @@
+"""The split-KV Triton decode attention, run by Triton's CPU interpreter, against attention computed in torch
+over the same pool slots: grouped query heads, sequences of 1 to a few hundred tokens over scattered slots,
+one or several splits (including splits past a short sequence's end), and a scaled (FP8-style) pool."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # read when triton is imported: before anything imports it
+pytest.importorskip("triton")
+
+import torch  # noqa: E402
+
+from scheduler_proc.attention.triton_decode import decode_attention  # noqa: E402
+
+
+def _reference(q, k_pool, v_pool, indptr, indices, sm_scale, k_scale, v_scale):
+    out = torch.empty_like(q)
+    group = q.shape[1] // k_pool.shape[1]
+    for b in range(q.shape[0]):
+        slots = indices[indptr[b] : indptr[b + 1]].long()
+        k = (k_pool[slots].float() * k_scale).repeat_interleave(group, dim=1)  # [L, Hq, D]
+        v = (v_pool[slots].float() * v_scale).repeat_interleave(group, dim=1)
+        scores = torch.einsum("hd,lhd->hl", q[b].float(), k) * sm_scale
+        out[b] = torch.einsum("hl,lhd->hd", scores.softmax(-1), v).to(q.dtype)
+    return out
+
+
+@pytest.mark.parametrize(
+    "num_q_heads,num_kv_heads,dim,splits,scales",
+    [(16, 8, 128, 1, (1.0, 1.0)), (8, 2, 64, 4, (1.0, 1.0)), (4, 1, 64, 8, (0.5, 2.0))],
+)
+def test_equals_attention_over_the_same_slots(num_q_heads, num_kv_heads, dim, splits, scales):
+    gen = torch.Generator().manual_seed(dim + splits)
+    lengths = [1, 37, 300, 5, 128]
+    pool_slots = 1024
+    k_pool = torch.randn(pool_slots, num_kv_heads, dim, generator=gen)
+    v_pool = torch.randn(pool_slots, num_kv_heads, dim, generator=gen)
+    order = torch.randperm(pool_slots - 1, generator=gen) + 1  # scattered slots, slot 0 never used
+    indices = order[: sum(lengths)].to(torch.int32)
+    indptr = torch.tensor([0] + lengths).cumsum(0).to(torch.int32)
+    q = torch.randn(len(lengths), num_q_heads, dim, generator=gen)
+    sm_scale = dim**-0.5
+    ours = decode_attention(q, k_pool, v_pool, indptr, indices, sm_scale, *scales, splits=splits, block_n=32)
+    expected = _reference(q, k_pool, v_pool, indptr, indices, sm_scale, *scales)
+    assert torch.allclose(ours, expected, atol=2e-5, rtol=1e-4), (ours - expected).abs().max()
+
+
+def test_a_strided_query_as_the_qkv_projection_gives_it():
+    gen = torch.Generator().manual_seed(1)
+    qkv = torch.randn(3, (8 + 2 * 2) * 64, generator=gen)
+    q = qkv[:, : 8 * 64].view(3, 8, 64)  # rows strided by the whole projection
+    k_pool, v_pool = torch.randn(64, 2, 64, generator=gen), torch.randn(64, 2, 64, generator=gen)
+    indptr = torch.tensor([0, 10, 11, 40], dtype=torch.int32)
+    indices = torch.arange(1, 41, dtype=torch.int32)
+    ours = decode_attention(q, k_pool, v_pool, indptr, indices, 0.125)
+    assert torch.allclose(ours, _reference(q.contiguous(), k_pool, v_pool, indptr, indices, 0.125, 1.0, 1.0), atol=2e-5)
