@@ -122,17 +122,24 @@ def run_case(name: str, prefix: list[int], extend: list[int], args, kind: str, p
     return row
 
 
+_TRITON_TILINGS = [(32, 4, 2), (64, 4, 2), (64, 4, 3), (64, 8, 3), (128, 8, 2), (128, 8, 3)]  # (BLOCK_N, warps, stages)
+
+
 def _triton_decode(q, k, v, kv_indptr, indices, reference):
-    """The Triton decode kernel over the same page-size-1 pool: (its call, its largest difference from
-    flashinfer's output)."""
+    """The Triton decode kernel over the same page-size-1 pool, in its fastest tiling here: (its call, its
+    largest difference from flashinfer's output). Each tiling's time is printed."""
     from scheduler_proc.attention.triton_decode import decode_attention
 
     pool_k, pool_v = k.view(-1, *k.shape[2:]), v.view(-1, *v.shape[2:])
     indptr, slots = kv_indptr.to(q.device), indices.to(torch.int32)
 
-    def run():
-        return decode_attention(q, pool_k, pool_v, indptr, slots, q.shape[-1] ** -0.5)
+    def call(block_n: int, warps: int, stages: int):
+        tiling = dict(block_n=block_n, num_warps=warps, num_stages=stages)
+        return lambda: decode_attention(q, pool_k, pool_v, indptr, slots, q.shape[-1] ** -0.5, **tiling)
 
+    timed = [(_median_us(call(*t)), t, call(*t)) for t in _TRITON_TILINGS]
+    print("    triton tilings (BLOCK_N, warps, stages): " + ", ".join(f"{t}: {us:.1f} us" for us, t, _ in timed))
+    run = min(timed, key=lambda x: x[0])[2]
     return run, (run().float() - reference.float()).abs().max().item()
 
 

@@ -108,11 +108,14 @@ def decode_attention(
     v_scale: float = 1.0,
     splits: Optional[int] = None,
     block_n: int = 64,
+    num_warps: int = 4,
+    num_stages: int = 2,
 ) -> torch.Tensor:
     """Attention of one query token per sequence: q [B, Hq, D] against the KV pool [slots, Hkv, D] (bf16, or
     FP8 holding value / scale) at each sequence's slots kv_indices[kv_indptr[b] : kv_indptr[b + 1]] ->
     [B, Hq, D] in q's dtype. splits: slices of each sequence worked on apart (default: enough programs to
-    fill an H200's 132 SMs about four times over)."""
+    fill an H200's 132 SMs about four times over); block_n, num_warps, num_stages: the first kernel's tiling
+    (scripts/bench_attention.py times several)."""
     batch, num_q_heads, dim = q.shape
     num_kv_heads = k_pool.shape[1]
     group = num_q_heads // num_kv_heads
@@ -143,6 +146,8 @@ def decode_attention(
         D=dim,
         BLOCK_N=block_n,
         SPLITS=splits,
+        num_warps=num_warps,
+        num_stages=num_stages,
     )
     _merge_splits[(batch, num_q_heads)](partial, lse, out, out.stride(0), out.stride(1), D=dim, SPLITS=splits)
     return out
