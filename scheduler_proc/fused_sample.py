@@ -61,6 +61,30 @@ def _draw_in_block(
 
 
 @triton.jit
+def _row_uniform(row, uniform, seeds, positions, mix1, mix2, golden, mask53, HASH: tl.constexpr):
+    """The row's uniform: given, or hashed from its seed and position (counter_rng.row_uniform)."""
+    if HASH:
+        return _counter_uniform(tl.load(seeds + row), tl.load(positions + row), mix1, mix2, golden, mask53)
+    return tl.load(uniform + row)
+
+
+@triton.jit
+def _pick_block(block_max, block_sum, num_blocks, best_value, u, NUM_BLOCKS: tl.constexpr):
+    """Which block holds the token, the first whose cumulative (rescaled) mass passes u * total, and what is
+    left of that target inside it."""
+    blocks = tl.arange(0, NUM_BLOCKS)
+    bm = tl.load(block_max + blocks, mask=blocks < num_blocks, other=-float("inf"))
+    bs = tl.load(block_sum + blocks, mask=blocks < num_blocks, other=0.0)
+    mass = bs * tl.exp(bm - best_value)
+    target = u * tl.sum(mass, 0)
+    before = tl.cumsum(mass, 0)
+    chosen = tl.minimum(tl.sum((before <= target).to(tl.int32), 0), num_blocks - 1)
+    return chosen, target - tl.sum(tl.where(blocks < chosen, mass, 0.0), 0)
+
+
+# Pass 1 over a row: per block, the largest scaled logit (and where it is) and the sum of exp(x - block max);
+# greedy rows end there, the others draw in the one block that holds their token (pass 2).
+@triton.jit
 def _sample_rows(
     logits,
     row_index,
@@ -97,7 +121,6 @@ def _sample_rows(
     greedy = t == 0.0
     scale = 1.0 / tl.where(greedy, 1.0, t)
     offsets = tl.arange(0, BLOCK)
-    # Pass 1: per block, the largest scaled logit (and where it is) and the sum of exp(x - block max).
     best_value = -float("inf")
     best_index = 0
     for b in range(0, tl.cdiv(vocab, BLOCK)):
@@ -116,20 +139,9 @@ def _sample_rows(
     if greedy:
         tl.store(out + row, best_index.to(tl.int64))
     else:
-        # Which block holds the token: the first whose cumulative (rescaled) mass passes u * total.
-        blocks = tl.arange(0, NUM_BLOCKS)
-        num_blocks = tl.cdiv(vocab, BLOCK)
-        bm = tl.load(block_max + row * NUM_BLOCKS + blocks, mask=blocks < num_blocks, other=-float("inf"))
-        bs = tl.load(block_sum + row * NUM_BLOCKS + blocks, mask=blocks < num_blocks, other=0.0)
-        mass = bs * tl.exp(bm - best_value)
-        if HASH:
-            u = _counter_uniform(tl.load(seeds + row), tl.load(positions + row), mix1, mix2, golden, mask53)
-        else:
-            u = tl.load(uniform + row)
-        target = u * tl.sum(mass, 0)
-        before = tl.cumsum(mass, 0)
-        chosen = tl.minimum(tl.sum((before <= target).to(tl.int32), 0), num_blocks - 1)
-        target -= tl.sum(tl.where(blocks < chosen, mass, 0.0), 0)
+        u = _row_uniform(row, uniform, seeds, positions, mix1, mix2, golden, mask53, HASH)
+        at = row * NUM_BLOCKS
+        chosen, target = _pick_block(block_max + at, block_sum + at, tl.cdiv(vocab, BLOCK), best_value, u, NUM_BLOCKS)
         drawn = _draw_in_block(base, vocab, chosen, scale, best_value, target, bits_row, bits_vocab, on, BLOCK, MASKED)
         tl.store(out + row, drawn)
 

@@ -93,13 +93,7 @@ def run_case(name: str, prefix: list[int], extend: list[int], args, kind: str, p
         plan()
         run, error = _triton_decode(q, k, v, kv_indptr, indices, wrapper.run(q, (k, v)))
         plan = _nothing  # the kernel reads the slot lists as they are
-    plan()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(20):
-        plan()
-    plan_us = (time.perf_counter() - start) / 20 * 1e6
-    torch.cuda.synchronize()
+    plan_us = _plan_us(plan)
     us = _median_us(run)
     kv_bytes = 2 * sum(p + e for p, e in zip(prefix, extend)) * hkv * d * k.element_size()
     row = {
@@ -123,6 +117,18 @@ def run_case(name: str, prefix: list[int], extend: list[int], args, kind: str, p
 
 
 _TRITON_TILINGS = [(32, 4, 2), (64, 4, 2), (64, 4, 3), (64, 8, 3), (128, 8, 2), (128, 8, 3)]  # (BLOCK_N, warps, stages)
+
+
+def _plan_us(plan) -> float:
+    """Host µs of one plan() (mean of 20, after one untimed)."""
+    plan()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(20):
+        plan()
+    plan_us = (time.perf_counter() - start) / 20 * 1e6
+    torch.cuda.synchronize()
+    return plan_us
 
 
 def _triton_decode(q, k, v, kv_indptr, indices, reference):
