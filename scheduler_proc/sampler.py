@@ -146,12 +146,11 @@ class SamplingState:
     ) -> torch.Tensor:
         from scheduler_proc.fused_sample import fused_sample
 
-        rows = batch.rows
-        if mask is None:
-            return fused_sample(logits, index, self.temperature[rows], seeds=self.seed[rows], positions=batch.positions)
-        if not self._masked_kernels_built:
-            self._build_masked_kernels(logits, index, batch, mask)
-        grammar = {"bits": mask.bits, "bits_vocab": mask.vocab, "constrained": mask.constrained}
+        rows, grammar = batch.rows, {}
+        if mask is not None:
+            if not self._masked_kernels_built:
+                self._build_masked_kernels(logits, index, batch, mask)
+            grammar = {"bits": mask.bits, "bits_vocab": mask.vocab, "constrained": mask.constrained}
         return fused_sample(
             logits, index, self.temperature[rows], seeds=self.seed[rows], positions=batch.positions, **grammar
         )

@@ -71,7 +71,7 @@ class StepProfiler:
         """The turn ended with `last_part`: its parts' host times go with the step it queued (a turn that
         queued none: dropped)."""
         self.mark(last_part)
-        if self._queued and self.records and self.records[-1][6] is None:
+        if self._queued:  # begin() appended that step this turn
             self.records[-1][6] = self._parts
         self._parts, self._queued = {}, False
 
