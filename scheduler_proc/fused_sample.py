@@ -63,9 +63,12 @@ def _draw_in_block(
 @triton.jit
 def _row_uniform(row, uniform, seeds, positions, mix1, mix2, golden, mask53, HASH: tl.constexpr):
     """The row's uniform: given, or hashed from its seed and position (counter_rng.row_uniform)."""
+    # Both branches under one constexpr if: a statement after it would be compiled for HASH too.
     if HASH:
-        return _counter_uniform(tl.load(seeds + row), tl.load(positions + row), mix1, mix2, golden, mask53)
-    return tl.load(uniform + row)
+        u = _counter_uniform(tl.load(seeds + row), tl.load(positions + row), mix1, mix2, golden, mask53)
+    else:
+        u = tl.load(uniform + row)
+    return u
 
 
 @triton.jit
