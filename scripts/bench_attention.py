@@ -1,7 +1,7 @@
 """flashinfer attention kernels at the shapes of our benchmark steps, on the device: the prefill, mixed and
 decode calls one step makes per layer, with each kernel choice, plus the host time of plan(); decode also
-through the Triton candidate (scheduler_proc/attention/triton_decode.py), with its largest difference from
-flashinfer's output.
+through flashinfer's prefill kernels (fa2, fa3: one query row per sequence) and through the Triton
+candidate (scheduler_proc/attention/triton_decode.py), with its largest difference from flashinfer's output.
 
     python scripts/bench_attention.py [--heads 16 --kv-heads 8 --head-dim 128] [--kv-dtype fp8] [--out FILE]
 
@@ -65,7 +65,7 @@ def run_case(name: str, prefix: list[int], extend: list[int], args, kind: str, p
     qo, kv_indptr, indices, last = _layout(prefix, extend, page, total_pages)
     q = torch.randn(sum(extend), hq, d, dtype=torch.bfloat16, device="cuda")
     workspace = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
-    if kind == "prefill":
+    if backend in ("fa2", "fa3"):  # decode too: one query row per sequence through the prefill kernels
         wrapper = flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace, "NHD", backend=backend)
 
         def plan():
@@ -240,7 +240,7 @@ def main() -> None:
     for name, prefix, extend, kind in cases:
         # fa3 takes q and KV of one dtype: over an FP8 cache (bf16 q) it cannot be built (nvcc fails after a minute)
         prefill = ("fa2",) if args.kv_dtype == "fp8" else ("fa2", "fa3")
-        backends = prefill if kind == "prefill" else ("cuda", "tc", "triton")
+        backends = prefill if kind == "prefill" else ("cuda", "tc", *prefill, "triton")
         pages = (1,) if kind == "prefill" else (1, 16)
         for backend in backends:
             for page in pages if backend != "triton" else (1,):  # the Triton kernel reads token slots
