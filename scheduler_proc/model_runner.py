@@ -89,6 +89,7 @@ class ModelRunner:
             self.shape.num_kv_heads_per_rank,
             self.shape.head_dim,
             self.shape.layer_attention(),
+            args.decode_attention_backend,
         )
         self.sampling = SamplingState(self.pool.max_requests, self.shape.vocab_size, self.device)
         self.graphs = self._make_graphs()  # every rank captures the same sizes in the same order: in lockstep

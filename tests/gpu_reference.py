@@ -8,6 +8,17 @@ import os
 import torch
 
 CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs")
+GREEDY = {"temperature": 0, "max_new_tokens": 16, "ignore_eos": True}
+TEXTS = [
+    "The capital of France is",
+    "Water boils at a temperature of",
+    "The first president of the United States was",
+    "To make a cup of tea, you first",
+    "The largest planet in our solar system is",
+    "In 1492, Christopher Columbus",
+    "A triangle has three sides and",
+    "The chemical symbol for gold is",
+]
 
 
 def runner_for(name: str, **settings):
@@ -84,3 +95,31 @@ def prefill_logits(runner, prompts):
     step.batch.logit_rows = torch.arange(sum(len(p) for p in prompts), device="cuda")
     _, logits = runner.forward(step.batch)
     return logits
+
+
+def greedy_with_logprobs(model_dir: str, prompts: list[list[int]], **settings) -> list[tuple[list[int], list[float]]]:
+    """Greedy ids and their logprobs (decode steps: CUDA graphs where the settings allow)."""
+    from engine import Engine
+
+    with Engine(model_dir, max_total_tokens=8192, log_level="warning", **settings) as engine:
+        outputs = engine.generate(input_ids=prompts, sampling_params=GREEDY, return_logprob=True)
+    return [(o["output_ids"], [lp for lp, _, _ in o["meta_info"]["output_token_logprobs"]]) for o in outputs]
+
+
+def teacher_forced_logprobs(model_dir: str, sequences: list[list[int]], **settings) -> list[list[float]]:
+    """Each token's logprob given the tokens before it, in one prefill per sequence (teacher-forced)."""
+    from engine import Engine
+
+    params = {"temperature": 0, "max_new_tokens": 1}
+    with Engine(model_dir, max_total_tokens=8192, log_level="warning", **settings) as engine:
+        outputs = engine.generate(input_ids=sequences, sampling_params=params, return_logprob=True, logprob_start_len=0)
+    return [[lp for lp, _, _ in o["meta_info"]["input_token_logprobs"][1:]] for o in outputs]
+
+
+def mean_logprob_gap(prompts, runs, scores) -> float:
+    """Mean |logprob| difference over the generated tokens: as the run decoded them, and as `scores`
+    (the reference, teacher-forced over prompt + generated ids) scores the same tokens."""
+    gaps = []
+    for prompt, (_, logprobs), scored in zip(prompts, runs, scores):
+        gaps += [abs(a - b) for a, b in zip(logprobs, scored[len(prompt) - 1 :])]
+    return sum(gaps) / len(gaps)

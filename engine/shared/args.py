@@ -19,6 +19,7 @@ _DTYPES = ("auto", "float32", "bfloat16", "float16")
 _DEVICES = ("auto", "cpu", "cuda")
 _LOAD_FORMATS = ("auto", "dummy")
 _ATTENTION_BACKENDS = ("auto", "torch", "flashinfer")
+_DECODE_ATTENTION_BACKENDS = (None, "flashinfer", "triton")  # None: attention_backend's decode kernels
 _LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 _SCHEDULE_POLICIES = ("lpm", "fcfs")  # lpm without the prefix cache is fcfs (every match is empty)
 
@@ -48,6 +49,7 @@ class EngineArgs:
     disable_overlap_schedule: bool = False  # read each step's outputs before scheduling the next
     profile_steps: int = 0  # record device/host time of up to this many steps (server info "step_profile")
     attention_backend: str = "auto"  # auto: flashinfer on GPU when installed, else torch
+    decode_attention_backend: Optional[str] = None  # "triton": decode steps on ferry's Triton kernel; None: as above
     quantization: Optional[str] = None  # "fp8": bf16/fp16 weights quantized to FP8 e4m3 as they load
     kv_cache_dtype: str = "auto"  # "fp8_e4m3": the KV pool in FP8 (twice the tokens); auto: the model's dtype
     return_hidden_states: bool = False  # default for requests that do not say
@@ -71,6 +73,7 @@ class EngineArgs:
         _choice("device", self.device, _DEVICES)
         _choice("load_format", self.load_format, _LOAD_FORMATS)
         _choice("attention_backend", self.attention_backend, _ATTENTION_BACKENDS)
+        _choice("decode_attention_backend", self.decode_attention_backend, _DECODE_ATTENTION_BACKENDS)
         _choice("log_level", self.log_level.lower(), _LOG_LEVELS)
         _choice("schedule_policy", self.schedule_policy, _SCHEDULE_POLICIES)
         _choice("kv_cache_dtype", self.kv_cache_dtype, KV_CACHE_DTYPES)
@@ -169,6 +172,9 @@ class EngineArgs:
             resolved.tokenizer_path = resolve_model_path(None, self.cache_dir)
         if resolved.device == "auto":
             resolved.device = "cuda" if _cuda_available() else "cpu"
+        on_torch = resolved.device == "cpu" or resolved.attention_backend == "torch"
+        if resolved.decode_attention_backend == "triton" and on_torch:
+            raise ValueError("decode_attention_backend='triton' needs the GPU and its flashinfer attention backend")
         if resolved.dtype == "auto":
             resolved.dtype = "bfloat16" if resolved.device == "cuda" else "float32"
         if resolved.chunked_prefill_size is None:

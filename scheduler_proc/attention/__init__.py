@@ -20,9 +20,14 @@ def create_backend(
     num_kv_heads: int,
     head_dim: int,
     layers: Optional[list[LayerAttention]] = None,
+    decode: Optional[str] = None,
 ) -> AttentionBackend:
     """name: "torch", "flashinfer" or "auto" (flashinfer on CUDA when installed, else torch); layers:
-    each layer's window, scale and soft cap (None: plain causal attention everywhere)."""
+    each layer's window, scale and soft cap (None: plain causal attention everywhere); decode: "triton"
+    runs decode steps on triton_decode.py's kernel (flashinfer planning the rest), None or "flashinfer" not."""
+    triton_decode = decode == "triton"
+    if triton_decode and any(layer.window is not None or layer.softcap is not None for layer in layers or []):
+        raise ValueError("decode_attention_backend='triton' has no sliding window or soft cap (this model's layers do)")
     if name == "flashinfer" and head_dim not in FLASHINFER_HEAD_DIMS:
         raise ValueError(f"attention_backend='flashinfer' supports head_dim {FLASHINFER_HEAD_DIMS}, not {head_dim}")
     if name == "auto" and device == "cuda" and head_dim not in FLASHINFER_HEAD_DIMS:
@@ -35,9 +40,11 @@ def create_backend(
                 raise
             logger.warning("flashinfer is not installed (%s); using the torch SDPA attention backend", exc)
         else:
-            return FlashInferBackend(pool, num_heads, num_kv_heads, head_dim, layers)
+            return FlashInferBackend(pool, num_heads, num_kv_heads, head_dim, layers, triton_decode)
     elif name == "flashinfer":
         raise ValueError("attention_backend='flashinfer' needs device='cuda'")
+    if triton_decode:
+        raise ValueError("decode_attention_backend='triton' needs the flashinfer attention backend on the GPU")
     from scheduler_proc.attention.torch_backend import TorchBackend
 
     return TorchBackend(pool, layers)

@@ -4,6 +4,8 @@ Each step is planned once (host-side index arrays) and every layer reuses the pl
 decodes uses the decode kernel; any step with prompt tokens uses the causal paged prefill kernel over
 prefix + new tokens (the new tokens' KV is written to the pool first), so cached prefixes need nothing
 special. CUDA-graph decode keeps one decode wrapper per captured batch size with fixed index buffers.
+With decode_attention_backend="triton", decode steps read the pool through triton_decode.py's kernel
+instead, which needs no plan: the step's KV indptr and slots on the device (fixed buffers under a graph).
 
 flashinfer fixes a layer's sliding window (`window_left`), score scale and soft cap when it plans, so
 layers that differ there (Gemma's local and global layers) get a wrapper each, planned once per step
@@ -25,6 +27,7 @@ import torch
 
 from scheduler_proc.attention.base import AttentionBackend, LayerAttention
 from scheduler_proc.attention.store_kv import store_kv
+from scheduler_proc.attention.triton_decode import decode_attention
 from scheduler_proc.forward_batch import ForwardBatch
 from scheduler_proc.kv_pool import KVPool
 
@@ -53,6 +56,7 @@ class FlashInferBackend(AttentionBackend):
         num_kv_heads: int,
         head_dim: int,
         layers: Optional[list[LayerAttention]] = None,
+        triton_decode: bool = False,
     ) -> None:
         super().__init__(pool, layers)
         _fast_plan_max()
@@ -77,6 +81,9 @@ class FlashInferBackend(AttentionBackend):
         ]
         self.graph_decoders: dict[int, list[flashinfer.BatchDecodeWithPagedKVCacheWrapper]] = {}
         self.graph_indices: torch.Tensor | None = None  # shared by every captured batch size
+        self.triton_decode = triton_decode
+        self.graph_indptr: dict[int, torch.Tensor] = {}  # per captured batch size, for the Triton kernel
+        self.triton_kv: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # (indptr, slots): a Triton decode step
         self.active = self.decode
         self.out_cache_loc: torch.Tensor | None = None
         self.ones = torch.ones(pool.max_requests + 1024, dtype=torch.int32, pin_memory=True)
@@ -104,6 +111,10 @@ class FlashInferBackend(AttentionBackend):
     def plan(self, batch: ForwardBatch) -> None:
         self.out_cache_loc = batch.out_cache_loc
         indptr, indices = self.kv_indices(batch.req_pool_indices, batch.seq_lens_cpu)
+        if batch.is_decode and self.triton_decode:
+            self.triton_kv = (indptr.to(indices.device, non_blocking=True), indices)
+            return
+        self.triton_kv = None
         self._plan_with(batch, indptr, indices, self.decode if batch.is_decode else None)
 
     def plan_graph(self, batch: ForwardBatch, padded: int) -> None:
@@ -117,6 +128,12 @@ class FlashInferBackend(AttentionBackend):
             torch.arange(1, pad + 1, dtype=torch.int32, out=padded_indptr[len(indptr) :]).add_(indptr[-1])
             indptr = padded_indptr
             indices = torch.cat([indices, torch.zeros(pad, dtype=indices.dtype, device=indices.device)])
+        if self.triton_decode:  # the graph's kernels read these buffers
+            assert self.graph_indices is not None
+            self.graph_indptr[padded].copy_(indptr, non_blocking=True)
+            self.graph_indices[: indices.numel()].copy_(indices)
+            self.triton_kv = (self.graph_indptr[padded], self.graph_indices)
+            return
         self._plan_with(batch, indptr, indices, self.graph_decoders[padded])
 
     def _plan_with(self, batch: ForwardBatch, indptr: torch.Tensor, indices: torch.Tensor, decoders) -> None:
@@ -161,6 +178,9 @@ class FlashInferBackend(AttentionBackend):
         device = self.pool.device
         if self.graph_indices is None:
             self.graph_indices = torch.zeros(self.pool.num_slots + max_batch_size, dtype=torch.int32, device=device)
+        if self.triton_decode:
+            self.graph_indptr[batch_size] = torch.zeros(batch_size + 1, dtype=torch.int32, device=device)
+            return
         # The kinds' wrappers share their index buffers: each plan writes the same indices into them.
         indptr_buffer = torch.zeros(batch_size + 1, dtype=torch.int32, device=device)
         last_page_len_buffer = torch.ones(batch_size, dtype=torch.int32, device=device)
@@ -182,16 +202,22 @@ class FlashInferBackend(AttentionBackend):
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int) -> torch.Tensor:
         pool = self.pool
         k_buf, v_buf = pool.k_buffer[layer_id], pool.v_buffer[layer_id]
+        k_scale, v_scale = pool.kv_scales[layer_id]
+        if not pool.is_fp8:
+            store_kv(k, v, k_buf, v_buf, self.out_cache_loc)
+        else:
+            # FP8 pool: k / k_scale and v / v_scale in e4m3, copied as bytes (the store kernel then needs no
+            # FP8 type, which Triton lacks before Ada); attention reads e4m3 and multiplies the scales back in.
+            k8, v8 = pool.to_pool_dtype(k, k_scale).view(torch.uint8), pool.to_pool_dtype(v, v_scale).view(torch.uint8)
+            store_kv(k8, v8, k_buf.view(torch.uint8), v_buf.view(torch.uint8), self.out_cache_loc)
+        if self.triton_kv is not None:
+            sm_scale = self.layers[layer_id].scale or self.head_dim**-0.5
+            out = decode_attention(q, k_buf, v_buf, *self.triton_kv, sm_scale, k_scale, v_scale)
+            return out.reshape(q.shape[0], -1)
         kv = (k_buf.unsqueeze(1), v_buf.unsqueeze(1))  # [slots, page_size=1, Hkv, D]
         wrapper = self.active[self.kind_of_layer[layer_id]]
         if not pool.is_fp8:
-            store_kv(k, v, k_buf, v_buf, self.out_cache_loc)
             return wrapper.run(q, kv).reshape(q.shape[0], -1)
-        # FP8 pool: k / k_scale and v / v_scale in e4m3, copied as bytes (the store kernel then needs no FP8
-        # type, which Triton lacks before Ada); attention reads e4m3 and multiplies the scales back in.
-        k_scale, v_scale = pool.kv_scales[layer_id]
-        k8, v8 = pool.to_pool_dtype(k, k_scale).view(torch.uint8), pool.to_pool_dtype(v, v_scale).view(torch.uint8)
-        store_kv(k8, v8, k_buf.view(torch.uint8), v_buf.view(torch.uint8), self.out_cache_loc)
         # A scale of 1.0 passed as None: flashinfer then skips multiplying the output by it (one kernel less).
         scales = {"k_scale": k_scale if k_scale != 1.0 else None, "v_scale": v_scale if v_scale != 1.0 else None}
         return wrapper.run(q, kv, **scales).reshape(q.shape[0], -1)

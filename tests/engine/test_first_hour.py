@@ -76,3 +76,14 @@ def test_progress_counts_prompts_done_and_token_rates(capsys):
     progress.close()
     err = capsys.readouterr().err
     assert "2/3" in err and "input" in err and "output" in err and "tok/s" in err
+
+
+def test_the_triton_decode_kernel_is_asked_for_where_it_can_run():
+    with pytest.raises(ValueError, match="decode_attention_backend must be one of"):
+        EngineArgs(decode_attention_backend="fa3").validate()
+    # Refused before any process starts, on the CPU or beside torch attention on any machine.
+    with pytest.raises(ValueError, match="decode_attention_backend='triton' needs the GPU"):
+        EngineArgs(decode_attention_backend="triton", device="cpu").resolve()
+    with pytest.raises(ValueError, match="decode_attention_backend='triton' needs the GPU"):
+        EngineArgs(decode_attention_backend="triton", attention_backend="torch").resolve()
+    assert EngineArgs(decode_attention_backend="flashinfer").resolve().decode_attention_backend == "flashinfer"

@@ -585,7 +585,12 @@ def test_every_engine_setting_is_a_flag():
         value = [] if isinstance(default, bool) else [str(default if default is not None else 1)]
         if name in ("model_path", "tokenizer_path", "cache_dir"):
             value = ["/some/path"]
-        value = {"quantization": ["fp8"], "dist_init_addr": ["127.0.0.1:29500"]}.get(name, value)  # checked values
+        checked = {
+            "quantization": ["fp8"],
+            "dist_init_addr": ["127.0.0.1:29500"],
+            "decode_attention_backend": ["triton"],
+        }
+        value = checked.get(name, value)  # values the settings check
         assert name in parse_args(["--" + name.replace("_", "-"), *value])[1], name
     with pytest.raises(SystemExit):  # EngineArgs' own validation, at the command line
         parse_args(["--dtype", "float64"])

@@ -12,6 +12,7 @@ torch = pytest.importorskip("torch")
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 from fp8_folders import write_fp8_folders  # noqa: E402
+from gpu_reference import TEXTS, greedy_with_logprobs, mean_logprob_gap, teacher_forced_logprobs  # noqa: E402
 from reference import tiny_model_dir  # noqa: E402
 
 from scheduler_proc.layers.fp8 import (  # noqa: E402
@@ -23,17 +24,6 @@ from scheduler_proc.layers.fp8 import (  # noqa: E402
 )
 
 CUDA = torch.device("cuda")
-GREEDY = {"temperature": 0, "max_new_tokens": 16, "ignore_eos": True}
-TEXTS = [
-    "The capital of France is",
-    "Water boils at a temperature of",
-    "The first president of the United States was",
-    "To make a cup of tea, you first",
-    "The largest planet in our solar system is",
-    "In 1492, Christopher Columbus",
-    "A triangle has three sides and",
-    "The chemical symbol for gold is",
-]
 
 
 @pytest.mark.skipif(
@@ -52,34 +42,6 @@ def test_scaled_mm_equals_the_dequantized_matmul():
     assert torch.allclose(out.float(), expected, rtol=2e-2, atol=2e-2)
 
 
-def _generate(model_dir: str, prompts: list[list[int]], **settings) -> list[tuple[list[int], list[float]]]:
-    """Greedy ids and their logprobs (decode steps: CUDA graphs where the settings allow)."""
-    from engine import Engine
-
-    with Engine(model_dir, max_total_tokens=8192, log_level="warning", **settings) as engine:
-        outputs = engine.generate(input_ids=prompts, sampling_params=GREEDY, return_logprob=True)
-    return [(o["output_ids"], [lp for lp, _, _ in o["meta_info"]["output_token_logprobs"]]) for o in outputs]
-
-
-def _scores(model_dir: str, sequences: list[list[int]], **settings) -> list[list[float]]:
-    """Each token's logprob given the tokens before it, in one prefill per sequence (teacher-forced)."""
-    from engine import Engine
-
-    params = {"temperature": 0, "max_new_tokens": 1}
-    with Engine(model_dir, max_total_tokens=8192, log_level="warning", **settings) as engine:
-        outputs = engine.generate(input_ids=sequences, sampling_params=params, return_logprob=True, logprob_start_len=0)
-    return [[lp for lp, _, _ in o["meta_info"]["input_token_logprobs"][1:]] for o in outputs]
-
-
-def _mean_gap(prompts, runs, scores) -> float:
-    """Mean |logprob| difference over the generated tokens: as the run decoded them, and as `scores`
-    (the reference, teacher-forced over prompt + generated ids) scores the same tokens."""
-    gaps = []
-    for prompt, (_, logprobs), scored in zip(prompts, runs, scores):
-        gaps += [abs(a - b) for a, b in zip(logprobs, scored[len(prompt) - 1 :])]
-    return sum(gaps) / len(gaps)
-
-
 def test_fp8_folder_and_fp8_kv_on_the_device(tmp_path, default_model_path, tokenizer):
     # Judged by teacher-forced logprobs, not by greedy ids: a random model's near-ties flip under FP8 and
     # bf16 rounding within a few tokens whatever the path (leases E and F). This model's greedy tokens
@@ -90,13 +52,13 @@ def test_fp8_folder_and_fp8_kv_on_the_device(tmp_path, default_model_path, token
     fp8_dir, ref_dir = write_fp8_folders(source, tmp_path, "block", (16, 32), kv_scales=True)
     prompts = [tokenizer.encode(text) for text in TEXTS]
     exact = {"dtype": "float32", "attention_backend": "torch", "disable_cuda_graph": True}
-    reference = _generate(ref_dir, prompts, **exact)
-    assert [ids for ids, _ in _generate(fp8_dir, prompts, **exact)] == [ids for ids, _ in reference]
+    reference = greedy_with_logprobs(ref_dir, prompts, **exact)
+    assert [ids for ids, _ in greedy_with_logprobs(fp8_dir, prompts, **exact)] == [ids for ids, _ in reference]
 
     eager = {"attention_backend": "torch", "disable_cuda_graph": True}
     for kv in ({}, {"kv_cache_dtype": "fp8_e4m3"}):  # the FP8 pool's scales: 0.5 and 0.25
         # bf16, FP8 matmuls, CUDA graphs (up to the prompts' batch: capturing to 256 took 93 s), flashinfer
-        fast = _generate(fp8_dir, prompts, cuda_graph_max_bs=len(prompts), **kv)
+        fast = greedy_with_logprobs(fp8_dir, prompts, cuda_graph_max_bs=len(prompts), **kv)
         sequences = [p + ids for p, (ids, _) in zip(prompts, fast)]
-        assert _mean_gap(prompts, fast, _scores(fp8_dir, sequences, **eager, **kv)) < 0.25, kv
-        assert _mean_gap(prompts, fast, _scores(ref_dir, sequences, **exact)) < 1.5, kv
+        assert mean_logprob_gap(prompts, fast, teacher_forced_logprobs(fp8_dir, sequences, **eager, **kv)) < 0.25, kv
+        assert mean_logprob_gap(prompts, fast, teacher_forced_logprobs(ref_dir, sequences, **exact)) < 1.5, kv
