@@ -87,6 +87,13 @@ class Request:
         """KV slots this request holds at most: prompt + max_new_tokens."""
         return len(self.input_ids) + self.sampling.max_new_tokens
 
+    def exceeds(self, capacity: int) -> Optional[str]:
+        """Why this request can never run in a KV pool of `capacity` slots, or None."""
+        if self.max_kv_tokens() <= capacity:
+            return None
+        prompt, asked = len(self.input_ids), self.sampling.max_new_tokens
+        return f"prompt ({prompt} tokens) + max_new_tokens ({asked}) exceeds the KV pool ({capacity} tokens)"
+
     def max_prefix_len(self) -> int:
         """Leading tokens that may come from the prefix cache: never the last one (its logits are
         needed), nor positions whose per-token outputs (input logprobs, prompt hidden states) are

@@ -175,9 +175,10 @@ class Scheduler(ControlCalls):
         still has to prefill as far as the step's budget and the KV pool allow; and the budget left."""
         entries: list[tuple[Request, int]] = []
         budget = self.step_prefill_tokens
-        room = self.cache.available() - sum(1 for r in self.running if not r.prefilling)
-        for req in self.running:
-            if not req.prefilling:
+        prefilling = [r.prefilling for r in self.running]  # read once: this runs every step for every request
+        room = self.cache.available() - prefilling.count(False)
+        for req, prefills in zip(self.running, prefilling):
+            if not prefills:
                 # With overlap, one whose pending token ends it (or with nothing to sample) sits this out.
                 if not req.surely_done(self.args.context_length):
                     entries.append((req, 1))
@@ -202,18 +203,10 @@ class Scheduler(ControlCalls):
                 break
             if req.pending:  # retracted while its last token was in flight: admitted once it is read
                 continue
-            if req.max_kv_tokens() > self.pool.capacity:
+            too_long = req.exceeds(self.pool.capacity)
+            if too_long is not None:
                 self.waiting.remove(req)
-                self.finish(
-                    req,
-                    FinishReason(
-                        type="abort",
-                        message=(
-                            f"prompt ({len(req.input_ids)} tokens) + max_new_tokens ({req.sampling.max_new_tokens}) "
-                            f"exceeds the KV pool ({self.pool.capacity} tokens)"
-                        ),
-                    ),
-                )
+                self.finish(req, FinishReason(type="abort", message=too_long))
                 continue
             match = match if match is not None else self.cache.match(req)
             if self.cache.enabled and waits_for_shared_prefix(req, len(match), prefilling):
@@ -244,7 +237,11 @@ class Scheduler(ControlCalls):
     def retract_if_short(self) -> None:
         """When the next step's decode tokens would not fit in the KV pool even after evicting the
         cache, retract the requests with the least progress back to the front of the waiting queue."""
-        if not self.running or self.cache.available() >= self._decode_need():
+        if not self.running:
+            return
+        available = self.cache.available()
+        # A step needs at most one slot per running request: no need to count the decoding ones then.
+        if available >= len(self.running) or available >= self._decode_need():
             return
         victims = sorted(self.running, key=retraction_order, reverse=True)
         while len(self.running) > 1 and self.cache.available() < self._decode_need() * _RETRACT_HEADROOM_STEPS:
@@ -277,10 +274,12 @@ class Scheduler(ControlCalls):
 
     def launch(self, step: Step) -> Optional[InFlight]:
         """Queue the step's forward pass and sampling on the device; returns without waiting for them."""
-        prefilled = [req.prefilling for req, _ in step.entries]
+        prefilled, completed = [], []  # per entry: it was prefilling; its prefill is complete after this step
         for req, n in step.entries:
+            was = req.prefilling
             req.kv_len += n  # the step's slots are in req_to_token now, whatever happens next
-        completed = [p and not req.prefilling for p, (req, _) in zip(prefilled, step.entries)]
+            prefilled.append(was)
+            completed.append(was and not req.prefilling)
         # A step with constrained rows samples later, once their masks can be filled (sample()).
         constrained = step.sampling is not None and any(
             step.entries[i][0].grammar is not None for i in step.sample_entries
