@@ -133,15 +133,21 @@ def _plan_us(plan) -> float:
 
 def _triton_decode(q, k, v, kv_indptr, indices, reference):
     """The Triton decode kernel over the same page-size-1 pool, in its fastest tiling here: (its call, its
-    largest difference from flashinfer's output). Each tiling's time is printed."""
+    largest difference from flashinfer's output). Each tiling's time is printed. The kernel reads a
+    request-to-token table (as the pool's req_to_token): one row per sequence, holding its slots."""
     from scheduler_proc.attention.triton_decode import decode_attention
 
     pool_k, pool_v = k.view(-1, *k.shape[2:]), v.view(-1, *v.shape[2:])
-    indptr, slots = kv_indptr.to(q.device), indices.to(torch.int32)
+    lens = (kv_indptr[1:] - kv_indptr[:-1]).tolist()
+    table = torch.zeros(len(lens), max(lens), dtype=torch.int32, device=q.device)
+    for b, (start, n) in enumerate(zip(kv_indptr[:-1].tolist(), lens)):
+        table[b, :n] = indices[start : start + n]
+    rows = torch.arange(len(lens), device=q.device)
+    seq_lens = torch.tensor(lens, dtype=torch.int32, device=q.device)
 
     def call(block_n: int, warps: int, stages: int):
         tiling = dict(block_n=block_n, num_warps=warps, num_stages=stages)
-        return lambda: decode_attention(q, pool_k, pool_v, indptr, slots, q.shape[-1] ** -0.5, **tiling)
+        return lambda: decode_attention(q, pool_k, pool_v, table, rows, seq_lens, q.shape[-1] ** -0.5, **tiling)
 
     timed = [(_median_us(call(*t)), t, call(*t)) for t in _TRITON_TILINGS]
     print("    triton tilings (BLOCK_N, warps, stages): " + ", ".join(f"{t}: {us:.1f} us" for us, t, _ in timed))

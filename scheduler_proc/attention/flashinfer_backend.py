@@ -5,7 +5,9 @@ decodes uses the decode kernel; any step with prompt tokens uses the causal page
 prefix + new tokens (the new tokens' KV is written to the pool first), so cached prefixes need nothing
 special. CUDA-graph decode keeps one decode wrapper per captured batch size with fixed index buffers.
 With decode_attention_backend="triton", decode steps read the pool through triton_decode.py's kernel
-instead, which needs no plan: the step's KV indptr and slots on the device (fixed buffers under a graph).
+instead, which needs no plan and no index list: it reads each sequence's slots from req_to_token, given the
+step's request rows and KV lengths on the device (under a graph, copied into fixed buffers), so a decode
+step costs the host no planning at all.
 
 flashinfer fixes a layer's sliding window (`window_left`), score scale and soft cap when it plans, so
 layers that differ there (Gemma's local and global layers) get a wrapper each, planned once per step
@@ -82,8 +84,9 @@ class FlashInferBackend(AttentionBackend):
         self.graph_decoders: dict[int, list[flashinfer.BatchDecodeWithPagedKVCacheWrapper]] = {}
         self.graph_indices: torch.Tensor | None = None  # shared by every captured batch size
         self.triton_decode = triton_decode
-        self.graph_indptr: dict[int, torch.Tensor] = {}  # per captured batch size, for the Triton kernel
-        self.triton_kv: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # (indptr, slots): a Triton decode step
+        self.triton_kv: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # (rows, KV lengths): a Triton decode step
+        self.graph_rows: Optional[torch.Tensor] = None  # the graphs' rows and lengths (Triton decode)
+        self.graph_lens: Optional[torch.Tensor] = None
         self.active = self.decode
         self.out_cache_loc: torch.Tensor | None = None
         self.ones = torch.ones(pool.max_requests + 1024, dtype=torch.int32, pin_memory=True)
@@ -110,16 +113,19 @@ class FlashInferBackend(AttentionBackend):
 
     def plan(self, batch: ForwardBatch) -> None:
         self.out_cache_loc = batch.out_cache_loc
-        indptr, indices = self.kv_indices(batch.req_pool_indices, batch.seq_lens_cpu)
-        if batch.is_decode and self.triton_decode:
-            self.triton_kv = (indptr.to(indices.device, non_blocking=True), indices)
+        if batch.is_decode and self.triton_decode:  # a decode token's KV position + 1: the length it attends
+            self.triton_kv = (batch.req_pool_indices, batch.positions + 1)
             return
         self.triton_kv = None
+        indptr, indices = self.kv_indices(batch.req_pool_indices, batch.seq_lens_cpu)
         self._plan_with(batch, indptr, indices, self.decode if batch.is_decode else None)
 
     def plan_graph(self, batch: ForwardBatch, padded: int) -> None:
         """Plan a decode step replayed in the CUDA graph of batch size `padded` (rows past B read slot 0)."""
         self.out_cache_loc = batch.out_cache_loc
+        if self.triton_decode:
+            self._fill_graph_rows(batch, padded)
+            return
         indptr, indices = self.kv_indices(batch.req_pool_indices[: batch.batch_size], batch.seq_lens_cpu)
         pad = padded - batch.batch_size
         if pad:  # each padded row reads one KV slot, slot 0
@@ -128,13 +134,20 @@ class FlashInferBackend(AttentionBackend):
             torch.arange(1, pad + 1, dtype=torch.int32, out=padded_indptr[len(indptr) :]).add_(indptr[-1])
             indptr = padded_indptr
             indices = torch.cat([indices, torch.zeros(pad, dtype=indices.dtype, device=indices.device)])
-        if self.triton_decode:  # the graph's kernels read these buffers
-            assert self.graph_indices is not None
-            self.graph_indptr[padded].copy_(indptr, non_blocking=True)
-            self.graph_indices[: indices.numel()].copy_(indices)
-            self.triton_kv = (self.graph_indptr[padded], self.graph_indices)
-            return
         self._plan_with(batch, indptr, indices, self.graph_decoders[padded])
+
+    def _fill_graph_rows(self, batch: ForwardBatch, padded: int) -> None:
+        """The Triton decode step's rows and KV lengths, in the buffers the graph of size `padded` reads
+        (padded rows: row 0, one slot)."""
+        assert self.graph_rows is not None and self.graph_lens is not None
+        n = batch.batch_size
+        rows, lens = self.graph_rows[:padded], self.graph_lens[:padded]
+        rows[:n].copy_(batch.req_pool_indices[:n])
+        torch.add(batch.positions[:n], 1, out=lens[:n])
+        if padded > n:
+            rows[n:].zero_()
+            lens[n:].fill_(1)
+        self.triton_kv = (rows, lens)
 
     def _plan_with(self, batch: ForwardBatch, indptr: torch.Tensor, indices: torch.Tensor, decoders) -> None:
         """Plan every layer kind's wrapper: the decoders given, or the prefill wrappers when None."""
@@ -176,11 +189,13 @@ class FlashInferBackend(AttentionBackend):
 
     def make_graph_decoder(self, batch_size: int, max_batch_size: int) -> None:
         device = self.pool.device
+        if self.triton_decode:  # every captured size reads the head of the same two buffers
+            if self.graph_rows is None:
+                self.graph_rows = torch.zeros(max_batch_size, dtype=torch.int64, device=device)
+                self.graph_lens = torch.ones(max_batch_size, dtype=torch.int64, device=device)
+            return
         if self.graph_indices is None:
             self.graph_indices = torch.zeros(self.pool.num_slots + max_batch_size, dtype=torch.int32, device=device)
-        if self.triton_decode:
-            self.graph_indptr[batch_size] = torch.zeros(batch_size + 1, dtype=torch.int32, device=device)
-            return
         # The kinds' wrappers share their index buffers: each plan writes the same indices into them.
         indptr_buffer = torch.zeros(batch_size + 1, dtype=torch.int32, device=device)
         last_page_len_buffer = torch.ones(batch_size, dtype=torch.int32, device=device)
@@ -212,7 +227,7 @@ class FlashInferBackend(AttentionBackend):
             store_kv(k8, v8, k_buf.view(torch.uint8), v_buf.view(torch.uint8), self.out_cache_loc)
         if self.triton_kv is not None:
             sm_scale = self.layers[layer_id].scale or self.head_dim**-0.5
-            out = decode_attention(q, k_buf, v_buf, *self.triton_kv, sm_scale, k_scale, v_scale)
+            out = decode_attention(q, k_buf, v_buf, pool.req_to_token, *self.triton_kv, sm_scale, k_scale, v_scale)
             return out.reshape(q.shape[0], -1)
         kv = (k_buf.unsqueeze(1), v_buf.unsqueeze(1))  # [slots, page_size=1, Hkv, D]
         wrapper = self.active[self.kind_of_layer[layer_id]]

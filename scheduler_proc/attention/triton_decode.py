@@ -1,6 +1,10 @@
-"""Decode attention over the token-granular KV pool in two Triton kernels (split-KV "flash decoding"): a
-candidate beside flashinfer's decode kernels, timed against them by scripts/bench_attention.py before any
-backend uses it.
+"""Decode attention over the token-granular KV pool in two Triton kernels (split-KV "flash decoding"),
+run by decode_attention_backend="triton" (flashinfer_backend.py) and timed against flashinfer's decode
+kernels by scripts/bench_attention.py.
+
+A sequence's KV slots are read where the pool's request-to-token table holds them (its row, positions 0 to
+its length - 1): no per-step index list and no plan, so a decode step's attention needs nothing from the
+host but the rows and lengths, which a CUDA graph takes in fixed buffers.
 
 Why a candidate: a Qwen3-0.6B decode step spends 75-77% of its time in flashinfer's decode kernel, which
 reads the KV at 3.3-3.6 TB/s of the H200's 4.8; and over an FP8 KV cache flashinfer's tensor-core path is
@@ -27,8 +31,10 @@ def _split_kv(
     q,
     k_pool,
     v_pool,
-    kv_indptr,
-    kv_indices,
+    slot_table,
+    table_stride,
+    req_rows,
+    seq_lens,
     partial,
     lse,
     q_stride_b,
@@ -46,8 +52,8 @@ def _split_kv(
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     split = tl.program_id(2)
-    start = tl.load(kv_indptr + b)
-    length = tl.load(kv_indptr + b + 1) - start
+    slots_of_seq = slot_table + tl.load(req_rows + b).to(tl.int64) * table_stride
+    length = tl.load(seq_lens + b).to(tl.int32)
     chunk = tl.cdiv(length, SPLITS)
     lo = split * chunk
     hi = tl.minimum(lo + chunk, length)
@@ -63,7 +69,7 @@ def _split_kv(
     n = tl.arange(0, BLOCK_N)
     for n0 in range(lo, hi, BLOCK_N):
         valid = n0 + n < hi
-        slots = tl.load(kv_indices + start + n0 + n, mask=valid, other=0).to(tl.int64)
+        slots = tl.load(slots_of_seq + n0 + n, mask=valid, other=0).to(tl.int64)
         rows = slots[:, None] * pool_stride_s + h * pool_stride_h + d[None, :]
         k = tl.load(k_pool + rows, mask=valid[:, None], other=0.0).to(q_rows.dtype)
         scores = tl.dot(q_rows, tl.trans(k)) * scale  # scale: sm_scale * k_scale
@@ -101,8 +107,9 @@ def decode_attention(
     q: torch.Tensor,
     k_pool: torch.Tensor,
     v_pool: torch.Tensor,
-    kv_indptr: torch.Tensor,
-    kv_indices: torch.Tensor,
+    slot_table: torch.Tensor,
+    req_rows: torch.Tensor,
+    seq_lens: torch.Tensor,
     sm_scale: float,
     k_scale: float = 1.0,
     v_scale: float = 1.0,
@@ -112,14 +119,15 @@ def decode_attention(
     num_stages: int = 2,
 ) -> torch.Tensor:
     """Attention of one query token per sequence: q [B, Hq, D] against the KV pool [slots, Hkv, D] (bf16, or
-    FP8 holding value / scale) at each sequence's slots kv_indices[kv_indptr[b] : kv_indptr[b + 1]] ->
-    [B, Hq, D] in q's dtype. splits: slices of each sequence worked on apart (default: enough programs to
-    fill an H200's 132 SMs about four times over); block_n, num_warps, num_stages: the first kernel's tiling
-    (scripts/bench_attention.py times several)."""
+    FP8 holding value / scale) at each sequence's slots slot_table[req_rows[b], : seq_lens[b]] (the pool's
+    req_to_token; seq_lens of at least 1) -> [B, Hq, D] in q's dtype. splits: slices of each sequence worked
+    on apart (default: enough programs to fill an H200's 132 SMs about four times over); block_n, num_warps,
+    num_stages: the first kernel's tiling (scripts/bench_attention.py times several)."""
     batch, num_q_heads, dim = q.shape
     num_kv_heads = k_pool.shape[1]
     group = num_q_heads // num_kv_heads
     assert q.stride(2) == 1 and k_pool.stride(2) == 1 and k_pool.stride() == v_pool.stride()
+    assert slot_table.stride(1) == 1
     if splits is None:
         splits = triton.next_power_of_2(max(1, min(16, triton.cdiv(528, max(1, batch * num_kv_heads)))))
     out = torch.empty_like(q)
@@ -131,8 +139,10 @@ def decode_attention(
         q,
         k_pool,
         v_pool,
-        kv_indptr,
-        kv_indices,
+        slot_table,
+        slot_table.stride(0),
+        req_rows,
+        seq_lens,
         partial,
         lse,
         q.stride(0),

@@ -68,13 +68,13 @@ def _attention():
     from scheduler_proc.attention.store_kv import store_kv
     from scheduler_proc.attention.triton_decode import decode_attention
 
-    indptr = torch.tensor([0, 3, 10], dtype=torch.int32)
-    indices = torch.arange(1, 11, dtype=torch.int32)
+    table = torch.zeros(4, 64, dtype=torch.int32)  # the pool's req_to_token
+    rows, lens = torch.tensor([2, 0]), torch.tensor([3, 7])
     for heads, kv_heads, dim in ((16, 8, 128), (32, 8, 128), (14, 2, 64)):
         q = torch.zeros(2, heads, dim, dtype=torch.bfloat16)
         for kv_dtype in (torch.bfloat16, torch.float8_e4m3fn):
             pool = torch.zeros(64, kv_heads, dim, dtype=kv_dtype)
-            decode_attention(q, pool, pool.clone(), indptr, indices, dim**-0.5)
+            decode_attention(q, pool, pool.clone(), table, rows, lens, dim**-0.5)
             kv = torch.zeros(3, kv_heads, dim, dtype=kv_dtype)
             store_kv(kv, kv.clone(), pool, pool.clone(), torch.tensor([1, 2, 3]))
 

@@ -16,11 +16,19 @@ import torch  # noqa: E402
 from scheduler_proc.attention.triton_decode import decode_attention  # noqa: E402
 
 
-def _reference(q, k_pool, v_pool, indptr, indices, sm_scale, k_scale, v_scale):
+def _table(slot_lists: list[list[int]], rows: list[int], width: int) -> torch.Tensor:
+    """A request-to-token table holding each sequence's slots at its row (other entries: stale garbage)."""
+    table = torch.randint(0, 7, (max(rows) + 2, width), dtype=torch.int32)
+    for row, slots in zip(rows, slot_lists):
+        table[row, : len(slots)] = torch.tensor(slots, dtype=torch.int32)
+    return table
+
+
+def _reference(q, k_pool, v_pool, slot_lists, sm_scale, k_scale, v_scale):
     out = torch.empty_like(q)
     group = q.shape[1] // k_pool.shape[1]
     for b in range(q.shape[0]):
-        slots = indices[indptr[b] : indptr[b + 1]].long()
+        slots = torch.tensor(slot_lists[b])
         k = (k_pool[slots].float() * k_scale).repeat_interleave(group, dim=1)  # [L, Hq, D]
         v = (v_pool[slots].float() * v_scale).repeat_interleave(group, dim=1)
         scores = torch.einsum("hd,lhd->hl", q[b].float(), k) * sm_scale
@@ -38,13 +46,16 @@ def test_equals_attention_over_the_same_slots(num_q_heads, num_kv_heads, dim, sp
     pool_slots = 1024
     k_pool = torch.randn(pool_slots, num_kv_heads, dim, generator=gen)
     v_pool = torch.randn(pool_slots, num_kv_heads, dim, generator=gen)
-    order = torch.randperm(pool_slots - 1, generator=gen) + 1  # scattered slots, slot 0 never used
-    indices = order[: sum(lengths)].to(torch.int32)
-    indptr = torch.tensor([0] + lengths).cumsum(0).to(torch.int32)
+    order = (torch.randperm(pool_slots - 1, generator=gen) + 1).tolist()  # scattered slots, slot 0 never used
+    starts = [sum(lengths[:i]) for i in range(len(lengths))]
+    slot_lists = [order[s : s + n] for s, n in zip(starts, lengths)]
+    rows = [3, 0, 5, 1, 6]  # the sequences' rows of the table, in no order
+    table = _table(slot_lists, rows, width=320)
     q = torch.randn(len(lengths), num_q_heads, dim, generator=gen)
     sm_scale = dim**-0.5
-    ours = decode_attention(q, k_pool, v_pool, indptr, indices, sm_scale, *scales, splits=splits, block_n=32)
-    expected = _reference(q, k_pool, v_pool, indptr, indices, sm_scale, *scales)
+    req_rows, seq_lens = torch.tensor(rows), torch.tensor(lengths)
+    ours = decode_attention(q, k_pool, v_pool, table, req_rows, seq_lens, sm_scale, *scales, splits=splits, block_n=32)
+    expected = _reference(q, k_pool, v_pool, slot_lists, sm_scale, *scales)
     assert torch.allclose(ours, expected, atol=2e-5, rtol=1e-4), (ours - expected).abs().max()
 
 
@@ -53,7 +64,8 @@ def test_a_strided_query_as_the_qkv_projection_gives_it():
     qkv = torch.randn(3, (8 + 2 * 2) * 64, generator=gen)
     q = qkv[:, : 8 * 64].view(3, 8, 64)  # rows strided by the whole projection
     k_pool, v_pool = torch.randn(64, 2, 64, generator=gen), torch.randn(64, 2, 64, generator=gen)
-    indptr = torch.tensor([0, 10, 11, 40], dtype=torch.int32)
-    indices = torch.arange(1, 41, dtype=torch.int32)
-    ours = decode_attention(q, k_pool, v_pool, indptr, indices, 0.125)
-    assert torch.allclose(ours, _reference(q.contiguous(), k_pool, v_pool, indptr, indices, 0.125, 1.0, 1.0), atol=2e-5)
+    slot_lists = [list(range(1, 11)), [11], list(range(12, 41))]
+    table = _table(slot_lists, [0, 1, 2], width=64)
+    ours = decode_attention(q, k_pool, v_pool, table, torch.tensor([0, 1, 2]), torch.tensor([10, 1, 29]), 0.125)
+    expected = _reference(q.contiguous(), k_pool, v_pool, slot_lists, 0.125, 1.0, 1.0)
+    assert torch.allclose(ours, expected, atol=2e-5)
