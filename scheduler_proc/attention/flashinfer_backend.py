@@ -29,7 +29,7 @@ import torch
 
 from scheduler_proc.attention.base import AttentionBackend, LayerAttention
 from scheduler_proc.attention.store_kv import store_kv
-from scheduler_proc.attention.triton_decode import decode_attention
+from scheduler_proc.attention.triton_decode import TritonDecoder
 from scheduler_proc.forward_batch import ForwardBatch
 from scheduler_proc.kv_pool import KVPool
 
@@ -83,10 +83,8 @@ class FlashInferBackend(AttentionBackend):
         ]
         self.graph_decoders: dict[int, list[flashinfer.BatchDecodeWithPagedKVCacheWrapper]] = {}
         self.graph_indices: torch.Tensor | None = None  # shared by every captured batch size
-        self.triton_decode = triton_decode
-        self.triton_kv: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # (rows, KV lengths): a Triton decode step
-        self.graph_rows: Optional[torch.Tensor] = None  # the graphs' rows and lengths (Triton decode)
-        self.graph_lens: Optional[torch.Tensor] = None
+        self.triton = TritonDecoder(pool, head_dim, self.layers) if triton_decode else None
+        self.triton_step = False  # this step decodes on self.triton
         self.active = self.decode
         self.out_cache_loc: torch.Tensor | None = None
         self.ones = torch.ones(pool.max_requests + 1024, dtype=torch.int32, pin_memory=True)
@@ -113,18 +111,19 @@ class FlashInferBackend(AttentionBackend):
 
     def plan(self, batch: ForwardBatch) -> None:
         self.out_cache_loc = batch.out_cache_loc
-        if batch.is_decode and self.triton_decode:  # a decode token's KV position + 1: the length it attends
-            self.triton_kv = (batch.req_pool_indices, batch.positions + 1)
+        self.triton_step = batch.is_decode and self.triton is not None
+        if self.triton is not None and batch.is_decode:
+            self.triton.plan(batch)
             return
-        self.triton_kv = None
         indptr, indices = self.kv_indices(batch.req_pool_indices, batch.seq_lens_cpu)
         self._plan_with(batch, indptr, indices, self.decode if batch.is_decode else None)
 
     def plan_graph(self, batch: ForwardBatch, padded: int) -> None:
         """Plan a decode step replayed in the CUDA graph of batch size `padded` (rows past B read slot 0)."""
         self.out_cache_loc = batch.out_cache_loc
-        if self.triton_decode:
-            self._fill_graph_rows(batch, padded)
+        self.triton_step = self.triton is not None
+        if self.triton is not None:
+            self.triton.plan_graph(batch, padded)
             return
         indptr, indices = self.kv_indices(batch.req_pool_indices[: batch.batch_size], batch.seq_lens_cpu)
         pad = padded - batch.batch_size
@@ -135,19 +134,6 @@ class FlashInferBackend(AttentionBackend):
             indptr = padded_indptr
             indices = torch.cat([indices, torch.zeros(pad, dtype=indices.dtype, device=indices.device)])
         self._plan_with(batch, indptr, indices, self.graph_decoders[padded])
-
-    def _fill_graph_rows(self, batch: ForwardBatch, padded: int) -> None:
-        """The Triton decode step's rows and KV lengths, in the buffers the graph of size `padded` reads
-        (padded rows: row 0, one slot)."""
-        assert self.graph_rows is not None and self.graph_lens is not None
-        n = batch.batch_size
-        rows, lens = self.graph_rows[:padded], self.graph_lens[:padded]
-        rows[:n].copy_(batch.req_pool_indices[:n])
-        torch.add(batch.positions[:n], 1, out=lens[:n])
-        if padded > n:
-            rows[n:].zero_()
-            lens[n:].fill_(1)
-        self.triton_kv = (rows, lens)
 
     def _plan_with(self, batch: ForwardBatch, indptr: torch.Tensor, indices: torch.Tensor, decoders) -> None:
         """Plan every layer kind's wrapper: the decoders given, or the prefill wrappers when None."""
@@ -189,10 +175,8 @@ class FlashInferBackend(AttentionBackend):
 
     def make_graph_decoder(self, batch_size: int, max_batch_size: int) -> None:
         device = self.pool.device
-        if self.triton_decode:  # every captured size reads the head of the same two buffers
-            if self.graph_rows is None:
-                self.graph_rows = torch.zeros(max_batch_size, dtype=torch.int64, device=device)
-                self.graph_lens = torch.ones(max_batch_size, dtype=torch.int64, device=device)
+        if self.triton is not None:
+            self.triton.make_graph_buffers(max_batch_size)
             return
         if self.graph_indices is None:
             self.graph_indices = torch.zeros(self.pool.num_slots + max_batch_size, dtype=torch.int32, device=device)
@@ -225,10 +209,8 @@ class FlashInferBackend(AttentionBackend):
             # FP8 type, which Triton lacks before Ada); attention reads e4m3 and multiplies the scales back in.
             k8, v8 = pool.to_pool_dtype(k, k_scale).view(torch.uint8), pool.to_pool_dtype(v, v_scale).view(torch.uint8)
             store_kv(k8, v8, k_buf.view(torch.uint8), v_buf.view(torch.uint8), self.out_cache_loc)
-        if self.triton_kv is not None:
-            sm_scale = self.layers[layer_id].scale or self.head_dim**-0.5
-            out = decode_attention(q, k_buf, v_buf, pool.req_to_token, *self.triton_kv, sm_scale, k_scale, v_scale)
-            return out.reshape(q.shape[0], -1)
+        if self.triton is not None and self.triton_step:
+            return self.triton.attend(q, layer_id)
         kv = (k_buf.unsqueeze(1), v_buf.unsqueeze(1))  # [slots, page_size=1, Hkv, D]
         wrapper = self.active[self.kind_of_layer[layer_id]]
         if not pool.is_fp8:

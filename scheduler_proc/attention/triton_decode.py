@@ -25,6 +25,10 @@ import torch
 import triton
 import triton.language as tl
 
+from scheduler_proc.attention.base import LayerAttention
+from scheduler_proc.forward_batch import ForwardBatch
+from scheduler_proc.kv_pool import KVPool
+
 
 @triton.jit
 def _split_kv(
@@ -161,3 +165,56 @@ def decode_attention(
     )
     _merge_splits[(batch, num_q_heads)](partial, lse, out, out.stride(0), out.stride(1), D=dim, SPLITS=splits)
     return out
+
+
+class TritonDecoder:
+    """Decode steps on these kernels, for an attention backend that plans its other steps itself
+    (flashinfer_backend.py, decode_attention_backend="triton"). A step's attention needs only its request
+    rows and KV lengths on the device: eager, the batch's own; under CUDA graphs, copied into two fixed
+    buffers that every captured size reads the head of (padded rows: row 0, one slot)."""
+
+    def __init__(self, pool: KVPool, head_dim: int, layers: list[LayerAttention]) -> None:
+        assert all(layer.window is None and layer.softcap is None for layer in layers)
+        self.pool = pool
+        self.sm_scales = [layer.scale or head_dim**-0.5 for layer in layers]
+        self.rows_and_lens: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # this step's
+        self.graph_rows: Optional[torch.Tensor] = None
+        self.graph_lens: Optional[torch.Tensor] = None
+
+    def plan(self, batch: ForwardBatch) -> None:
+        """An eager decode step: a decode token's KV position + 1 is the length it attends over."""
+        self.rows_and_lens = (batch.req_pool_indices, batch.positions + 1)
+
+    def make_graph_buffers(self, max_batch_size: int) -> None:
+        if self.graph_rows is None:
+            self.graph_rows = torch.zeros(max_batch_size, dtype=torch.int64, device=self.pool.device)
+            self.graph_lens = torch.ones(max_batch_size, dtype=torch.int64, device=self.pool.device)
+
+    def plan_graph(self, batch: ForwardBatch, padded: int) -> None:
+        """A decode step replayed in the graph of batch size `padded`: its rows and lengths into the buffers."""
+        assert self.graph_rows is not None and self.graph_lens is not None
+        n = batch.batch_size
+        rows, lens = self.graph_rows[:padded], self.graph_lens[:padded]
+        rows[:n].copy_(batch.req_pool_indices[:n])
+        torch.add(batch.positions[:n], 1, out=lens[:n])
+        if padded > n:
+            rows[n:].zero_()
+            lens[n:].fill_(1)
+        self.rows_and_lens = (rows, lens)
+
+    def attend(self, q: torch.Tensor, layer_id: int) -> torch.Tensor:
+        """q [B, Hq, D] against the layer's pool, whose KV for this step is stored already -> [B, Hq * D]."""
+        assert self.rows_and_lens is not None
+        pool = self.pool
+        k_scale, v_scale = pool.kv_scales[layer_id]
+        out = decode_attention(
+            q,
+            pool.k_buffer[layer_id],
+            pool.v_buffer[layer_id],
+            pool.req_to_token,
+            *self.rows_and_lens,
+            self.sm_scales[layer_id],
+            k_scale,
+            v_scale,
+        )
+        return out.reshape(q.shape[0], -1)

@@ -69,3 +69,46 @@ def test_a_strided_query_as_the_qkv_projection_gives_it():
     ours = decode_attention(q, k_pool, v_pool, table, torch.tensor([0, 1, 2]), torch.tensor([10, 1, 29]), 0.125)
     expected = _reference(q.contiguous(), k_pool, v_pool, slot_lists, 0.125, 1.0, 1.0)
     assert torch.allclose(ours, expected, atol=2e-5)
+
+
+def test_the_decoder_reads_req_to_token_eager_and_from_graph_buffers_with_padding():
+    from scheduler_proc.attention.base import LayerAttention
+    from scheduler_proc.attention.triton_decode import TritonDecoder
+    from scheduler_proc.forward_batch import ForwardBatch
+    from scheduler_proc.kv_pool import KVPool
+
+    gen = torch.Generator().manual_seed(2)
+    pool = KVPool(2, 64, 2, 32, torch.float32, torch.device("cpu"), max_requests=6, max_context=40)
+    pool.k_buffer.copy_(torch.randn(pool.k_buffer.shape, generator=gen))
+    pool.v_buffer.copy_(torch.randn(pool.v_buffer.shape, generator=gen))
+    pool.kv_scales = [(1.0, 1.0), (0.5, 2.0)]  # layer 1 as an FP8 pool's scales
+    rows, lengths = [4, 1, 2], [5, 1, 17]  # KV lengths with this step's token
+    order = (torch.randperm(63, generator=gen) + 1).tolist()
+    slot_lists = [order[sum(lengths[:i]) : sum(lengths[: i + 1])] for i in range(3)]
+    for row, slots in zip(rows, slot_lists):
+        pool.req_to_token[row, : len(slots)] = torch.tensor(slots, dtype=torch.int32)
+    batch = ForwardBatch(
+        input_ids=torch.zeros(3, dtype=torch.int64),
+        positions=torch.tensor(lengths) - 1,
+        out_cache_loc=torch.tensor([s[-1] for s in slot_lists]),
+        req_pool_indices=torch.tensor(rows),
+        prefix_lens_cpu=[n - 1 for n in lengths],
+        extend_lens_cpu=[1, 1, 1],
+        logit_rows=torch.arange(3),
+        is_decode=True,
+    )
+    decoder = TritonDecoder(pool, 32, [LayerAttention(), LayerAttention(scale=0.25)])
+    q = torch.randn(3, 4, 32, generator=gen)
+    decoder.plan(batch)
+    eager = [decoder.attend(q, layer) for layer in (0, 1)]
+    for layer, sm_scale in ((0, 32**-0.5), (1, 0.25)):
+        expected = _reference(
+            q, pool.k_buffer[layer], pool.v_buffer[layer], slot_lists, sm_scale, *pool.kv_scales[layer]
+        )
+        assert torch.allclose(eager[layer], expected.reshape(3, -1), atol=2e-5, rtol=1e-4)
+
+    decoder.make_graph_buffers(8)
+    decoder.plan_graph(batch, padded=4)  # a graph of 4 rows: the fourth reads row 0, one slot
+    padded = decoder.attend(torch.cat([q, torch.randn(1, 4, 32, generator=gen)]), 1)
+    assert torch.equal(padded[:3], eager[1]) and padded[3].isfinite().all()
+    assert decoder.graph_rows[:4].tolist() == rows + [0] and decoder.graph_lens[:4].tolist() == lengths + [1]
