@@ -33,15 +33,19 @@ class Step:
 def build_step(entries: list[tuple[Request, int]], pool: KVPool, eos_ids: list[int]) -> Step:
     """The batch of one step. An entry may start at a token the step in flight is still sampling
     (req.pending): its input id is filled on the device from that step's output (in_flight.py).
-    Runs once per step over every running request, so it reads request fields directly."""
+    Runs once per step over every running request: one pass, reading request fields directly."""
     input_ids: list[int] = []
     positions: list[int] = []
     token_rows: list[int] = []
     logit_rows: list[int] = []
     logit_spans, input_starts, sample_entries, sample_rows, pending_inputs = [], [], [], [], []
-    starts = [req.kv_len for req, _ in entries]
+    starts, req_rows, extend_lens, sample_req_rows, sample_positions = [], [], [], [], []
+    keep_hidden = has_images = False
     for i, (req, n) in enumerate(entries):
-        start, t0 = starts[i], len(input_ids)
+        start, t0, row, msg = req.kv_len, len(input_ids), req.row, req.msg
+        starts.append(start)
+        req_rows.append(row)
+        extend_lens.append(n)
         num_tokens = len(req.input_ids) + len(req.output_ids)
         if start == num_tokens:  # decoding the pending token
             pending_inputs.append((t0, req))
@@ -50,26 +54,36 @@ def build_step(entries: list[tuple[Request, int]], pool: KVPool, eos_ids: list[i
             input_ids += req.tokens(start, start + n)
         if n == 1:
             positions.append(start)
-            token_rows.append(req.row)
+            token_rows.append(row)
         else:
             positions += range(start, start + n)
-            token_rows += [req.row] * n
+            token_rows += [row] * n
         first_row = len(logit_rows)
-        span = _input_logprob_span(req, start, n) if req.msg.return_logprob else None
+        span = _input_logprob_span(req, start, n) if msg.return_logprob else None
         if span:
             logit_rows += range(t0 + span[0] - start, t0 + span[1] - start)
         if start + n == num_tokens + req.pending and req.sampling.max_new_tokens > 0:  # reaches its next token
             sample_rows.append(len(logit_rows))
             logit_rows.append(t0 + n - 1)
             sample_entries.append(i)
+            sample_req_rows.append(row)
+            sample_positions.append(num_tokens + req.pending)  # the RNG counter: req.total_tokens
         logit_spans.append((first_row, len(logit_rows) - first_row))
         input_starts.append(span[0] if span else None)
-    sampled = _sampled_rows(entries, sample_entries)
-    req_rows = [r.row for r, _ in entries]
+        keep_hidden = keep_hidden or msg.return_hidden_states or msg.embed
+        has_images = has_images or req.images is not None
     uploaded = to_device_int64(
-        input_ids, positions, token_rows, req_rows, logit_rows, *sampled, sample_rows, device=pool.device
+        input_ids,
+        positions,
+        token_rows,
+        req_rows,
+        logit_rows,
+        sample_req_rows,
+        sample_positions,
+        sample_rows,
+        device=pool.device,
     )
-    input_ids_t, positions_t, token_rows_t, req_rows_t, logit_rows_t, sample_req_rows, sample_positions, index = (
+    input_ids_t, positions_t, token_rows_t, req_rows_t, logit_rows_t, sample_req_rows_t, sample_positions_t, index = (
         uploaded
     )
     out_cache_loc = pool.alloc_slots(len(input_ids))
@@ -80,13 +94,13 @@ def build_step(entries: list[tuple[Request, int]], pool: KVPool, eos_ids: list[i
         out_cache_loc=out_cache_loc,
         req_pool_indices=req_rows_t,
         prefix_lens_cpu=starts,
-        extend_lens_cpu=[n for _, n in entries],
+        extend_lens_cpu=extend_lens,
         logit_rows=logit_rows_t,
         is_decode=len(input_ids) == len(entries),  # every entry adds one token
     )
-    attach_images(batch, entries)
-    sampling = _sampling_batch(entries, sample_entries, eos_ids, sample_req_rows, sample_positions, index)
-    keep_hidden = any(req.msg.return_hidden_states or req.msg.embed for req, _ in entries)
+    if has_images:
+        attach_images(batch, entries)
+    sampling = _sampling_batch(entries, sample_entries, eos_ids, sample_req_rows_t, sample_positions_t, index)
     return Step(
         entries, batch, sampling, keep_hidden, sample_entries, logit_spans, input_starts, starts, pending_inputs
     )
@@ -101,12 +115,6 @@ def _input_logprob_span(req: Request, start: int, n: int) -> Optional[tuple[int,
     first = max(start, req.replay_until, max(msg.logprob_start_len, 1) - 1)
     last = min(start + n, len(req.input_ids) - 1)  # position L-1 predicts the first output token
     return (first, last) if first < last else None
-
-
-def _sampled_rows(entries: list[tuple[Request, int]], sample_entries: list[int]) -> tuple[list[int], list[int]]:
-    """The sampling requests' rows and the positions they sample (the RNG counter)."""
-    reqs = [entries[i][0] for i in sample_entries]
-    return [req.row for req in reqs], [req.total_tokens for req in reqs]
 
 
 def _sampling_batch(
