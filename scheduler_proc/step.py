@@ -3,7 +3,7 @@ entries, and where each entry's rows sit in them (read back by step_outputs.py).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
@@ -33,7 +33,7 @@ class Step:
 def build_step(entries: list[tuple[Request, int]], pool: KVPool, eos_ids: list[int]) -> Step:
     """The batch of one step. An entry may start at a token the step in flight is still sampling
     (req.pending): its input id is filled on the device from that step's output (in_flight.py)."""
-    h = _HostLists.gather(entries)
+    h = _gather(entries)
     uploaded = to_device_int64(
         h.input_ids,
         h.positions,
@@ -68,77 +68,70 @@ def build_step(entries: list[tuple[Request, int]], pool: KVPool, eos_ids: list[i
 
 @dataclass
 class _HostLists:
-    """A step's host lists, per token, per logit row, per entry and per sampled entry."""
+    """A step's host lists: per token, per logit row, per entry, per sampled entry."""
 
-    input_ids: list[int] = field(default_factory=list)
-    positions: list[int] = field(default_factory=list)
-    token_rows: list[int] = field(default_factory=list)  # each token's request row
-    logit_rows: list[int] = field(default_factory=list)
-    starts: list[int] = field(default_factory=list)  # per entry: its KV length before the step
-    req_rows: list[int] = field(default_factory=list)
-    extend_lens: list[int] = field(default_factory=list)
-    logit_spans: list[tuple[int, int]] = field(default_factory=list)
-    input_starts: list[Optional[int]] = field(default_factory=list)
-    pending: list[tuple[int, Request]] = field(default_factory=list)  # (token row, request): its pending token
-    sample_entries: list[int] = field(default_factory=list)
-    sample_rows: list[int] = field(default_factory=list)  # their logit rows
-    sample_req_rows: list[int] = field(default_factory=list)
-    sample_positions: list[int] = field(default_factory=list)  # the RNG counter: req.total_tokens
-    keep_hidden: bool = False
-    has_images: bool = False
+    input_ids: list[int]
+    positions: list[int]
+    token_rows: list[int]  # each token's request row
+    logit_rows: list[int]
+    starts: list[int]  # per entry: its KV length before the step
+    req_rows: list[int]
+    extend_lens: list[int]
+    logit_spans: list[tuple[int, int]]
+    input_starts: list[Optional[int]]
+    pending: list[tuple[int, Request]]  # (token row, request) whose input is its pending token
+    sample_entries: list[int]
+    sample_rows: list[int]  # their logit rows
+    sample_req_rows: list[int]
+    sample_positions: list[int]  # the RNG counter: req.total_tokens
+    keep_hidden: bool
+    has_images: bool
 
-    @classmethod
-    def gather(cls, entries: list[tuple[Request, int]]) -> _HostLists:
-        """One pass over the entries (every running request, every step), reading request fields directly."""
-        h = cls()
-        input_ids, positions, token_rows, logit_rows = h.input_ids, h.positions, h.token_rows, h.logit_rows
-        starts, req_rows, extend_lens, spans, input_starts = (
-            h.starts,
-            h.req_rows,
-            h.extend_lens,
-            h.logit_spans,
-            h.input_starts,
-        )
-        sample_entries, sample_rows, sample_req_rows, sample_positions = (
-            h.sample_entries,
-            h.sample_rows,
-            h.sample_req_rows,
-            h.sample_positions,
-        )
-        keep_hidden = has_images = False
-        for i, (req, n) in enumerate(entries):
-            start, t0, row, msg = req.kv_len, len(input_ids), req.row, req.msg
-            starts.append(start)
-            req_rows.append(row)
-            extend_lens.append(n)
-            num_tokens = len(req.input_ids) + len(req.output_ids)
-            if start == num_tokens:  # decoding the pending token
-                h.pending.append((t0, req))
-                input_ids.append(0)
-            else:
-                input_ids += req.tokens(start, start + n)
-            if n == 1:
-                positions.append(start)
-                token_rows.append(row)
-            else:
-                positions += range(start, start + n)
-                token_rows += [row] * n
-            first_row = len(logit_rows)
-            span = _input_logprob_span(req, start, n) if msg.return_logprob else None
-            if span:
-                logit_rows += range(t0 + span[0] - start, t0 + span[1] - start)
-            if start + n == num_tokens + req.pending and req.sampling.max_new_tokens > 0:  # reaches its next token
-                sample_rows.append(len(logit_rows))
-                logit_rows.append(t0 + n - 1)
-                sample_entries.append(i)
-                sample_req_rows.append(row)
-                sample_positions.append(num_tokens + req.pending)
-            spans.append((first_row, len(logit_rows) - first_row))
-            input_starts.append(span[0] if span else None)
-            keep_hidden = keep_hidden or msg.return_hidden_states or msg.embed
-            has_images = has_images or req.images is not None
-        h.keep_hidden, h.has_images = keep_hidden, has_images
-        return h
+
+def _gather(entries: list[tuple[Request, int]]) -> _HostLists:
+    """One pass over the entries (every running request, every step), reading request fields directly."""
+    input_ids: list[int] = []
+    positions: list[int] = []
+    token_rows: list[int] = []
+    logit_rows: list[int] = []
+    starts, req_rows, extend_lens, spans, input_starts, pending = [], [], [], [], [], []
+    sample_entries, sample_rows, sample_req_rows, sample_positions = [], [], [], []
+    keep_hidden = has_images = False
+    for i, (req, n) in enumerate(entries):
+        start, t0, row, msg = req.kv_len, len(input_ids), req.row, req.msg
+        starts.append(start)
+        req_rows.append(row)
+        extend_lens.append(n)
+        num_tokens = len(req.input_ids) + len(req.output_ids)
+        if start == num_tokens:  # decoding the pending token
+            pending.append((t0, req))
+            input_ids.append(0)
+        else:
+            input_ids += req.tokens(start, start + n)
+        if n == 1:
+            positions.append(start)
+            token_rows.append(row)
+        else:
+            positions += range(start, start + n)
+            token_rows += [row] * n
+        first_row = len(logit_rows)
+        span = _input_logprob_span(req, start, n) if msg.return_logprob else None
+        if span:
+            logit_rows += range(t0 + span[0] - start, t0 + span[1] - start)
+        if start + n == num_tokens + req.pending and req.sampling.max_new_tokens > 0:  # reaches its next token
+            sample_rows.append(len(logit_rows))
+            logit_rows.append(t0 + n - 1)
+            sample_entries.append(i)
+            sample_req_rows.append(row)
+            sample_positions.append(num_tokens + req.pending)
+        spans.append((first_row, len(logit_rows) - first_row))
+        input_starts.append(span[0] if span else None)
+        keep_hidden = keep_hidden or msg.return_hidden_states or msg.embed
+        has_images = has_images or req.images is not None
+    return _HostLists(
+        input_ids, positions, token_rows, logit_rows, starts, req_rows, extend_lens, spans, input_starts, pending,
+        sample_entries, sample_rows, sample_req_rows, sample_positions, keep_hidden, has_images,
+    )  # fmt: skip
 
 
 def _input_logprob_span(req: Request, start: int, n: int) -> Optional[tuple[int, int]]:

@@ -112,7 +112,7 @@ class FlashInferBackend(AttentionBackend):
     def plan(self, batch: ForwardBatch) -> None:
         self.out_cache_loc = batch.out_cache_loc
         self.triton_step = batch.is_decode and self.triton is not None
-        if self.triton is not None and batch.is_decode:
+        if self.triton_step:
             self.triton.plan(batch)
             return
         indptr, indices = self.kv_indices(batch.req_pool_indices, batch.seq_lens_cpu)
@@ -122,7 +122,7 @@ class FlashInferBackend(AttentionBackend):
         """Plan a decode step replayed in the CUDA graph of batch size `padded` (rows past B read slot 0)."""
         self.out_cache_loc = batch.out_cache_loc
         self.triton_step = self.triton is not None
-        if self.triton is not None:
+        if self.triton_step:
             self.triton.plan_graph(batch, padded)
             return
         indptr, indices = self.kv_indices(batch.req_pool_indices[: batch.batch_size], batch.seq_lens_cpu)
@@ -209,7 +209,7 @@ class FlashInferBackend(AttentionBackend):
             # FP8 type, which Triton lacks before Ada); attention reads e4m3 and multiplies the scales back in.
             k8, v8 = pool.to_pool_dtype(k, k_scale).view(torch.uint8), pool.to_pool_dtype(v, v_scale).view(torch.uint8)
             store_kv(k8, v8, k_buf.view(torch.uint8), v_buf.view(torch.uint8), self.out_cache_loc)
-        if self.triton is not None and self.triton_step:
+        if self.triton_step:
             return self.triton.attend(q, layer_id)
         kv = (k_buf.unsqueeze(1), v_buf.unsqueeze(1))  # [slots, page_size=1, Hkv, D]
         wrapper = self.active[self.kind_of_layer[layer_id]]
