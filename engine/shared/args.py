@@ -19,7 +19,7 @@ _DTYPES = ("auto", "float32", "bfloat16", "float16")
 _DEVICES = ("auto", "cpu", "cuda")
 _LOAD_FORMATS = ("auto", "dummy")
 _ATTENTION_BACKENDS = ("auto", "torch", "flashinfer")
-_DECODE_ATTENTION_BACKENDS = (None, "flashinfer", "triton")  # None: attention_backend's decode kernels
+_DECODE_ATTENTION_BACKENDS = (None, "flashinfer", "triton")  # None: "triton" where the model allows
 _LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 _SCHEDULE_POLICIES = ("lpm", "fcfs")  # lpm without the prefix cache is fcfs (every match is empty)
 
@@ -49,7 +49,9 @@ class EngineArgs:
     disable_overlap_schedule: bool = False  # read each step's outputs before scheduling the next
     profile_steps: int = 0  # record device/host time of up to this many steps (server info "step_profile")
     attention_backend: str = "auto"  # auto: flashinfer on GPU when installed, else torch
-    decode_attention_backend: Optional[str] = None  # "triton": decode steps on ferry's Triton kernel; None: as above
+    # Decode steps under flashinfer: "triton" (ferry's kernel, no per-step plan) or "flashinfer"; None: Triton
+    # where the model allows (no sliding window or soft cap), else flashinfer.
+    decode_attention_backend: Optional[str] = None
     quantization: Optional[str] = None  # "fp8": bf16/fp16 weights quantized to FP8 e4m3 as they load
     kv_cache_dtype: str = "auto"  # "fp8_e4m3": the KV pool in FP8 (twice the tokens); auto: the model's dtype
     return_hidden_states: bool = False  # default for requests that do not say

@@ -4,10 +4,10 @@ Each step is planned once (host-side index arrays) and every layer reuses the pl
 decodes uses the decode kernel; any step with prompt tokens uses the causal paged prefill kernel over
 prefix + new tokens (the new tokens' KV is written to the pool first), so cached prefixes need nothing
 special. CUDA-graph decode keeps one decode wrapper per captured batch size with fixed index buffers.
-With decode_attention_backend="triton", decode steps read the pool through triton_decode.py's kernel
-instead, which needs no plan and no index list: it reads each sequence's slots from req_to_token, given the
+By default (decode_attention_backend None or "triton") decode steps read the pool through triton_decode.py's
+kernel instead, which needs no plan and no index list: it reads each sequence's slots from req_to_token, given the
 step's request rows and KV lengths on the device (under a graph, copied into fixed buffers), so a decode
-step costs the host no planning at all.
+step costs the host no planning at all. Layers with a window or soft cap keep flashinfer's decode kernel.
 
 flashinfer fixes a layer's sliding window (`window_left`), score scale and soft cap when it plans, so
 layers that differ there (Gemma's local and global layers) get a wrapper each, planned once per step

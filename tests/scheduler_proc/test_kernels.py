@@ -124,3 +124,17 @@ def test_flashinfer_backend_refuses_a_head_size_it_has_no_kernels_for():
 
     with pytest.raises(ValueError, match="head_dim"):
         create_backend("flashinfer", None, "cuda", num_heads=4, num_kv_heads=2, head_dim=16)
+
+
+def test_decode_steps_run_on_triton_by_default_where_its_kernel_applies():
+    from scheduler_proc.attention import decodes_on_triton
+    from scheduler_proc.attention.base import LayerAttention
+
+    plain, scaled = [LayerAttention()] * 2, [LayerAttention(scale=0.1)] * 2
+    gemma = [LayerAttention(window=4096, softcap=50.0), LayerAttention(softcap=50.0)]
+    assert decodes_on_triton(None, None) and decodes_on_triton(None, plain) and decodes_on_triton(None, scaled)
+    assert decodes_on_triton("triton", plain)
+    assert not decodes_on_triton("flashinfer", plain)
+    assert not decodes_on_triton(None, gemma)  # the default falls back to flashinfer's windowed, capped kernels
+    with pytest.raises(ValueError, match="decode_attention_backend='triton' has no sliding window or soft cap"):
+        decodes_on_triton("triton", gemma)
