@@ -39,6 +39,7 @@ def _split_kv(
     table_stride,
     req_rows,
     seq_lens,
+    max_len,
     partial,
     lse,
     q_stride_b,
@@ -58,7 +59,9 @@ def _split_kv(
     split = tl.program_id(2)
     slots_of_seq = slot_table + tl.load(req_rows + b).to(tl.int64) * table_stride
     length = tl.load(seq_lens + b).to(tl.int32)
-    chunk = tl.cdiv(length, SPLITS)
+    # Every split of the batch spans the same number of tokens (whole blocks), sized by the longest sequence:
+    # a short sequence has fewer splits with work, not shorter ones, so programs take about equal time.
+    chunk = tl.cdiv(tl.cdiv(tl.load(max_len).to(tl.int32), SPLITS), BLOCK_N) * BLOCK_N
     lo = split * chunk
     hi = tl.minimum(lo + chunk, length)
     g = tl.arange(0, GROUP_PAD)
@@ -117,6 +120,7 @@ def decode_attention(
     sm_scale: float,
     k_scale: float = 1.0,
     v_scale: float = 1.0,
+    max_len: Optional[torch.Tensor] = None,
     splits: Optional[int] = None,
     block_n: int = 64,
     num_warps: int = 4,
@@ -124,9 +128,11 @@ def decode_attention(
 ) -> torch.Tensor:
     """Attention of one query token per sequence: q [B, Hq, D] against the KV pool [slots, Hkv, D] (bf16, or
     FP8 holding value / scale) at each sequence's slots slot_table[req_rows[b], : seq_lens[b]] (the pool's
-    req_to_token; seq_lens of at least 1) -> [B, Hq, D] in q's dtype. splits: slices of each sequence worked
-    on apart (default: enough programs to fill an H200's 132 SMs about four times over); block_n, num_warps,
-    num_stages: the first kernel's tiling (scripts/bench_attention.py times several)."""
+    req_to_token; seq_lens of at least 1) -> [B, Hq, D] in q's dtype. max_len: a one-element tensor of at
+    least the longest of seq_lens (default: their maximum). splits: slices of the longest sequence worked on
+    apart, the others cut into slices as long (default: enough programs to fill an H200's 132 SMs about four
+    times over); block_n, num_warps, num_stages: the first kernel's tiling (scripts/bench_attention.py times
+    several)."""
     batch, num_q_heads, dim = q.shape
     num_kv_heads = k_pool.shape[1]
     group = num_q_heads // num_kv_heads
@@ -137,6 +143,8 @@ def decode_attention(
     out = torch.empty_like(q)
     if batch == 0:
         return out
+    if max_len is None:
+        max_len = seq_lens.amax(0, keepdim=True)
     partial = torch.empty(batch * num_q_heads * splits, dim, dtype=torch.float32, device=q.device)
     lse = torch.empty(batch * num_q_heads * splits, dtype=torch.float32, device=q.device)
     _split_kv[(batch, num_kv_heads, splits)](
@@ -147,6 +155,7 @@ def decode_attention(
         slot_table.stride(0),
         req_rows,
         seq_lens,
+        max_len,
         partial,
         lse,
         q.stride(0),
@@ -169,21 +178,23 @@ def decode_attention(
 
 class TritonDecoder:
     """Decode steps on these kernels, for an attention backend that plans its other steps itself
-    (flashinfer_backend.py, decode_attention_backend="triton"). A step's attention needs only its request
-    rows and KV lengths on the device: eager, the batch's own; under CUDA graphs, copied into two fixed
-    buffers that every captured size reads the head of (padded rows: row 0, one slot)."""
+    (flashinfer_backend.py). A step's attention needs only its request rows, KV lengths and longest length
+    on the device: eager, the batch's own; under CUDA graphs, copied into three fixed buffers that every
+    captured size reads the head of (padded rows: row 0, one slot)."""
 
     def __init__(self, pool: KVPool, head_dim: int, layers: list[LayerAttention]) -> None:
         assert all(layer.window is None and layer.softcap is None for layer in layers)
         self.pool = pool
         self.sm_scales = [layer.scale or head_dim**-0.5 for layer in layers]
-        self.rows_and_lens: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # this step's
+        self.step: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None  # rows, lengths, longest
         self.graph_rows: Optional[torch.Tensor] = None
         self.graph_lens: Optional[torch.Tensor] = None
+        self.graph_max = torch.ones(1, dtype=torch.int64, device=pool.device)
 
     def plan(self, batch: ForwardBatch) -> None:
         """An eager decode step: a decode token's KV position + 1 is the length it attends over."""
-        self.rows_and_lens = (batch.req_pool_indices, batch.positions + 1)
+        lens = batch.positions + 1
+        self.step = (batch.req_pool_indices, lens, lens.amax(0, keepdim=True))
 
     def make_graph_buffers(self, max_batch_size: int) -> None:
         if self.graph_rows is None:
@@ -200,21 +211,15 @@ class TritonDecoder:
         if padded > n:
             rows[n:].zero_()
             lens[n:].fill_(1)
-        self.rows_and_lens = (rows, lens)
+        torch.amax(lens, 0, keepdim=True, out=self.graph_max)
+        self.step = (rows, lens, self.graph_max)
 
     def attend(self, q: torch.Tensor, layer_id: int) -> torch.Tensor:
         """q [B, Hq, D] against the layer's pool, whose KV for this step is stored already -> [B, Hq * D]."""
-        assert self.rows_and_lens is not None
-        pool = self.pool
+        assert self.step is not None
+        pool, (rows, lens, longest) = self.pool, self.step
         k_scale, v_scale = pool.kv_scales[layer_id]
-        out = decode_attention(
-            q,
-            pool.k_buffer[layer_id],
-            pool.v_buffer[layer_id],
-            pool.req_to_token,
-            *self.rows_and_lens,
-            self.sm_scales[layer_id],
-            k_scale,
-            v_scale,
-        )
+        table = pool.req_to_token
+        k, v, scale = pool.k_buffer[layer_id], pool.v_buffer[layer_id], self.sm_scales[layer_id]
+        out = decode_attention(q, k, v, table, rows, lens, scale, k_scale, v_scale, max_len=longest)
         return out.reshape(q.shape[0], -1)

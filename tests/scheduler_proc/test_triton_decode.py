@@ -1,6 +1,7 @@
 """The split-KV Triton decode attention, run by Triton's CPU interpreter, against attention computed in torch
 over the same pool slots: grouped query heads, sequences of 1 to a few hundred tokens over scattered slots,
-one or several splits (including splits past a short sequence's end), and a scaled (FP8-style) pool."""
+one or several splits (slices as long as the longest sequence's, so short sequences have splits with nothing
+to read), and a scaled (FP8-style) pool."""
 
 from __future__ import annotations
 
@@ -57,6 +58,10 @@ def test_equals_attention_over_the_same_slots(num_q_heads, num_kv_heads, dim, sp
     ours = decode_attention(q, k_pool, v_pool, table, req_rows, seq_lens, sm_scale, *scales, splits=splits, block_n=32)
     expected = _reference(q, k_pool, v_pool, slot_lists, sm_scale, *scales)
     assert torch.allclose(ours, expected, atol=2e-5, rtol=1e-4), (ours - expected).abs().max()
+    # Any bound on the longest length slices alike (a CUDA graph's is the step's; a loose one leaves splits idle).
+    loose = torch.tensor([1000])
+    ours = decode_attention(q, k_pool, v_pool, table, req_rows, seq_lens, sm_scale, *scales, loose, splits, 32)
+    assert torch.allclose(ours, expected, atol=2e-5, rtol=1e-4), (ours - expected).abs().max()
 
 
 def test_a_strided_query_as_the_qkv_projection_gives_it():
@@ -112,3 +117,4 @@ def test_the_decoder_reads_req_to_token_eager_and_from_graph_buffers_with_paddin
     padded = decoder.attend(torch.cat([q, torch.randn(1, 4, 32, generator=gen)]), 1)
     assert torch.equal(padded[:3], eager[1]) and padded[3].isfinite().all()
     assert decoder.graph_rows[:4].tolist() == rows + [0] and decoder.graph_lens[:4].tolist() == lengths + [1]
+    assert decoder.graph_max.tolist() == [17]
