@@ -14,7 +14,9 @@ Stage 1, one program per (sequence, KV head, split): the split's slice of the se
 blocks of BLOCK_N tokens as whole [BLOCK_N, head_dim] rows of that head (an FP8 row converted in
 registers), against all of the head's GROUP query heads at once (a tl.dot of [GROUP_PAD, D] x [D, BLOCK_N]),
 with an online softmax; it writes its normalised partial output and log-sum-exp. Stage 2, one program per
-(sequence, query head): the splits' partial outputs weighted by their share of the softmax mass.
+(sequence, query head): the splits' partial outputs weighted by their share of the softmax mass. With one
+split (a large batch fills the SMs by itself) stage 1 writes the output and stage 2 is not launched: a
+kernel fewer in each layer of a decode step.
 """
 
 from __future__ import annotations
@@ -42,8 +44,11 @@ def _split_kv(
     max_len,
     partial,
     lse,
+    out,
     q_stride_b,
     q_stride_h,
+    out_stride_b,
+    out_stride_h,
     pool_stride_s,
     pool_stride_h,
     scale,
@@ -90,10 +95,14 @@ def _split_kv(
         m_i = m_new
     # A split past a short sequence's end holds no token: weight zero in stage 2 (its lse is -inf).
     has = l_i > 0
-    out = tl.where(has[:, None], acc / tl.where(has, l_i, 1.0)[:, None] * v_scale, 0.0)
-    at = (b * (GROUP * tl.num_programs(1)) + heads) * SPLITS + split
-    tl.store(partial + at[:, None] * D + d[None, :], out, mask=(g < GROUP)[:, None])
-    tl.store(lse + at, tl.where(has, m_i + tl.log(tl.where(has, l_i, 1.0)), -float("inf")), mask=g < GROUP)
+    o = tl.where(has[:, None], acc / tl.where(has, l_i, 1.0)[:, None] * v_scale, 0.0)
+    if SPLITS == 1:  # the whole sequence in this program: its output is final, no second kernel
+        rows_out = out + b * out_stride_b + heads[:, None] * out_stride_h + d[None, :]
+        tl.store(rows_out, o.to(out.dtype.element_ty), mask=(g < GROUP)[:, None])
+    else:
+        at = (b * (GROUP * tl.num_programs(1)) + heads) * SPLITS + split
+        tl.store(partial + at[:, None] * D + d[None, :], o, mask=(g < GROUP)[:, None])
+        tl.store(lse + at, tl.where(has, m_i + tl.log(tl.where(has, l_i, 1.0)), -float("inf")), mask=g < GROUP)
 
 
 @triton.jit
@@ -145,8 +154,10 @@ def decode_attention(
         return out
     if max_len is None:
         max_len = seq_lens.amax(0, keepdim=True)
-    partial = torch.empty(batch * num_q_heads * splits, dim, dtype=torch.float32, device=q.device)
-    lse = torch.empty(batch * num_q_heads * splits, dtype=torch.float32, device=q.device)
+    partial = lse = out  # one split: the first kernel writes the output, these are not read
+    if splits > 1:
+        partial = torch.empty(batch * num_q_heads * splits, dim, dtype=torch.float32, device=q.device)
+        lse = torch.empty(batch * num_q_heads * splits, dtype=torch.float32, device=q.device)
     _split_kv[(batch, num_kv_heads, splits)](
         q,
         k_pool,
@@ -158,8 +169,11 @@ def decode_attention(
         max_len,
         partial,
         lse,
+        out,
         q.stride(0),
         q.stride(1),
+        out.stride(0),
+        out.stride(1),
         k_pool.stride(0),
         k_pool.stride(1),
         sm_scale * k_scale,
@@ -172,7 +186,8 @@ def decode_attention(
         num_warps=num_warps,
         num_stages=num_stages,
     )
-    _merge_splits[(batch, num_q_heads)](partial, lse, out, out.stride(0), out.stride(1), D=dim, SPLITS=splits)
+    if splits > 1:
+        _merge_splits[(batch, num_q_heads)](partial, lse, out, out.stride(0), out.stride(1), D=dim, SPLITS=splits)
     return out
 
 

@@ -74,7 +74,8 @@ def _attention():
         q = torch.zeros(2, heads, dim, dtype=torch.bfloat16)
         for kv_dtype in (torch.bfloat16, torch.float8_e4m3fn):
             pool = torch.zeros(64, kv_heads, dim, dtype=kv_dtype)
-            decode_attention(q, pool, pool.clone(), table, rows, lens, dim**-0.5)
+            for splits in (None, 1):  # several splits and a merge; one split, written by the first kernel
+                decode_attention(q, pool, pool.clone(), table, rows, lens, dim**-0.5, splits=splits)
             kv = torch.zeros(3, kv_heads, dim, dtype=kv_dtype)
             store_kv(kv, kv.clone(), pool, pool.clone(), torch.tensor([1, 2, 3]))
 
