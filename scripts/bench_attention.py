@@ -160,6 +160,11 @@ def _triton_decode(q, k, v, kv_indptr, indices, reference):
     # by program count alone): slices the same length over the batch balance sequences of unequal lengths.
     split = [(_median_us(call(*best, n)), (*best, n), call(*best, n)) for n in _TRITON_SPLITS]
     print(f"    triton splits at {best}: " + ", ".join(f"{t[-1]}: {us:.1f} us" for us, t, _ in split))
+    if pool_k.dtype == torch.float8_e4m3fn:  # the FP8 rows converted to bf16 (q's dtype) instead of fp16
+        tiling = dict(block_n=best[0], num_warps=best[1], num_stages=best[2], fp8_in_f16=False)
+        scale = q.shape[-1] ** -0.5
+        us = _median_us(lambda: decode_attention(q, pool_k, pool_v, table, rows, seq_lens, scale, **tiling))
+        print(f"    triton at {best}, FP8 rows to bf16 instead of fp16: {us:.1f} us")
     run = min(timed + split, key=lambda x: x[0])[2]
     return run, (run().float() - reference.float()).abs().max().item()
 

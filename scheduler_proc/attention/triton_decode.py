@@ -58,6 +58,7 @@ def _split_kv(
     D: tl.constexpr,
     BLOCK_N: tl.constexpr,
     SPLITS: tl.constexpr,
+    F16_DOTS: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
@@ -75,6 +76,8 @@ def _split_kv(
     q_rows = tl.load(
         q + b * q_stride_b + heads[:, None] * q_stride_h + d[None, :], mask=(g < GROUP)[:, None], other=0.0
     )
+    if F16_DOTS:  # FP8 KV: e4m3 converts to fp16 in one instruction a pair, to bf16 in several
+        q_rows = tl.minimum(tl.maximum(q_rows.to(tl.float32), -65504.0), 65504.0).to(tl.float16)
     m_i = tl.full([GROUP_PAD], -float("inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, D], tl.float32)
@@ -134,6 +137,7 @@ def decode_attention(
     block_n: int = 64,
     num_warps: int = 4,
     num_stages: int = 2,
+    fp8_in_f16: bool = True,
 ) -> torch.Tensor:
     """Attention of one query token per sequence: q [B, Hq, D] against the KV pool [slots, Hkv, D] (bf16, or
     FP8 holding value / scale) at each sequence's slots slot_table[req_rows[b], : seq_lens[b]] (the pool's
@@ -141,7 +145,8 @@ def decode_attention(
     least the longest of seq_lens (default: their maximum). splits: slices of the longest sequence worked on
     apart, the others cut into slices as long (default: enough programs to fill an H200's 132 SMs about four
     times over); block_n, num_warps, num_stages: the first kernel's tiling (scripts/bench_attention.py times
-    several)."""
+    several). fp8_in_f16: over an FP8 pool, the dot products in fp16 (which holds every e4m3 value exactly,
+    and the query clamped to its range) rather than in q's dtype."""
     batch, num_q_heads, dim = q.shape
     num_kv_heads = k_pool.shape[1]
     group = num_q_heads // num_kv_heads
@@ -183,6 +188,7 @@ def decode_attention(
         D=dim,
         BLOCK_N=block_n,
         SPLITS=splits,
+        F16_DOTS=fp8_in_f16 and k_pool.dtype == torch.float8_e4m3fn,
         num_warps=num_warps,
         num_stages=num_stages,
     )
