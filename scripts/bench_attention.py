@@ -239,6 +239,7 @@ def main() -> None:
     p.add_argument("--kv-dtype", default="bf16", choices=sorted(KV_DTYPES), help="the KV cache's element type")
     p.add_argument("--out", default=None)
     p.add_argument("--layouts", type=int, default=0, help="pool tokens: time decode over KV slot layouts only")
+    p.add_argument("--backends", default="cuda,tc,fa2,fa3,triton", help="those timed (decode: all; prefill: fa2, fa3)")
     args = p.parse_args()
     if args.layouts:
         rows = run_layouts(args, args.layouts)
@@ -262,7 +263,7 @@ def main() -> None:
         prefill = ("fa2",) if args.kv_dtype == "fp8" else ("fa2", "fa3")
         backends = prefill if kind == "prefill" else ("cuda", "tc", *prefill, "triton")
         pages = (1,) if kind == "prefill" else (1, 16)
-        for backend in backends:
+        for backend in (b for b in backends if b in args.backends.split(",")):
             for page in pages if backend != "triton" else (1,):  # the Triton kernel reads token slots
                 try:
                     rows.append(run_case(name, prefix, extend, args, kind, page, backend))
