@@ -119,7 +119,9 @@ def run_case(name: str, prefix: list[int], extend: list[int], args, kind: str, p
     return row
 
 
-_TRITON_TILINGS = [(32, 4, 2), (64, 4, 2), (64, 4, 3), (64, 8, 3), (128, 8, 2), (128, 8, 3)]  # (BLOCK_N, warps, stages)
+# (BLOCK_N, warps, stages). One stage keeps K and V tiles out of shared memory (more programs on an SM: lease K's
+# best tilings used two stages, whose double buffers hold 64 KB of each program's).
+_TRITON_TILINGS = [(32, 4, 2), (64, 4, 2), (64, 4, 3), (64, 8, 3), (128, 8, 2), (128, 8, 3), (64, 4, 1), (128, 8, 1)]
 _TRITON_SPLITS = (2, 4, 8)
 
 
