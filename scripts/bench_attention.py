@@ -151,8 +151,8 @@ def _triton_decode(q, k, v, kv_indptr, indices, reference):
     rows = torch.arange(len(lens), device=q.device)
     seq_lens = torch.tensor(lens, dtype=torch.int32, device=q.device)
 
-    def call(block_n: int, warps: int, stages: int, splits=None):
-        tiling = dict(block_n=block_n, num_warps=warps, num_stages=stages, splits=splits)
+    def call(block_n: int, warps: int, stages: int, splits=None, **variant):
+        tiling = dict(block_n=block_n, num_warps=warps, num_stages=stages, splits=splits, **variant)
         return lambda: decode_attention(q, pool_k, pool_v, table, rows, seq_lens, q.shape[-1] ** -0.5, **tiling)
 
     timed = [(_median_us(call(*t)), t, call(*t)) for t in _TRITON_TILINGS]
@@ -162,11 +162,11 @@ def _triton_decode(q, k, v, kv_indptr, indices, reference):
     # by program count alone): slices the same length over the batch balance sequences of unequal lengths.
     split = [(_median_us(call(*best, n)), (*best, n), call(*best, n)) for n in _TRITON_SPLITS]
     print(f"    triton splits at {best}: " + ", ".join(f"{t[-1]}: {us:.1f} us" for us, t, _ in split))
-    if pool_k.dtype == torch.float8_e4m3fn:  # the FP8 rows converted to bf16 (q's dtype) instead of fp16
-        tiling = dict(block_n=best[0], num_warps=best[1], num_stages=best[2], fp8_in_f16=False)
-        scale = q.shape[-1] ** -0.5
-        us = _median_us(lambda: decode_attention(q, pool_k, pool_v, table, rows, seq_lens, scale, **tiling))
-        print(f"    triton at {best}, FP8 rows to bf16 instead of fp16: {us:.1f} us")
+    variants = {"slots read a block ahead": dict(prefetch_slots=True)}
+    if pool_k.dtype == torch.float8_e4m3fn:
+        variants["FP8 rows to bf16 instead of fp16"] = dict(fp8_in_f16=False)
+    for name, variant in variants.items():
+        print(f"    triton at {best}, {name}: {_median_us(call(*best, **variant)):.1f} us")
     run = min(timed + split, key=lambda x: x[0])[2]
     return run, (run().float() - reference.float()).abs().max().item()
 

@@ -59,6 +59,7 @@ def _split_kv(
     BLOCK_N: tl.constexpr,
     SPLITS: tl.constexpr,
     F16_DOTS: tl.constexpr,
+    PREFETCH_SLOTS: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
@@ -82,9 +83,15 @@ def _split_kv(
     l_i = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, D], tl.float32)
     n = tl.arange(0, BLOCK_N)
+    if PREFETCH_SLOTS:  # each block's slots read one block ahead: its K and V loads need not wait for them
+        next_slots = tl.load(slots_of_seq + lo + n, mask=lo + n < hi, other=0)
     for n0 in range(lo, hi, BLOCK_N):
         valid = n0 + n < hi
-        slots = tl.load(slots_of_seq + n0 + n, mask=valid, other=0).to(tl.int64)
+        if PREFETCH_SLOTS:
+            slots = next_slots.to(tl.int64)
+            next_slots = tl.load(slots_of_seq + n0 + BLOCK_N + n, mask=n0 + BLOCK_N + n < hi, other=0)
+        else:
+            slots = tl.load(slots_of_seq + n0 + n, mask=valid, other=0).to(tl.int64)
         rows = slots[:, None] * pool_stride_s + h * pool_stride_h + d[None, :]
         k = tl.load(k_pool + rows, mask=valid[:, None], other=0.0).to(q_rows.dtype)
         scores = tl.dot(q_rows, tl.trans(k)) * scale  # scale: sm_scale * k_scale
@@ -138,6 +145,7 @@ def decode_attention(
     num_warps: int = 4,
     num_stages: int = 2,
     fp8_in_f16: bool = True,
+    prefetch_slots: bool = False,
 ) -> torch.Tensor:
     """Attention of one query token per sequence: q [B, Hq, D] against the KV pool [slots, Hkv, D] (bf16, or
     FP8 holding value / scale) at each sequence's slots slot_table[req_rows[b], : seq_lens[b]] (the pool's
@@ -146,7 +154,8 @@ def decode_attention(
     apart, the others cut into slices as long (default: enough programs to fill an H200's 132 SMs about four
     times over); block_n, num_warps, num_stages: the first kernel's tiling (scripts/bench_attention.py times
     several). fp8_in_f16: over an FP8 pool, the dot products in fp16 (which holds every e4m3 value exactly,
-    and the query clamped to its range) rather than in q's dtype."""
+    and the query clamped to its range) rather than in q's dtype. prefetch_slots: each block's slot indices
+    read during the block before (timed by scripts/bench_attention.py)."""
     batch, num_q_heads, dim = q.shape
     num_kv_heads = k_pool.shape[1]
     group = num_q_heads // num_kv_heads
@@ -189,6 +198,7 @@ def decode_attention(
         BLOCK_N=block_n,
         SPLITS=splits,
         F16_DOTS=fp8_in_f16 and k_pool.dtype == torch.float8_e4m3fn,
+        PREFETCH_SLOTS=prefetch_slots,
         num_warps=num_warps,
         num_stages=num_stages,
     )

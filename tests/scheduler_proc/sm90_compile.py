@@ -76,6 +76,7 @@ def _attention():
             pool = torch.zeros(64, kv_heads, dim, dtype=kv_dtype)
             for splits in (None, 1):  # several splits and a merge; one split, written by the first kernel
                 decode_attention(q, pool, pool.clone(), table, rows, lens, dim**-0.5, splits=splits)
+            decode_attention(q, pool, pool.clone(), table, rows, lens, dim**-0.5, prefetch_slots=True)
             kv = torch.zeros(3, kv_heads, dim, dtype=kv_dtype)
             store_kv(kv, kv.clone(), pool, pool.clone(), torch.tensor([1, 2, 3]))
 

@@ -59,9 +59,10 @@ def test_equals_attention_over_the_same_slots(num_q_heads, num_kv_heads, dim, sp
     expected = _reference(q, k_pool, v_pool, slot_lists, sm_scale, *scales)
     assert torch.allclose(ours, expected, atol=2e-5, rtol=1e-4), (ours - expected).abs().max()
     # Any bound on the longest length slices alike (a CUDA graph's is the step's; a loose one leaves splits idle).
-    loose = torch.tensor([1000])
-    ours = decode_attention(q, k_pool, v_pool, table, req_rows, seq_lens, sm_scale, *scales, loose, splits, 32)
+    loose_args = (q, k_pool, v_pool, table, req_rows, seq_lens, sm_scale, *scales, torch.tensor([1000]), splits, 32)
+    ours = decode_attention(*loose_args)
     assert torch.allclose(ours, expected, atol=2e-5, rtol=1e-4), (ours - expected).abs().max()
+    assert torch.equal(decode_attention(*loose_args, prefetch_slots=True), ours)  # slots read a block ahead
 
 
 def test_a_strided_query_as_the_qkv_projection_gives_it():
