@@ -8,7 +8,9 @@ the step to the others (tp/step_broadcast.py), and every rank then runs the same
 from __future__ import annotations
 
 import logging
+import statistics
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -94,7 +96,9 @@ class ModelRunner:
         self.sampling = SamplingState(self.pool.max_requests, self.shape.vocab_size, self.device)
         self.graphs = self._make_graphs()  # every rank captures the same sizes in the same order: in lockstep
         self.steps = StepChannel(self.tp, self.device)  # the per-step hand-off to the other ranks
-        self.broadcast_seconds, self.broadcasts = 0.0, 0
+        # Rank 0's hand-off of each recent step (µs): the median is the figure; a mean would carry the
+        # first steps' one-time costs (NCCL's first broadcast on a stream takes milliseconds).
+        self.handoff_us: deque[float] = deque(maxlen=4096)
         self.profiler = StepProfiler(args.profile_steps, self.device)
 
     def recapture_graphs(self) -> None:
@@ -173,7 +177,7 @@ class ModelRunner:
             "peak_gpu_memory_bytes": ranks[0]["peak_gpu_memory_bytes"],
             "tp_size": self.tp.size,
             "rank_memory": ranks,
-            "tp_step_broadcast_us": 1e6 * self.broadcast_seconds / max(1, self.broadcasts),
+            "tp_step_broadcast_us": statistics.median(self.handoff_us) if self.handoff_us else 0.0,
             "kv_pool_tokens": self.pool.capacity,
             "kv_pool_bytes": self.pool.bytes,
             "max_running_requests": self.pool.max_requests,
@@ -205,8 +209,7 @@ class ModelRunner:
         try:
             start = time.perf_counter()
             self.steps.send(batch, self.pool.take_journal())
-            self.broadcast_seconds += time.perf_counter() - start
-            self.broadcasts += 1
+            self.handoff_us.append(1e6 * (time.perf_counter() - start))
             return self.run_forward(batch)
         except Exception as exc:
             raise CollectiveFailed(f"a tensor-parallel step failed on rank 0: {type(exc).__name__}: {exc}") from exc
