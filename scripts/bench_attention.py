@@ -83,10 +83,9 @@ def run_case(name: str, prefix: list[int], extend: list[int], args, kind: str, p
                 kv_data_type=kv_dtype,
             )
     else:
-        # The Triton kernel's reference runs on tensor cores: flashinfer's CUDA-core decode has no group of 7
-        # query heads a KV head (Qwen2.5-0.5B's: "Unsupported group_size", lease K).
-        tensor_cores = backend in ("tc", "triton")
-        wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace, "NHD", use_tensor_cores=tensor_cores)
+        # Triton's reference on tensor cores: the CUDA-core decode has no group of 7 (Qwen2.5-0.5B's, lease K)
+        tc = backend in ("tc", "triton")
+        wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace, "NHD", use_tensor_cores=tc)
 
         def plan():
             wrapper.plan(kv_indptr, indices, last, hq, hkv, d, page, q_data_type=torch.bfloat16, kv_data_type=kv_dtype)

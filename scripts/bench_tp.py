@@ -149,15 +149,7 @@ def harness(spec: dict[str, Any]) -> dict[str, Any]:
     tp, _ = start_tensor_parallel(args, Endpoints.in_dir(ipc_dir))
     runner = ModelRunner(args, tp)
     step = _decoder(runner, batch, context)
-    times = []
-    for i in range(steps + 5):
-        if i == 5:
-            runner.handoff_us.clear()  # the prefill steps' and the first decode steps' hand-offs
-        start = time.perf_counter()
-        step()
-        if i >= 5:
-            times.append(time.perf_counter() - start)
-    handoffs = sorted(runner.handoff_us) or [0.0]  # rank 0's, in the timed steps (none at TP=1)
+    times, handoffs = _time_steps(runner, step, steps)
     result = {
         **spec,
         "step_ms_median": 1e3 * statistics.median(times),
@@ -183,6 +175,20 @@ def harness(spec: dict[str, Any]) -> dict[str, Any]:
     if runner.device.type == "cuda":
         result["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated(runner.device) / 2**30
     return result
+
+
+def _time_steps(runner, step, steps: int) -> tuple[list[float], list[float]]:
+    """Seconds of each of `steps` decode steps after 5 untimed, and rank 0's hand-offs in them (µs, sorted;
+    [0.0] at TP=1): not the prefill steps' or the first ones', which carry one-time costs."""
+    for _ in range(5):
+        step()
+    runner.handoff_us.clear()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return times, sorted(runner.handoff_us) or [0.0]
 
 
 def _decoder(runner, batch: int, context: int):

@@ -33,12 +33,55 @@ from scheduler_proc.kv_pool import KVPool
 
 
 @triton.jit
+def _attend_slice(
+    q_rows,
+    kv_rows,
+    slots_of_seq,
+    lo,
+    hi,
+    scale,
+    GROUP_PAD: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    PREFETCH_SLOTS: tl.constexpr,
+):
+    """The query rows against the KV of the sequence's slots lo..hi, with an online softmax: (running max,
+    running sum, unnormalised output). kv_rows: the pools, the row stride and this KV head's offset."""
+    k_pool, v_pool, pool_stride_s, head_offset = kv_rows
+    m_i = tl.full([GROUP_PAD], -float("inf"), tl.float32)
+    l_i = tl.zeros([GROUP_PAD], tl.float32)
+    acc = tl.zeros([GROUP_PAD, D], tl.float32)
+    n = tl.arange(0, BLOCK_N)
+    d = tl.arange(0, D)
+    if PREFETCH_SLOTS:  # each block's slots read one block ahead: its K and V loads need not wait for them
+        next_slots = tl.load(slots_of_seq + lo + n, mask=lo + n < hi, other=0)
+    for n0 in range(lo, hi, BLOCK_N):
+        valid = n0 + n < hi
+        if PREFETCH_SLOTS:
+            slots = next_slots.to(tl.int64)
+            next_slots = tl.load(slots_of_seq + n0 + BLOCK_N + n, mask=n0 + BLOCK_N + n < hi, other=0)
+        else:
+            slots = tl.load(slots_of_seq + n0 + n, mask=valid, other=0).to(tl.int64)
+        rows = slots[:, None] * pool_stride_s + head_offset + d[None, :]
+        k = tl.load(k_pool + rows, mask=valid[:, None], other=0.0).to(q_rows.dtype)
+        scores = tl.dot(q_rows, tl.trans(k)) * scale  # scale: sm_scale * k_scale
+        scores = tl.where(valid[None, :], scores, -float("inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, 1))
+        p = tl.exp(scores - m_new[:, None])
+        alpha = tl.exp(m_i - m_new)
+        v = tl.load(v_pool + rows, mask=valid[:, None], other=0.0).to(q_rows.dtype)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        m_i = m_new
+    return m_i, l_i, acc
+
+
+@triton.jit
 def _split_kv(
     q,
     k_pool,
     v_pool,
     slot_table,
-    table_stride,
     req_rows,
     seq_lens,
     max_len,
@@ -51,6 +94,7 @@ def _split_kv(
     out_stride_h,
     pool_stride_s,
     pool_stride_h,
+    table_stride,
     scale,
     v_scale,
     GROUP: tl.constexpr,
@@ -79,30 +123,8 @@ def _split_kv(
     )
     if F16_DOTS:  # FP8 KV: e4m3 converts to fp16 in one instruction a pair, to bf16 in several
         q_rows = tl.minimum(tl.maximum(q_rows.to(tl.float32), -65504.0), 65504.0).to(tl.float16)
-    m_i = tl.full([GROUP_PAD], -float("inf"), tl.float32)
-    l_i = tl.zeros([GROUP_PAD], tl.float32)
-    acc = tl.zeros([GROUP_PAD, D], tl.float32)
-    n = tl.arange(0, BLOCK_N)
-    if PREFETCH_SLOTS:  # each block's slots read one block ahead: its K and V loads need not wait for them
-        next_slots = tl.load(slots_of_seq + lo + n, mask=lo + n < hi, other=0)
-    for n0 in range(lo, hi, BLOCK_N):
-        valid = n0 + n < hi
-        if PREFETCH_SLOTS:
-            slots = next_slots.to(tl.int64)
-            next_slots = tl.load(slots_of_seq + n0 + BLOCK_N + n, mask=n0 + BLOCK_N + n < hi, other=0)
-        else:
-            slots = tl.load(slots_of_seq + n0 + n, mask=valid, other=0).to(tl.int64)
-        rows = slots[:, None] * pool_stride_s + h * pool_stride_h + d[None, :]
-        k = tl.load(k_pool + rows, mask=valid[:, None], other=0.0).to(q_rows.dtype)
-        scores = tl.dot(q_rows, tl.trans(k)) * scale  # scale: sm_scale * k_scale
-        scores = tl.where(valid[None, :], scores, -float("inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, 1))
-        p = tl.exp(scores - m_new[:, None])
-        alpha = tl.exp(m_i - m_new)
-        v = tl.load(v_pool + rows, mask=valid[:, None], other=0.0).to(q_rows.dtype)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        m_i = m_new
+    kv_rows = k_pool, v_pool, pool_stride_s, h * pool_stride_h
+    m_i, l_i, acc = _attend_slice(q_rows, kv_rows, slots_of_seq, lo, hi, scale, GROUP_PAD, D, BLOCK_N, PREFETCH_SLOTS)
     # A split past a short sequence's end holds no token: weight zero in stage 2 (its lse is -inf).
     has = l_i > 0
     o = tl.where(has[:, None], acc / tl.where(has, l_i, 1.0)[:, None] * v_scale, 0.0)
@@ -172,35 +194,12 @@ def decode_attention(
     if splits > 1:
         partial = torch.empty(batch * num_q_heads * splits, dim, dtype=torch.float32, device=q.device)
         lse = torch.empty(batch * num_q_heads * splits, dtype=torch.float32, device=q.device)
+    tensors = (q, k_pool, v_pool, slot_table, req_rows, seq_lens, max_len, partial, lse, out)
+    strides = (q.stride(0), q.stride(1), out.stride(0), out.stride(1), *k_pool.stride()[:2], slot_table.stride(0))
+    shape = dict(GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), D=dim, BLOCK_N=block_n, SPLITS=splits)
+    variant = dict(F16_DOTS=fp8_in_f16 and k_pool.dtype == torch.float8_e4m3fn, PREFETCH_SLOTS=prefetch_slots)
     _split_kv[(batch, num_kv_heads, splits)](
-        q,
-        k_pool,
-        v_pool,
-        slot_table,
-        slot_table.stride(0),
-        req_rows,
-        seq_lens,
-        max_len,
-        partial,
-        lse,
-        out,
-        q.stride(0),
-        q.stride(1),
-        out.stride(0),
-        out.stride(1),
-        k_pool.stride(0),
-        k_pool.stride(1),
-        sm_scale * k_scale,
-        v_scale,
-        GROUP=group,
-        GROUP_PAD=max(16, triton.next_power_of_2(group)),
-        D=dim,
-        BLOCK_N=block_n,
-        SPLITS=splits,
-        F16_DOTS=fp8_in_f16 and k_pool.dtype == torch.float8_e4m3fn,
-        PREFETCH_SLOTS=prefetch_slots,
-        num_warps=num_warps,
-        num_stages=num_stages,
+        *tensors, *strides, sm_scale * k_scale, v_scale, **shape, **variant, num_warps=num_warps, num_stages=num_stages
     )
     if splits > 1:
         _merge_splits[(batch, num_q_heads)](partial, lse, out, out.stride(0), out.stride(1), D=dim, SPLITS=splits)
