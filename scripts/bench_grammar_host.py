@@ -80,12 +80,17 @@ def main() -> None:
         "accept_ms": {str(k): 1e3 * v / per_way for k, v in accept_s.items()},
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
-    print(f"{args.rows} JSON-schema matchers, {row['cores']} cores: ms per step")
+    _report(row, args.result_file)
+
+
+def _report(row: dict, result_file: str | None) -> None:
+    """The table of fill and accept ms per step by thread count; the JSON line to result_file."""
+    print(f"{row['rows']} JSON-schema matchers, {row['cores']} cores: ms per step")
     print(f"{'threads':<10}{'fill':>8}{'accept':>8}")
-    for k in fills:
-        print(f"{k:<10}{row['fill_ms'][str(k)]:>8.2f}{row['accept_ms'][str(k)]:>8.2f}")
-    if args.result_file:
-        with open(args.result_file, "a") as f:
+    for k in row["fill_ms"]:
+        print(f"{k:<10}{row['fill_ms'][k]:>8.2f}{row['accept_ms'][k]:>8.2f}")
+    if result_file:
+        with open(result_file, "a") as f:
             f.write(json.dumps(row) + "\n")
 
 
