@@ -185,6 +185,7 @@ class ModelRunner:
             "hidden_size": self.shape.hidden_size,
             "num_layers": self.shape.num_layers,
             "attention_backend": type(self.attention).__name__,
+            "decode_attention_backend": self.attention.decode_kernel,
             "cuda_graph_batch_sizes": self.graphs.sizes if self.graphs is not None else [],
         }
 

@@ -23,6 +23,8 @@ class LayerAttention:
 
 
 class AttentionBackend(ABC):
+    decode_kernel = "torch"  # what runs decode steps (server info "decode_attention_backend")
+
     def __init__(self, pool: KVPool, layers: Optional[list[LayerAttention]] = None) -> None:
         self.pool = pool
         self.layers = layers or [LayerAttention()] * pool.k_buffer.shape[0]

@@ -85,6 +85,7 @@ class FlashInferBackend(AttentionBackend):
         self.graph_indices: torch.Tensor | None = None  # shared by every captured batch size
         self.triton = TritonDecoder(pool, head_dim, self.layers) if triton_decode else None
         self.triton_step = False  # this step decodes on self.triton
+        self.decode_kernel = "triton" if triton_decode else "flashinfer"
         self.active = self.decode
         self.out_cache_loc: torch.Tensor | None = None
         self.ones = torch.ones(pool.max_requests + 1024, dtype=torch.int32, pin_memory=True)

@@ -91,5 +91,6 @@ def test_greedy_tokens_equal_hf(family):
     kind, model_dir, expected = family
     tp_size = 2 if kind in MIXTURES else 1  # the experts sharded over two ranks (tp_size=1: test_moe.py)
     with Engine(model_dir, tp_size=tp_size, **SMALL) as engine:
-        assert engine.get_server_info()["tp_size"] == tp_size
+        info = engine.get_server_info()
+        assert info["tp_size"] == tp_size and info["decode_attention_backend"] == "torch"  # on the CPU
         _check(engine, expected)

@@ -54,7 +54,8 @@ def test_cuda_graph_decode_equals_eager_and_batch_invariance():
     prompts = [[rng.randint(0, 10000) for _ in range(rng.randint(16, 200))] for _ in range(64)]
     params = {"temperature": 0, "max_new_tokens": 32, "ignore_eos": True}
     with random_engine() as engine:
-        assert engine.get_server_info()["cuda_graph_batch_sizes"]
+        info = engine.get_server_info()
+        assert info["cuda_graph_batch_sizes"] and info["decode_attention_backend"] == "triton"  # the default
         batched = [o["output_ids"] for o in engine.generate(input_ids=prompts, sampling_params=params)]
         alone = [engine.generate(input_ids=p, sampling_params=params)["output_ids"] for p in prompts]
     with random_engine(disable_cuda_graph=True) as engine:
