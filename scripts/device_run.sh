@@ -10,6 +10,7 @@ if [ -d .fi_cache/smollm_tok ]; then mkdir -p ~/.cache/ferry/models && cp -r .fi
 # set, loaded without a build: the whole JIT cache with its build objects is over what a call brings back.
 AOT=/tmp/site/flashinfer/data/aot
 mkdir -p $AOT
+export FERRY_FLASHINFER_AOT=$AOT  # the peer's flashinfer reads it too (scripts/peer_shim/flashinfer_jit_cache)
 if compgen -G ".fi_cache/fi_aot.tgz.*" >/dev/null; then cat .fi_cache/fi_aot.tgz.* | tar -xzf - -C $AOT; fi
 # FERRY_SRC: a clean export of one commit to run (the working tree may hold others' work in progress).
 (cd "${FERRY_SRC:-.}" && PYTHONPATH=/tmp/site:$PWD "$@")
