@@ -85,13 +85,16 @@ class FlashInferBackend(AttentionBackend):
         self.graph_indices: torch.Tensor | None = None  # shared by every captured batch size
         self.triton = TritonDecoder(pool, head_dim, self.layers) if triton_decode else None
         self.triton_step = False  # this step decodes on self.triton
-        self.decode_kernel = "triton" if triton_decode else "flashinfer"
         self.active = self.decode
         self.out_cache_loc: torch.Tensor | None = None
         self.ones = torch.ones(pool.max_requests + 1024, dtype=torch.int32, pin_memory=True)
         # A plan writes flashinfer's pinned staging buffer and queues its copy to the device; the next plan
         # must not rewrite that buffer before the copy has run.
         self.planned = torch.cuda.Event()
+
+    @property
+    def decode_kernel(self) -> str:
+        return "triton" if self.triton is not None else "flashinfer"
 
     # ---- planning ----
 
