@@ -11,6 +11,6 @@ get() {
     --platform any -d .whl "$@"
 }
 get flashinfer-python==0.5.3 apache-tvm-ffi nvidia-cudnn-frontend
-get pyzmq msgspec uvloop gguf tqdm pillow
+get pyzmq msgspec gguf  # the device image has uvloop, tqdm and pillow
 get xgrammar pydantic pydantic-core annotated-types typing-inspection  # structured output (json_schema, regex, ebnf)
 ls -la .whl

@@ -123,3 +123,15 @@ def mean_logprob_gap(prompts, runs, scores) -> float:
     for prompt, (_, logprobs), scored in zip(prompts, runs, scores):
         gaps += [abs(a - b) for a, b in zip(logprobs, scored[len(prompt) - 1 :])]
     return sum(gaps) / len(gaps)
+
+
+def first_divergence_gaps(a: list[dict], b: list[dict]) -> list[float]:
+    """For each pair of runs of one request that differ: the smaller top-2 logprob gap of the two runs at
+    the first token where they part (small: a bf16 near-tie that other batch shapes may flip)."""
+    gaps = []
+    for x, y in zip(a, b):
+        at = next((i for i, (s, t) in enumerate(zip(x["output_ids"], y["output_ids"])) if s != t), None)
+        if at is not None:
+            tops = [o["meta_info"]["output_top_logprobs"][at] for o in (x, y)]
+            gaps.append(min(top[0][0] - top[1][0] for top in tops))
+    return gaps

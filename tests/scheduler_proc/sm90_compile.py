@@ -75,7 +75,8 @@ def _attention():
         for kv_dtype in (torch.bfloat16, torch.float8_e4m3fn):
             pool = torch.zeros(64, kv_heads, dim, dtype=kv_dtype)
             for splits in (None, 1):  # several splits and a merge; one split, written by the first kernel
-                decode_attention(q, pool, pool.clone(), table, rows, lens, dim**-0.5, splits=splits)
+                for order in (None, torch.tensor([1, 0])):  # batch order; longest first (the engine's)
+                    decode_attention(q, pool, pool.clone(), table, rows, lens, dim**-0.5, splits=splits, order=order)
             decode_attention(q, pool, pool.clone(), table, rows, lens, dim**-0.5, prefetch_slots=True)
             kv = torch.zeros(3, kv_heads, dim, dtype=kv_dtype)
             store_kv(kv, kv.clone(), pool, pool.clone(), torch.tensor([1, 2, 3]))

@@ -10,7 +10,14 @@ import pytest
 torch = pytest.importorskip("torch")
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
-from gpu_reference import hf_copy, peak_lm_head, prefill_logits, random_engine, runner_for  # noqa: E402
+from gpu_reference import (  # noqa: E402
+    first_divergence_gaps,
+    hf_copy,
+    peak_lm_head,
+    prefill_logits,
+    random_engine,
+    runner_for,
+)
 
 
 def _agreement(a, b) -> tuple[float, float]:
@@ -53,22 +60,21 @@ def test_cuda_graph_decode_equals_eager_and_batch_invariance():
     rng = random.Random(1)
     prompts = [[rng.randint(0, 10000) for _ in range(rng.randint(16, 200))] for _ in range(64)]
     params = {"temperature": 0, "max_new_tokens": 32, "ignore_eos": True}
+    logprobs = dict(return_logprob=True, top_logprobs_num=2)
     with random_engine() as engine:
         info = engine.get_server_info()
         assert info["cuda_graph_batch_sizes"] and info["decode_attention_backend"] == "triton"  # the default
-        batched = [o["output_ids"] for o in engine.generate(input_ids=prompts, sampling_params=params)]
-        alone = [engine.generate(input_ids=p, sampling_params=params)["output_ids"] for p in prompts]
+        batched = engine.generate(input_ids=prompts, sampling_params=params, **logprobs)
+        alone = [engine.generate(input_ids=p, sampling_params=params, **logprobs) for p in prompts]
     with random_engine(disable_cuda_graph=True) as engine:
-        eager = [o["output_ids"] for o in engine.generate(input_ids=prompts, sampling_params=params)]
-    tokens = sum(len(x) for x in batched)
-    graph_vs_eager = sum(a != b for x, y in zip(batched, eager) for a, b in zip(x, y)) / tokens
-    batch_vs_alone = sum(a != b for x, y in zip(batched, alone) for a, b in zip(x, y)) / tokens
-    first_divergence = sum(x != y for x, y in zip(batched, alone))
+        eager = engine.generate(input_ids=prompts, sampling_params=params, **logprobs)
+    graph_gaps, alone_gaps = first_divergence_gaps(batched, eager), first_divergence_gaps(batched, alone)
     print(
-        f"token mismatch: graph vs eager {graph_vs_eager:.2%}, batch vs alone {batch_vs_alone:.2%} "
-        f"({first_divergence}/64 sequences differ anywhere)"
+        f"sequences parting: graph vs eager {len(graph_gaps)}/64, batch vs alone {len(alone_gaps)}/64; top-2 "
+        f"logprob gaps where they part: {sorted(round(g, 4) for g in graph_gaps + alone_gaps)}"
     )
-    assert graph_vs_eager <= 0.02
-    # bf16 kernels tile differently at other batch sizes; a near-tie flips and the rest of that
-    # sequence follows, so count diverging sequences (the device showed 4 of 64).
-    assert first_divergence <= 8
+    # Other batch sizes run other GEMM tilings and, in the decode kernel, other KV splits: bf16 rounding
+    # flips near-ties of a random model (many), and the rest of that sequence follows. A parting where the
+    # top two tokens are clearly apart would be a real difference between the batched and the lone run.
+    assert all(gap < 0.1 for gap in graph_gaps + alone_gaps)
+    assert len(graph_gaps) <= 8

@@ -13,7 +13,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
-from gpu_reference import random_engine  # noqa: E402
+from gpu_reference import first_divergence_gaps, random_engine  # noqa: E402
 
 REGEX = r"[a-z]{3,8}-[0-9]{2,4}"
 SCHEMA = {
@@ -73,18 +73,6 @@ def _check(outputs: list[dict], kinds: list[str]) -> None:
             assert value["kind"] in ("cat", "dog", "bird") and 0 <= value["legs"] <= 8 and len(value["name"]) <= 10
 
 
-def _first_divergences(a: list[dict], b: list[dict]) -> list[float]:
-    """For each pair of runs of one request that differ: the smaller top-2 logprob gap of the two runs at
-    the first token where they part (small: a bf16 near-tie that other batch shapes may flip)."""
-    gaps = []
-    for x, y in zip(a, b):
-        at = next((i for i, (s, t) in enumerate(zip(x["output_ids"], y["output_ids"])) if s != t), None)
-        if at is not None:
-            tops = [o["meta_info"]["output_top_logprobs"][at] for o in (x, y)]
-            gaps.append(min(top[0][0] - top[1][0] for top in tops))
-    return gaps
-
-
 def test_constrained_decode_through_cuda_graphs_equals_eager():
     rng = random.Random(3)
     prompts = [[rng.randint(0, 10000) for _ in range(rng.randint(16, 200))] for _ in range(48)]
@@ -104,7 +92,7 @@ def test_constrained_decode_through_cuda_graphs_equals_eager():
         _check(outputs, kinds)
     # Requests finish at different steps, so graph (padded to a captured size) and eager steps run other
     # GEMM shapes whose bf16 rounding flips near-ties of a random model: every parting must be one.
-    gaps = _first_divergences(graphs, eager)
+    gaps = first_divergence_gaps(graphs, eager)
     stopped = sum(o["meta_info"]["finish_reason"]["type"] == "stop" for o, k in zip(graphs, kinds) if k == "json")
     print(f"constrained graph vs eager: {len(gaps)}/48 part, top-2 gaps there {sorted(gaps)}; json stops {stopped}")
     assert all(gap < 0.1 for gap in gaps)

@@ -63,6 +63,8 @@ def test_equals_attention_over_the_same_slots(num_q_heads, num_kv_heads, dim, sp
     ours = decode_attention(*loose_args)
     assert torch.allclose(ours, expected, atol=2e-5, rtol=1e-4), (ours - expected).abs().max()
     assert torch.equal(decode_attention(*loose_args, prefetch_slots=True), ours)  # slots read a block ahead
+    longest_first = torch.argsort(seq_lens, descending=True)  # programs started in another order, same sums
+    assert torch.equal(decode_attention(*loose_args, order=longest_first), ours)
 
 
 def test_a_strided_query_as_the_qkv_projection_gives_it():
@@ -118,4 +120,4 @@ def test_the_decoder_reads_req_to_token_eager_and_from_graph_buffers_with_paddin
     padded = decoder.attend(torch.cat([q, torch.randn(1, 4, 32, generator=gen)]), 1)
     assert torch.equal(padded[:3], eager[1]) and padded[3].isfinite().all()
     assert decoder.graph_rows[:4].tolist() == rows + [0] and decoder.graph_lens[:4].tolist() == lengths + [1]
-    assert decoder.graph_max.tolist() == [17]
+    assert decoder.graph_max.tolist() == [17] and decoder.graph_order[:4].tolist() == [2, 0, 1, 3]

@@ -47,7 +47,7 @@ def moe_align_block_size(
         sorted_ids.fill_(slots)
     sorted_ids[(ends - padded)[by_expert] + rank] = order.to(sorted_ids.dtype)
     num_tokens_post_pad.copy_(ends[-1:])
-    cumsum_buffer[0] = 0
+    cumsum_buffer[:1].zero_()  # no host scalar: the call is captured in CUDA graphs
     cumsum_buffer[1 : num_experts + 1].copy_(ends)
     block_starts = torch.arange(expert_ids.numel(), device=ids.device) * block_size
     expert_ids.copy_(torch.searchsorted(ends, block_starts, right=True).clamp_(max=num_experts - 1))
