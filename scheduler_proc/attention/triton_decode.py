@@ -172,7 +172,7 @@ def decode_attention(
     splits: Optional[int] = None,
     block_n: int = 64,
     num_warps: int = 4,
-    num_stages: int = 2,
+    num_stages: Optional[int] = None,
     fp8_in_f16: bool = True,
     prefetch_slots: bool = False,
     order: Optional[torch.Tensor] = None,
@@ -183,16 +183,19 @@ def decode_attention(
     least the longest of seq_lens (default: their maximum). splits: slices of the longest sequence worked on
     apart, the others cut into slices as long (default: enough programs to fill an H200's 132 SMs about four
     times over); block_n, num_warps, num_stages: the first kernel's tiling (scripts/bench_attention.py times
-    several). fp8_in_f16: over an FP8 pool, the dot products in fp16 (which holds every e4m3 value exactly,
-    and the query clamped to its range) rather than in q's dtype. prefetch_slots: each block's slot indices
-    read during the block before (timed by scripts/bench_attention.py). order: the batch's indices by
-    descending seq_lens, to start the longest sequences' programs first (default: batch order; the engine
-    passes a stable sort's: Qwen3-0.6B `nanovllm` decode 5% faster on the H200, equal lengths unchanged)."""
+    several; num_stages default: three buffers of K and V blocks where head_dim <= 128, else two).
+    fp8_in_f16: over an FP8 pool, the dot products in fp16 (which holds every e4m3 value exactly, and the
+    query clamped to its range) rather than in q's dtype. prefetch_slots: each block's slot indices read
+    during the block before (timed by scripts/bench_attention.py). order: the batch's indices by descending
+    seq_lens, to start the longest sequences' programs first (default: batch order; the engine passes a
+    stable sort's: Qwen3-0.6B `nanovllm` decode 5% faster on the H200, equal lengths unchanged)."""
     batch, num_q_heads, dim = q.shape
     num_kv_heads = k_pool.shape[1]
     group = num_q_heads // num_kv_heads
     assert q.stride(2) == 1 and k_pool.stride(2) == 1 and k_pool.stride() == v_pool.stride()
     assert slot_table.stride(1) == 1
+    if num_stages is None:  # H200, Qwen3-0.6B's heads: 2-24% less time than two (bench_attention, lease L)
+        num_stages = 3 if dim <= 128 else 2
     if splits is None:
         splits = triton.next_power_of_2(max(1, min(16, triton.cdiv(528, max(1, batch * num_kv_heads)))))
     out = torch.empty_like(q)
