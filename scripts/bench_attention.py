@@ -162,7 +162,6 @@ def _triton_decode(q, k, v, kv_indptr, indices, reference):
     split = [(_median_us(call(*best, n)), (*best, n), call(*best, n)) for n in _TRITON_SPLITS]
     print(f"    triton splits at {best}: " + ", ".join(f"{t[-1]}: {us:.1f} us" for us, t, _ in split))
     variants = {
-        "slots read a block ahead": dict(prefetch_slots=True),
         "longest sequences first (the engine's order)": dict(order=torch.argsort(seq_lens, descending=True)),
     }
     if pool_k.dtype == torch.float8_e4m3fn:

@@ -43,7 +43,6 @@ def _attend_slice(
     GROUP_PAD: tl.constexpr,
     D: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    PREFETCH_SLOTS: tl.constexpr,
 ):
     """The query rows against the KV of the sequence's slots lo..hi, with an online softmax: (running max,
     running sum, unnormalised output). kv_rows: the pools, the row stride and this KV head's offset."""
@@ -53,15 +52,9 @@ def _attend_slice(
     acc = tl.zeros([GROUP_PAD, D], tl.float32)
     n = tl.arange(0, BLOCK_N)
     d = tl.arange(0, D)
-    if PREFETCH_SLOTS:  # each block's slots read one block ahead: its K and V loads need not wait for them
-        next_slots = tl.load(slots_of_seq + lo + n, mask=lo + n < hi, other=0)
     for n0 in range(lo, hi, BLOCK_N):
         valid = n0 + n < hi
-        if PREFETCH_SLOTS:
-            slots = next_slots.to(tl.int64)
-            next_slots = tl.load(slots_of_seq + n0 + BLOCK_N + n, mask=n0 + BLOCK_N + n < hi, other=0)
-        else:
-            slots = tl.load(slots_of_seq + n0 + n, mask=valid, other=0).to(tl.int64)
+        slots = tl.load(slots_of_seq + n0 + n, mask=valid, other=0).to(tl.int64)
         rows = slots[:, None] * pool_stride_s + head_offset + d[None, :]
         k = tl.load(k_pool + rows, mask=valid[:, None], other=0.0).to(q_rows.dtype)
         scores = tl.dot(q_rows, tl.trans(k)) * scale  # scale: sm_scale * k_scale
@@ -104,7 +97,6 @@ def _split_kv(
     BLOCK_N: tl.constexpr,
     SPLITS: tl.constexpr,
     F16_DOTS: tl.constexpr,
-    PREFETCH_SLOTS: tl.constexpr,
     ORDERED: tl.constexpr,
 ):
     # Programs start in the order of their ids, heads fastest: a sequence's heads read neighbouring bytes of
@@ -131,7 +123,7 @@ def _split_kv(
     if F16_DOTS:  # FP8 KV: e4m3 converts to fp16 in one instruction a pair, to bf16 in several
         q_rows = tl.minimum(tl.maximum(q_rows.to(tl.float32), -65504.0), 65504.0).to(tl.float16)
     kv_rows = k_pool, v_pool, pool_stride_s, h * pool_stride_h
-    m_i, l_i, acc = _attend_slice(q_rows, kv_rows, slots_of_seq, lo, hi, scale, GROUP_PAD, D, BLOCK_N, PREFETCH_SLOTS)
+    m_i, l_i, acc = _attend_slice(q_rows, kv_rows, slots_of_seq, lo, hi, scale, GROUP_PAD, D, BLOCK_N)
     # A split past a short sequence's end holds no token: weight zero in stage 2 (its lse is -inf).
     has = l_i > 0
     o = tl.where(has[:, None], acc / tl.where(has, l_i, 1.0)[:, None] * v_scale, 0.0)
@@ -174,7 +166,6 @@ def decode_attention(
     num_warps: int = 4,
     num_stages: Optional[int] = None,
     fp8_in_f16: bool = True,
-    prefetch_slots: bool = False,
     order: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Attention of one query token per sequence: q [B, Hq, D] against the KV pool [slots, Hkv, D] (bf16, or
@@ -185,8 +176,7 @@ def decode_attention(
     times over); block_n, num_warps, num_stages: the first kernel's tiling (scripts/bench_attention.py times
     several; num_stages default: three buffers of K and V blocks where head_dim <= 128, else two).
     fp8_in_f16: over an FP8 pool, the dot products in fp16 (which holds every e4m3 value exactly, and the
-    query clamped to its range) rather than in q's dtype. prefetch_slots: each block's slot indices read
-    during the block before (timed by scripts/bench_attention.py). order: the batch's indices by descending
+    query clamped to its range) rather than in q's dtype. order: the batch's indices by descending
     seq_lens, to start the longest sequences' programs first (default: batch order; the engine passes a
     stable sort's: Qwen3-0.6B `nanovllm` decode 5% faster on the H200, equal lengths unchanged)."""
     batch, num_q_heads, dim = q.shape
@@ -211,8 +201,7 @@ def decode_attention(
     tensors += (partial, lse, out)
     strides = (q.stride(0), q.stride(1), out.stride(0), out.stride(1), *k_pool.stride()[:2], slot_table.stride(0))
     shape = dict(GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), D=dim, BLOCK_N=block_n, SPLITS=splits)
-    variant = dict(F16_DOTS=fp8_in_f16 and k_pool.dtype == torch.float8_e4m3fn, PREFETCH_SLOTS=prefetch_slots)
-    variant["ORDERED"] = order is not None
+    variant = dict(F16_DOTS=fp8_in_f16 and k_pool.dtype == torch.float8_e4m3fn, ORDERED=order is not None)
     _split_kv[(num_kv_heads, batch, splits)](
         *tensors, *strides, sm_scale * k_scale, v_scale, **shape, **variant, num_warps=num_warps, num_stages=num_stages
     )

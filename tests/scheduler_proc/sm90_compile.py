@@ -77,7 +77,6 @@ def _attention():
             for splits in (None, 1):  # several splits and a merge; one split, written by the first kernel
                 for order in (None, torch.tensor([1, 0])):  # batch order; longest first (the engine's)
                     decode_attention(q, pool, pool.clone(), table, rows, lens, dim**-0.5, splits=splits, order=order)
-            decode_attention(q, pool, pool.clone(), table, rows, lens, dim**-0.5, prefetch_slots=True)
             kv = torch.zeros(3, kv_heads, dim, dtype=kv_dtype)
             store_kv(kv, kv.clone(), pool, pool.clone(), torch.tensor([1, 2, 3]))
 
