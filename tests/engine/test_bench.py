@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 
-from engine.bench import main
+import pytest
+
+from engine.bench import main, make_workloads, parse_args, time_one
 from engine.bench_workloads import NAMED, nanovllm
 
 
@@ -39,6 +41,24 @@ def test_harness_runs_and_writes_a_json_line(tmp_path, capsys):
     assert row["ferry"]["output_tok_s"] > 0
     assert row["engine_settings"] == {"device": "cpu", "max_total_tokens": 2048}
     assert "output tok/s" in capsys.readouterr().out
+
+
+def test_one_engine_times_several_workloads_each_from_an_empty_prefix_cache():
+    from engine import Engine
+
+    args, settings = parse_args(["--num-prompts", "2", "--random-input-len", "40", "--random-output-len", "3"])
+    [work] = make_workloads(args)
+    with Engine(device="cpu", max_total_tokens=2048) as engine:
+        first, again = (time_one(engine, work, args, settings)["ferry"] for _ in range(2))
+    # The same prompts again: without the flush before each run, all but their last tokens come from the cache.
+    assert first["cached_tokens"] == again["cached_tokens"] == 0
+    assert first["output_tokens"] == again["output_tokens"] == 6
+
+
+def test_workload_names_are_checked():
+    assert parse_args(["--workload", "nanovllm,512x256"])[0].workload == ["nanovllm", "512x256"]
+    with pytest.raises(SystemExit):
+        parse_args(["--workload", "nanovllm,bogus"])
 
 
 def test_the_floor_of_a_mixture_of_experts_counts_the_experts_a_step_reads():
