@@ -1,13 +1,22 @@
 #!/usr/bin/env bash
 # The benchmark rows of docs/benchmarks.md, run on the device (inside scripts/device_run.sh).
-# Usage: bash scripts/device_bench.sh <set> ; sets: small (Qwen2.5-0.5B), qwen3 (Qwen3-0.6B), large
+# Usage: bash scripts/device_bench.sh <set> ; sets: cells (issue 18's nine cells: the three models, each on one
+# engine timing its three workloads, ~255 s on an H200), small (Qwen2.5-0.5B), qwen3 (Qwen3-0.6B), large
 # (Llama-3.1-8B), prefix (radix cache on/off), overlap (Qwen2.5-0.5B nanovllm with and without overlap),
-# moe (the fused MoE layer against the per-expert loop, then Qwen3-30B-A3B on the three workloads)
+# moe (the fused MoE layer against the per-expert loop, then Qwen3-30B-A3B on the three workloads).
+# The peer's nine cells in the same lease, in a call of their own (~300 s; its first model compiles and
+# captures for 90-150 s, so keep less back for the later two than device_peer.sh's default 210 s each):
+#   PEER_BUDGET_S=560 PEER_RESERVE_S=110 bash .peer/device_peer.sh qwen3-0.6b qwen2.5-0.5b llama-3.1-8b
 set -u
 out=${OUT:-/tmp}/bench.jsonl
 bench() { timeout 300 python3 scripts/bench_offline_throughput.py --load-format dummy --context-length 4096 \
-    --result-file "$out" --tag "$TAG" "$@" 2>"${OUT:-/tmp}/last_err.log" | tail -4 || tail -20 "${OUT:-/tmp}/last_err.log"; }
+    --result-file "$out" --tag "${TAG:-}" "$@" 2>"${OUT:-/tmp}/last_err.log" | tail -30 || tail -20 "${OUT:-/tmp}/last_err.log"; }
 case "$1" in
+  cells)
+    for model in qwen3-0.6b qwen2.5-0.5b llama-3.1-8b; do
+      bench --model-path configs/$model --workload nanovllm,512x256,decode-heavy --roofline --profile-steps 100000 \
+        --cuda-graph-max-bs 512
+    done ;;
   small)
     bench --model-path configs/qwen2.5-0.5b --workload 512x256 --roofline --baseline hf
     bench --model-path configs/qwen2.5-0.5b --workload nanovllm --roofline --baseline hf
