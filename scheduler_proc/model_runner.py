@@ -113,7 +113,7 @@ class ModelRunner:
         if not isinstance(self.attention, FlashInferBackend):
             logger.warning("CUDA graphs need the flashinfer attention backend; decoding eagerly")
             return None
-        max_bs = min(self.args.cuda_graph_max_bs, self.pool.max_requests)
+        max_bs = min(self.args.cuda_graph_max_bs or self.pool.max_requests, self.pool.max_requests)
         with torch.inference_mode():
             return CudaGraphRunner(self.model, self.attention, max_bs)
 

@@ -12,6 +12,11 @@ AOT=/tmp/site/flashinfer/data/aot
 mkdir -p $AOT
 export FERRY_FLASHINFER_AOT=$AOT  # the peer's flashinfer reads it too (scripts/peer_shim/flashinfer_jit_cache)
 if compgen -G ".fi_cache/fi_aot.tgz.*" >/dev/null; then cat .fi_cache/fi_aot.tgz.* | tar -xzf - -C $AOT; fi
+# Triton's compiled kernels travel too (copy $OUT/triton.tgz.* over .fi_cache/ as well): a fresh machine
+# otherwise compiles every variant again, in its first engine start and in each first graph capture.
+export TRITON_CACHE_DIR=/tmp/triton_cache
+mkdir -p $TRITON_CACHE_DIR
+if compgen -G ".fi_cache/triton.tgz.*" >/dev/null; then cat .fi_cache/triton.tgz.* | tar -xzf - -C $TRITON_CACHE_DIR; fi
 # FERRY_SRC: a clean export of one commit to run (the working tree may hold others' work in progress).
 (cd "${FERRY_SRC:-.}" && PYTHONPATH=/tmp/site:$PWD "$@")
 status=$?
@@ -21,4 +26,7 @@ for so in ~/.cache/flashinfer/*/*/cached_ops/*/*.so; do
   [ -f "$so" ] && mkdir -p "$AOT/$(basename "$so" .so)" && cp "$so" "$AOT/$(basename "$so" .so)/"
 done
 if [ -n "${OUT:-}" ] && [ -n "$(ls -A $AOT)" ]; then tar -czf - -C $AOT . | split -b 15m - "$OUT/fi_aot.tgz."; fi
+if [ -n "${OUT:-}" ] && [ -n "$(ls -A $TRITON_CACHE_DIR)" ]; then
+  tar -czf - -C $TRITON_CACHE_DIR . | split -b 15m - "$OUT/triton.tgz."
+fi
 exit $status

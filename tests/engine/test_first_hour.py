@@ -87,3 +87,11 @@ def test_the_triton_decode_kernel_is_asked_for_where_it_can_run():
     with pytest.raises(ValueError, match="decode_attention_backend='triton' needs the GPU"):
         EngineArgs(decode_attention_backend="triton", attention_backend="torch").resolve()
     assert EngineArgs(decode_attention_backend="flashinfer").resolve().decode_attention_backend == "flashinfer"
+
+
+def test_cuda_graph_max_bs_is_a_positive_int_or_none():
+    EngineArgs(cuda_graph_max_bs=None).validate()  # None: graphs up to max_running_requests
+    EngineArgs(cuda_graph_max_bs=512).validate()
+    for bad in (0, -1, True, 2.5, "256"):
+        with pytest.raises(ValueError, match="cuda_graph_max_bs must be a positive int or None"):
+            EngineArgs(cuda_graph_max_bs=bad).validate()
