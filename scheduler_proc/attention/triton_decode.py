@@ -69,6 +69,11 @@ def _attend_slice(
     return m_i, l_i, acc
 
 
+# Programs start in the order of their ids, heads fastest: a sequence's heads read neighbouring bytes of the
+# same slots together. With ORDERED the sequences are taken longest first (order: indices by descending
+# length, equal lengths in batch order), so the last programs to start are the shortest. Every split of the
+# batch spans the same number of tokens (whole blocks), sized by the longest sequence: a short sequence has
+# fewer splits with work, not shorter ones, so programs take about equal time.
 @triton.jit
 def _split_kv(
     q,
@@ -99,9 +104,6 @@ def _split_kv(
     F16_DOTS: tl.constexpr,
     ORDERED: tl.constexpr,
 ):
-    # Programs start in the order of their ids, heads fastest: a sequence's heads read neighbouring bytes of
-    # the same slots together. With ORDERED the sequences are taken longest first (order: indices by
-    # descending length, equal lengths in batch order), so the last programs to start are the shortest.
     h = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     if ORDERED:
@@ -109,8 +111,6 @@ def _split_kv(
     split = tl.program_id(2)
     slots_of_seq = slot_table + tl.load(req_rows + b).to(tl.int64) * table_stride
     length = tl.load(seq_lens + b).to(tl.int32)
-    # Every split of the batch spans the same number of tokens (whole blocks), sized by the longest sequence:
-    # a short sequence has fewer splits with work, not shorter ones, so programs take about equal time.
     chunk = tl.cdiv(tl.cdiv(tl.load(max_len).to(tl.int32), SPLITS), BLOCK_N) * BLOCK_N
     lo = split * chunk
     hi = tl.minimum(lo + chunk, length)
