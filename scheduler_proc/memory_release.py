@@ -57,7 +57,10 @@ class MemoryOccupation:
                 for storage, _ in self.kv_sizes:
                     storage.resize_(0)
                 self.released.add("kv_cache")
-        gc.collect()  # nothing may keep a graph's pool alive past this point
+        # Nothing may keep a graph's pool alive past this point: start-up's graphs are in the frozen heap
+        # (freeze_startup_heap), which a collection does not look at until it is unfrozen.
+        gc.unfreeze()
+        gc.collect()
         if runner.device.type == "cuda":
             torch.cuda.empty_cache()
         freed = before - self._device_bytes()
@@ -93,6 +96,7 @@ class MemoryOccupation:
         only make sense with the weights and the KV cache, and come back with them)."""
         self.runner.recapture_graphs()  # None on CPU, or with CUDA graphs disabled
         self.released.discard("cuda_graph")
+        gc.freeze()  # the heap out of the collector's view again, as at start-up (release collected it)
         return "CUDA graphs captured" if self.runner.graphs is not None else "no CUDA graphs to capture"
 
     def _weights(self) -> list[torch.Tensor]:

@@ -20,6 +20,7 @@ from typing import Optional
 import zmq
 
 from engine.shared.args import EngineArgs
+from engine.shared.child_process import freeze_startup_heap
 from engine.shared.ipc import Endpoints
 from engine.shared.pooling import read_pooling_config
 from engine.shared.protocol import AbortRequest, ControlRequest, FinishReason, GenerateBatch
@@ -90,6 +91,7 @@ class Scheduler(ControlCalls):
     # ---- the loop ----
 
     def run_forever(self) -> None:
+        freeze_startup_heap()
         self.io.send_ready(self.server_info())
         while True:
             self.iterate()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import shutil
@@ -91,3 +92,12 @@ def watch_parent(parent_pid: int, ipc_dir: Optional[str]) -> None:
             time.sleep(0.25)
 
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def freeze_startup_heap() -> None:
+    """Collect start-up's garbage, then move every object left (modules, the model, CUDA graphs) out of the
+    collector's view, for a process about to enter its serving loop. Unfrozen, a full collection scans them
+    all: ~0.2 s a pause over ~400k objects, due every few thousand requests' allocations, while the device
+    waits (one of them fell inside a 2.2 s benchmark run)."""
+    gc.collect()
+    gc.freeze()

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import zmq
 
 from engine.shared.args import EngineArgs
-from engine.shared.child_process import run_child
+from engine.shared.child_process import freeze_startup_heap, run_child
 from engine.shared.ipc import Endpoints
 
 if TYPE_CHECKING:
@@ -52,6 +52,7 @@ def follow_rank0(runner: ModelRunner) -> None:
 
     tp = runner.tp
     trainer = TrainerOps(runner)  # this rank's weight updates and memory release
+    freeze_startup_heap()
     while True:
         packed = tp.broadcast_ints()
         command = int(packed[0])

@@ -4,6 +4,7 @@ retractions and aborts at each stage a request can be in."""
 
 from __future__ import annotations
 
+import gc
 import tempfile
 
 import msgspec
@@ -214,3 +215,28 @@ def test_a_request_that_does_not_stream_gets_its_whole_output_once_at_its_end(mo
     assert [t for _, t in whole] == [t for _, t in streamed] == out.ids["whole"]  # every step's logprobs kept
     assert [v for v, _ in whole] == pytest.approx([v for v, _ in streamed], abs=1e-4)  # one hit the prefix cache
     assert out.finish["whole"] == "length"
+
+
+class _StopLoop(Exception):
+    pass
+
+
+def test_the_loop_starts_with_the_start_up_heap_frozen(model_dir):
+    # A full collection would otherwise scan the model, the modules and everything else start-up made,
+    # ~0.2 s a pause while the device waits: the serving loop begins by moving them out of its view.
+    d = Driver(model_dir)
+    s = d.scheduler
+    in_view = lambda obj: any(o is obj for o in gc.get_objects())  # noqa: E731 (frozen objects are not listed)
+    assert in_view(s) and in_view(s.runner)
+    s.io.send_ready = lambda info: None  # no frontend here to take it
+
+    def stop() -> None:
+        raise _StopLoop
+
+    s.iterate = stop
+    try:
+        with pytest.raises(_StopLoop):
+            s.run_forever()
+        assert not in_view(s) and not in_view(s.runner) and gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()  # the rest of this test process collects as usual
