@@ -82,8 +82,12 @@ class KVPool:
         return self.k_buffer.dtype == FP8
 
     def set_kv_scales(self, scales: dict[int, list[float]]) -> None:
-        """A checkpoint's per-layer [k_scale, v_scale] (layers it does not list keep 1.0)."""
-        self.kv_scales = [tuple(scales.get(i, (1.0, 1.0))) for i in range(len(self.kv_scales))]
+        """A checkpoint's per-layer [k_scale, v_scale] (layers it does not list keep 1.0). They scale what
+        an FP8 pool stores; a bf16 pool stores keys and values as they are, so its scales stay 1.0 (the
+        Triton decode, which multiplies by them whatever the pool, read an FP8 checkpoint's 0.5 / 0.25
+        over a bf16 pool in lease N)."""
+        if self.is_fp8:
+            self.kv_scales = [tuple(scales.get(i, (1.0, 1.0))) for i in range(len(self.kv_scales))]
 
     def to_pool_dtype(self, x: torch.Tensor, scale: float) -> torch.Tensor:
         """Keys or values as the pool stores them: x itself, or x / scale in e4m3 in an FP8 pool."""
