@@ -84,9 +84,7 @@ class Scheduler(ControlCalls):
         self.trainer = TrainerOps(self.runner)  # weight updates and memory release, between steps
         checker, vocab_size = self.finish_checker, self.runner.shape.vocab_size
         self.grammars = GrammarQueue(checker.tokenizer, vocab_size, checker.eos_ids, args)
-        self.masks = TokenMasks(
-            self.pool.max_requests, self.grammars.token_vocab, self.runner.device, self.runner.shape.vocab_size
-        )
+        self.masks = TokenMasks(self.pool.max_requests, self.grammars.token_vocab, self.runner.device, vocab_size)
 
     # ---- the loop ----
 

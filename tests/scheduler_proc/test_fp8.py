@@ -216,9 +216,9 @@ def test_fp8_kv_pool_halves_bytes_and_stores_scaled_e4m3():
     assert pool.is_fp8 and pool.kv_scales == [(1.0, 1.0), (0.5, 0.25)]
     k = torch.randn(3, 2, 16)
     stored = pool.to_pool_dtype(k, 0.5)
+    assert stored.dtype == FP8 and torch.equal(stored.float(), (k / 0.5).to(FP8).float())
+    assert math.isclose(pool.bytes, 2 * 2 * 8 * 2 * 16)
     # A bf16 pool stores keys and values unscaled: an FP8 checkpoint's KV scales must not reach its readers.
     plain = KVPool(2, 8, 2, 16, torch.bfloat16, CPU, 2, 8)
     plain.set_kv_scales({1: [0.5, 0.25]})
     assert plain.kv_scales == [(1.0, 1.0), (1.0, 1.0)] and torch.equal(plain.to_pool_dtype(k, 0.5), k)
-    assert stored.dtype == FP8 and torch.equal(stored.float(), (k / 0.5).to(FP8).float())
-    assert math.isclose(pool.bytes, 2 * 2 * 8 * 2 * 16)
