@@ -38,6 +38,6 @@ case "$1" in
     bench --model-path configs/qwen3-30b-a3b --workload nanovllm --roofline
     bench --model-path configs/qwen3-30b-a3b --workload decode-heavy --roofline --cuda-graph-max-bs 512 ;;
   prefix)
-    bench --model-path configs/qwen2.5-0.5b --workload prefix
-    bench --model-path configs/qwen2.5-0.5b --workload prefix --disable-radix-cache ;;
+    bench --model-path configs/qwen2.5-0.5b --workload prefix --roofline --profile-steps 100000
+    bench --model-path configs/qwen2.5-0.5b --workload prefix --roofline --profile-steps 100000 --disable-radix-cache ;;
 esac
