@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Optional
 
 from scheduler_proc.cache_manager import PrefixMatch
@@ -45,21 +45,35 @@ def retraction_order(req: Request) -> tuple[int, int]:
     return (len(req.output_ids), -req.num_tokens)
 
 
-def waits_for_shared_prefix(req: Request, matched: int, prefilling: list[Request]) -> bool:
-    """Whether req should stay queued because a request now prefilling computes a longer prefix of
-    it than the cache holds: one step later that prefix is in the tree and req reuses it (the n > 1
-    samples of one prompt, requests arriving together with a shared system prompt)."""
-    limit = req.max_prefix_len()
-    if limit <= matched or not prefilling:
+class PrefillingRequests:
+    """The running requests still prefilling, by their first cache key: a waiting request can share a
+    prefix only with those starting as it does, so deciding whether it waits looks at few of them (the
+    `prefix` workload's admissions compared each waiting request with every prefilling one)."""
+
+    def __init__(self, reqs: Iterable[Request] = ()) -> None:
+        self._by_first: dict[int, list[Request]] = {}
+        for req in reqs:
+            self.add(req)
+
+    def add(self, req: Request) -> None:
+        if req.num_tokens:
+            self._by_first.setdefault(req.cache_tokens(0, 1)[0], []).append(req)
+
+    def worth_waiting_for(self, req: Request, matched: int) -> bool:
+        """Whether req should stay queued because a request now prefilling computes a longer prefix of
+        it than the cache holds: one step later that prefix is in the tree and req reuses it (the n > 1
+        samples of one prompt, requests arriving together with a shared system prompt)."""
+        limit = req.max_prefix_len()
+        if limit <= matched:
+            return False
+        ids = req.cache_tokens(0, limit)  # as the cache keys them: two images of one size share no prefix
+        for other in self._by_first.get(ids[0], ()):
+            if other.cache_tokens(matched, matched + 1) != ids[matched : matched + 1]:
+                continue  # it adds nothing past the cached prefix: no copy of its tokens to find that out
+            gain = common_prefix_len(other.cache_tokens(0, other.num_tokens), ids) - matched
+            if gain > 0 and gain >= min(_SHARED_PREFIX_MIN, limit - matched):
+                return True
         return False
-    ids = req.cache_tokens(0, limit)  # as the cache keys them: two images of one size share no prefix
-    for other in prefilling:
-        if other.cache_tokens(matched, matched + 1) != ids[matched : matched + 1]:
-            continue  # it adds nothing past the cached prefix: no copy of its tokens to find that out
-        gain = common_prefix_len(other.cache_tokens(0, other.num_tokens), ids) - matched
-        if gain > 0 and gain >= min(_SHARED_PREFIX_MIN, limit - matched):
-            return True
-    return False
 
 
 class NewTokenEstimate:

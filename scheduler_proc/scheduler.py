@@ -31,7 +31,7 @@ from scheduler_proc.grammar import GrammarQueue
 from scheduler_proc.grammar_mask import TokenMasks
 from scheduler_proc.in_flight import InFlight
 from scheduler_proc.model_runner import ModelRunner
-from scheduler_proc.policy import NewTokenEstimate, order_waiting, retraction_order, waits_for_shared_prefix
+from scheduler_proc.policy import NewTokenEstimate, PrefillingRequests, order_waiting, retraction_order
 from scheduler_proc.pooling import Pooler
 from scheduler_proc.radix_cache import create_prefix_cache
 from scheduler_proc.request import Request
@@ -197,7 +197,7 @@ class Scheduler(ControlCalls):
         if not self.waiting or budget <= 0 or self.pool.num_free_rows() == 0:
             return
         reserved = sum(self.estimate.reserved(r) for r in self.running)
-        prefilling = [r for r in self.running if r.prefilling]
+        prefilling = PrefillingRequests(r for r in self.running if r.prefilling)
         for req, match in order_waiting(self.waiting, self.args.schedule_policy, self.cache.match):
             if budget <= 0 or self.pool.num_free_rows() == 0:
                 break
@@ -209,7 +209,7 @@ class Scheduler(ControlCalls):
                 self.finish(req, FinishReason(type="abort", message=too_long))
                 continue
             match = match if match is not None else self.cache.match(req)
-            if self.cache.enabled and waits_for_shared_prefix(req, len(match), prefilling):
+            if self.cache.enabled and prefilling.worth_waiting_for(req, len(match)):
                 continue
             extend = req.num_tokens - len(match)
             if not self.chunking and entries and extend > budget:
@@ -230,7 +230,7 @@ class Scheduler(ControlCalls):
             budget -= n
             reserved += need
             if req.prefilling:
-                prefilling.append(req)
+                prefilling.add(req)
 
     # ---- memory pressure ----
 

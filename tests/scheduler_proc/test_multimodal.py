@@ -10,7 +10,7 @@ from engine.shared.protocol import Array, GenerateRequest, ImageInput
 from engine.shared.sampling import SamplingParams
 from scheduler_proc.forward_batch import ForwardBatch
 from scheduler_proc.multimodal import mrope_positions
-from scheduler_proc.policy import waits_for_shared_prefix
+from scheduler_proc.policy import PrefillingRequests
 from scheduler_proc.request import Request
 from scheduler_proc.step import attach_images
 
@@ -62,8 +62,8 @@ def test_image_tokens_are_keyed_by_their_pixels():
 def test_a_prefilling_request_with_another_image_is_not_worth_waiting_for():
     images = [image(2, 6, 6, 5)]  # 36 image tokens: more than the policy's minimum gain
     running = request("running", images, 48)
-    assert waits_for_shared_prefix(request("same image", images, 48), 0, [running])
-    assert not waits_for_shared_prefix(request("other image", [image(2, 6, 6, 6)], 48), 0, [running])
+    assert PrefillingRequests([running]).worth_waiting_for(request("same image", images, 48), 0)
+    assert not PrefillingRequests([running]).worth_waiting_for(request("other image", [image(2, 6, 6, 6)], 48), 0)
 
 
 def _batch(entries) -> ForwardBatch:

@@ -10,7 +10,7 @@ import torch
 from engine.shared.protocol import GenerateRequest
 from engine.shared.sampling import SamplingParams
 from scheduler_proc.cache_manager import PrefixMatch
-from scheduler_proc.policy import NewTokenEstimate, order_waiting, waits_for_shared_prefix
+from scheduler_proc.policy import NewTokenEstimate, PrefillingRequests, order_waiting
 from scheduler_proc.request import Request
 
 
@@ -46,17 +46,17 @@ def test_retracted_requests_go_first_under_lpm():
 def test_waits_for_a_sibling_prefilling_the_same_prompt():
     prompt = list(range(100, 150))
     first, sibling = make("first", prompt), make("sibling", prompt)
-    assert waits_for_shared_prefix(sibling, matched=0, prefilling=[first])
-    assert not waits_for_shared_prefix(sibling, matched=49, prefilling=[first])  # already cached
-    assert not waits_for_shared_prefix(sibling, matched=0, prefilling=[])
+    assert PrefillingRequests([first]).worth_waiting_for(sibling, 0)
+    assert not PrefillingRequests([first]).worth_waiting_for(sibling, 49)  # already cached
+    assert not PrefillingRequests([]).worth_waiting_for(sibling, 0)
 
 
 def test_does_not_wait_for_a_small_overlap():
     other = make("other", [7, 8] + list(range(200, 260)))
     req = make("req", [7, 8] + list(range(300, 360)))
-    assert not waits_for_shared_prefix(req, matched=0, prefilling=[other])
+    assert not PrefillingRequests([other]).worth_waiting_for(req, 0)
     short = make("short", [7, 8, 9])  # for a 3-token prompt, 2 shared tokens are everything cacheable
-    assert waits_for_shared_prefix(short, matched=0, prefilling=[other])
+    assert PrefillingRequests([other]).worth_waiting_for(short, 0)
 
 
 def test_estimate_decays_and_rises_after_retraction():
