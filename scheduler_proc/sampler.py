@@ -1,8 +1,9 @@
 """Batched sampling: every request's own parameters applied in one pass over the batch's logits.
 
-Parameters live in per-request-row tensors on the device, written once when a request is admitted,
-so a step only gathers rows. Randomness is a counter-based hash of (seed, position, token id): a
-request's samples depend on its seed and position alone, never on which batch it ran in.
+Parameters live in per-request-row tensors on the device, written once when a request is admitted (on
+the host, copied over before the next sampling), so a step only gathers rows. Randomness is a
+counter-based hash of (seed, position, token id): a request's samples depend on its seed and position
+alone, never on which batch it ran in.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Optional
 
+import numpy as np
 import torch
 
 from engine.shared.sampling import SamplingParams
@@ -34,24 +36,42 @@ class SamplingBatch:
     grammar_mask: Optional[StepMask] = None  # what the constrained rows' grammars allow (grammar_mask.py)
 
 
+def _device_row(index: int, ints: bool = False) -> property:
+    def read(self: SamplingState) -> torch.Tensor:
+        self._upload()
+        return (self._ints if ints else self._floats)[index]
+
+    return property(read)
+
+
 class SamplingState:
     """Sampling parameters per request row, and token counts for the penalties."""
+
+    _FLOATS = ("temperature", "top_p", "min_p", "frequency_penalty", "presence_penalty", "repetition_penalty")
+    _INTS = ("top_k", "seed")
+    # [max_requests] device tensors, current as of the last admission.
+    temperature = _device_row(0)
+    top_p = _device_row(1)
+    min_p = _device_row(2)
+    frequency_penalty = _device_row(3)
+    presence_penalty = _device_row(4)
+    repetition_penalty = _device_row(5)
+    top_k = _device_row(0, ints=True)
+    seed = _device_row(1, ints=True)
 
     def __init__(self, max_requests: int, vocab_size: int, device: torch.device) -> None:
         self.vocab_size = vocab_size
         self.device = device
-
-        def make(dtype: torch.dtype, value: float) -> torch.Tensor:
-            return torch.full((max_requests,), value, dtype=dtype, device=device)
-
-        self.temperature = make(torch.float32, 1.0)
-        self.top_p = make(torch.float32, 1.0)
-        self.top_k = make(torch.int64, vocab_size)
-        self.min_p = make(torch.float32, 0.0)
-        self.seed = make(torch.int64, 0)
-        self.frequency_penalty = make(torch.float32, 0.0)
-        self.presence_penalty = make(torch.float32, 0.0)
-        self.repetition_penalty = make(torch.float32, 1.0)
+        # Admission writes a row here on the host; the rows go to the device in one copy before the next
+        # sampling reads them. (Eight scalar writes into device tensors were eight launches per request:
+        # ~60 us of host time each admission on a GPU, 1,024 of them in the `prefix` workload's prefill.)
+        self._host_floats = np.zeros((len(self._FLOATS), max_requests), dtype=np.float32)
+        self._host_ints = np.zeros((len(self._INTS), max_requests), dtype=np.int64)
+        self._host_floats[[0, 1, 5]] = 1.0  # temperature, top_p, repetition_penalty
+        self._host_ints[0] = vocab_size  # top_k: every token
+        self._floats = torch.from_numpy(self._host_floats).to(device)
+        self._ints = torch.from_numpy(self._host_ints).to(device)
+        self._dirty = False
         self.max_requests = max_requests
         self._output_counts: Optional[torch.Tensor] = None  # [rows, V] int32, made on first use
         self._seen: Optional[torch.Tensor] = None  # [rows, V] bool: prompt or output tokens
@@ -62,14 +82,17 @@ class SamplingState:
     ) -> None:
         """Write a request's parameters into its row; output_ids: tokens it generated before a
         retraction, counted again so penalties resume where they were."""
-        self.temperature[row] = params.temperature
-        self.top_p[row] = params.top_p
-        self.top_k[row] = min(params.top_k, self.vocab_size) if params.top_k > 0 else self.vocab_size
-        self.min_p[row] = params.min_p
-        self.seed[row] = seed
-        self.frequency_penalty[row] = params.frequency_penalty
-        self.presence_penalty[row] = params.presence_penalty
-        self.repetition_penalty[row] = params.repetition_penalty
+        top_k = min(params.top_k, self.vocab_size) if params.top_k > 0 else self.vocab_size
+        self._host_floats[:, row] = (
+            params.temperature,
+            params.top_p,
+            params.min_p,
+            params.frequency_penalty,
+            params.presence_penalty,
+            params.repetition_penalty,
+        )
+        self._host_ints[:, row] = (top_k, seed)
+        self._dirty = True
         if params.uses_penalties:
             counts, seen = self._penalty_tables()
             counts[row].zero_()
@@ -79,6 +102,18 @@ class SamplingState:
                 ids = torch.tensor(list(output_ids), dtype=torch.int64, device=self.device)
                 counts[row].index_add_(0, ids, torch.ones_like(ids, dtype=counts.dtype))
                 seen[row, ids] = True
+
+    def _upload(self) -> None:
+        """The rows admitted since the last sampling, to the device (queued on the stream, before the reads)."""
+        if not self._dirty:
+            return
+        self._dirty = False
+        for host, on_device in ((self._host_floats, self._floats), (self._host_ints, self._ints)):
+            if on_device.is_cuda:  # through pinned memory: the host rows may change again before the copy runs
+                host = torch.empty(host.shape, dtype=on_device.dtype, pin_memory=True).copy_(torch.from_numpy(host))
+                on_device.copy_(host, non_blocking=True)
+            else:
+                on_device.copy_(torch.from_numpy(host))
 
     def record(self, rows: torch.Tensor, token_ids: torch.Tensor) -> None:
         """Count sampled tokens for requests that use penalties (rows with neutral values cost nothing)."""

@@ -56,3 +56,17 @@ def test_a_rows_draw_does_not_depend_on_its_batch():
     for row in range(4):
         alone = state.sample(logits[row : row + 1].clone(), _batch([row], [7 + row]))
         assert int(alone[0]) == int(together[row])
+
+
+def test_a_row_admitted_again_samples_with_its_new_parameters():
+    """Admission writes a row on the host, and the next sampling reads it on the device: a row reused by
+    another request must never sample with its previous owner's parameters."""
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.5, 0.0]])
+    state = SamplingState(1, 5, torch.device("cpu"))
+    state.admit(0, SamplingParams(temperature=1.0, top_k=1), seed=1, prompt_ids=[0])
+    first = {int(state.sample(logits.clone(), _batch([0], [p], any_filter=True))[0]) for p in range(50)}
+    assert first == {0}
+    state.admit(0, SamplingParams(temperature=5.0, top_k=3), seed=2, prompt_ids=[0])
+    second = {int(state.sample(logits.clone(), _batch([0], [p], any_filter=True))[0]) for p in range(200)}
+    assert second == {0, 1, 2}
+    assert float(state.temperature[0]) == 5.0 and int(state.top_k[0]) == 3 and int(state.seed[0]) == 2
