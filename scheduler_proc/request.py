@@ -38,6 +38,9 @@ class Request:
         self.grammar: Any = None  # a constrained request's xgrammar.GrammarMatcher, once compiled (grammar.py)
         self._prompt_hidden: list[np.ndarray] = []
         self.pooled: Any = None  # an embedding request's pooled hidden states so far (pooling.py)
+        # Decodes with nothing owed per position (logprobs, hidden states) and no images: step.py's fast path.
+        owes = msg.return_logprob or msg.return_hidden_states or msg.embed
+        self.plain = not owes and self.images is None and msg.sampling.max_new_tokens > 0
         stops = msg.sampling.stop
         # Enough tokens to hold any stop string, even one byte per token.
         self.stop_window = 4 * max((len(s.encode()) for s in stops), default=0) + 2

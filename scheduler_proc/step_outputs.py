@@ -21,6 +21,8 @@ def read_step_outputs(
 ) -> list:
     """Record logprobs, hidden states and embeddings on the requests; returns the new token per entry (or
     None). A request that finished while the step ran (aborted, or ended by the step before) gets nothing."""
+    if step.plain:  # entry i samples row i, and nothing else is owed
+        return list(sampled)
     next_ids: list[Optional[int]] = [None] * len(step.entries)
     for i, token in zip(step.sample_entries, sampled):
         next_ids[i] = token

@@ -240,3 +240,29 @@ def test_the_loop_starts_with_the_start_up_heap_frozen(model_dir):
         assert not in_view(s) and not in_view(s.runner) and gc.get_freeze_count() > 0
     finally:
         gc.unfreeze()  # the rest of this test process collects as usual
+
+
+@pytest.mark.parametrize("overlap", [False, True], ids=["no-overlap", "overlap"])
+def test_the_decode_fast_path_builds_the_lists_of_the_general_one(model_dir, overlap, monkeypatch):
+    from dataclasses import replace
+
+    from scheduler_proc import step
+
+    fast_steps = []
+
+    def both(entries):
+        fast, general = step._gather_decode(entries), step._gather_any(entries)
+        if fast is not None:
+            assert fast.plain and not general.plain
+            assert replace(fast, plain=False) == general
+            fast_steps.append(len(entries))
+        return general
+
+    monkeypatch.setattr(step, "_gather", both)
+    d = Driver(model_dir, max_total_tokens=4096, disable_overlap_schedule=not overlap)
+    for i in range(5):
+        d.submit(f"r{i}", prompt(i, 9 + 5 * i), max_new_tokens=6 + i)
+    d.submit("logprobs", prompt(9, 7), max_new_tokens=3, return_logprob=True)  # the general path only
+    d.run_all()
+    assert len(d.out.ids["r4"]) == 10
+    assert max(fast_steps) == 5  # the five plain requests decoding together, once the logprob one ended
