@@ -162,7 +162,7 @@ def decode_attention(
     v_scale: float = 1.0,
     max_len: Optional[torch.Tensor] = None,
     splits: Optional[int] = None,
-    block_n: int = 64,
+    block_n: Optional[int] = None,
     num_warps: int = 4,
     num_stages: Optional[int] = None,
     fp8_in_f16: bool = True,
@@ -174,7 +174,8 @@ def decode_attention(
     least the longest of seq_lens (default: their maximum). splits: slices of the longest sequence worked on
     apart, the others cut into slices as long (default: enough programs to fill an H200's 132 SMs about four
     times over); block_n, num_warps, num_stages: the first kernel's tiling (scripts/bench_attention.py times
-    several; num_stages default: three buffers of K and V blocks where head_dim <= 128, else two).
+    several; defaults: blocks of 128 tokens in two buffers where head_dim <= 64, 64 tokens in three buffers
+    where head_dim <= 128, else 64 in two).
     fp8_in_f16: over an FP8 pool, the dot products in fp16 (which holds every e4m3 value exactly, and the
     query clamped to its range) rather than in q's dtype. order: the batch's indices by descending
     seq_lens, to start the longest sequences' programs first (default: batch order; the engine passes a
@@ -184,8 +185,13 @@ def decode_attention(
     group = num_q_heads // num_kv_heads
     assert q.stride(2) == 1 and k_pool.stride(2) == 1 and k_pool.stride() == v_pool.stride()
     assert slot_table.stride(1) == 1
-    if num_stages is None:  # H200, Qwen3-0.6B's heads: 2-24% less time than two (bench_attention, lease L)
-        num_stages = 3 if dim <= 128 else 2
+    # H200, in CUDA graphs at the engine's KV layout (bench_attention.py --triton-sweep, lease O): at
+    # Qwen2.5-0.5B's heads (7 x 64 a KV head) 128-token blocks in two buffers took 8-18% less time than 64 in
+    # three; at Qwen3-0.6B's (2 x 128) 64 in three or two were the fastest (lease L: three 2-24% before two).
+    if block_n is None:
+        block_n = 128 if dim <= 64 else 64
+    if num_stages is None:
+        num_stages = 3 if 64 < dim <= 128 else 2
     if splits is None:
         splits = triton.next_power_of_2(max(1, min(16, triton.cdiv(528, max(1, batch * num_kv_heads)))))
     out = torch.empty_like(q)

@@ -38,10 +38,15 @@ def _reference(q, k_pool, v_pool, slot_lists, sm_scale, k_scale, v_scale):
 
 
 @pytest.mark.parametrize(
-    "num_q_heads,num_kv_heads,dim,splits,scales",
-    [(16, 8, 128, 1, (1.0, 1.0)), (8, 2, 64, 4, (1.0, 1.0)), (4, 1, 64, 8, (0.5, 2.0))],
+    "num_q_heads,num_kv_heads,dim,splits,scales,block_n",
+    [
+        (16, 8, 128, 1, (1.0, 1.0), 32),
+        (8, 2, 64, 4, (1.0, 1.0), 32),
+        (4, 1, 64, 8, (0.5, 2.0), 32),
+        (14, 2, 64, 2, (1.0, 1.0), None),  # Qwen2.5-0.5B's group of 7 in the default tiling: 128-token blocks
+    ],
 )
-def test_equals_attention_over_the_same_slots(num_q_heads, num_kv_heads, dim, splits, scales):
+def test_equals_attention_over_the_same_slots(num_q_heads, num_kv_heads, dim, splits, scales, block_n):
     gen = torch.Generator().manual_seed(dim + splits)
     lengths = [1, 37, 300, 5, 128]
     pool_slots = 1024
@@ -55,11 +60,25 @@ def test_equals_attention_over_the_same_slots(num_q_heads, num_kv_heads, dim, sp
     q = torch.randn(len(lengths), num_q_heads, dim, generator=gen)
     sm_scale = dim**-0.5
     req_rows, seq_lens = torch.tensor(rows), torch.tensor(lengths)
-    ours = decode_attention(q, k_pool, v_pool, table, req_rows, seq_lens, sm_scale, *scales, splits=splits, block_n=32)
+    ours = decode_attention(
+        q, k_pool, v_pool, table, req_rows, seq_lens, sm_scale, *scales, splits=splits, block_n=block_n
+    )
     expected = _reference(q, k_pool, v_pool, slot_lists, sm_scale, *scales)
     assert torch.allclose(ours, expected, atol=2e-5, rtol=1e-4), (ours - expected).abs().max()
     # Any bound on the longest length slices alike (a CUDA graph's is the step's; a loose one leaves splits idle).
-    loose_args = (q, k_pool, v_pool, table, req_rows, seq_lens, sm_scale, *scales, torch.tensor([1000]), splits, 32)
+    loose_args = (
+        q,
+        k_pool,
+        v_pool,
+        table,
+        req_rows,
+        seq_lens,
+        sm_scale,
+        *scales,
+        torch.tensor([1000]),
+        splits,
+        block_n,
+    )
     ours = decode_attention(*loose_args)
     assert torch.allclose(ours, expected, atol=2e-5, rtol=1e-4), (ours - expected).abs().max()
     longest_first = torch.argsort(seq_lens, descending=True)  # programs started in another order, same sums
