@@ -178,21 +178,27 @@ def _token_ids(tokenizer: Any, prompt: Any, input_ids: Any, vocab_size: int) -> 
         if not isinstance(prompt, (list, tuple)) or not prompt or not all(isinstance(p, str) for p in prompt):
             raise TypeError(f"prompt must be a str or a non-empty list of str, got {short_repr(prompt)}")
         return list(tokenizer(list(prompt))["input_ids"]), False
-    if isinstance(input_ids, (list, tuple)) and input_ids and all(_is_int(t) for t in input_ids):
+    if isinstance(input_ids, (list, tuple)) and input_ids and _all_ints(input_ids):
         batch, single = [list(input_ids)], True
     elif (
         isinstance(input_ids, (list, tuple))
         and input_ids
-        and all(isinstance(row, (list, tuple)) and row and all(_is_int(t) for t in row) for row in input_ids)
+        and all(isinstance(row, (list, tuple)) and row and _all_ints(row) for row in input_ids)
     ):
         batch, single = [list(row) for row in input_ids], False
     else:
         raise TypeError(f"input_ids must be a non-empty list[int] or list[list[int]], got {short_repr(input_ids)}")
     for row in batch:
-        bad = [t for t in row if not 0 <= t < vocab_size]
-        if bad:
-            raise ValueError(f"input_ids holds token id {bad[0]} outside the vocabulary [0, {vocab_size})")
+        if min(row) < 0 or max(row) >= vocab_size:
+            bad = next(t for t in row if not 0 <= t < vocab_size)
+            raise ValueError(f"input_ids holds token id {bad} outside the vocabulary [0, {vocab_size})")
     return batch, single
+
+
+def _all_ints(row: Union[list, tuple]) -> bool:
+    # The types of a row at C speed first: a call of 1,024 prompts of 1,152 ids spent 0.18 s checking
+    # each id in Python before the first was sent (the `prefix` benchmark's lead).
+    return set(map(type, row)) == {int} or all(_is_int(t) for t in row)
 
 
 def _per_prompt(name: str, value: Any, count: int, kind: Union[type, tuple[type, ...]]) -> list[Any]:

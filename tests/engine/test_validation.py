@@ -70,6 +70,8 @@ CASES = [
     ("input-ids-negative", "generate", gen(prompt=None, input_ids=[[1], [-1]]), ValueError, ["input_ids", "-1"]),
     ("input-ids-str", "generate", gen(prompt=None, input_ids="1 2 3"), TypeError, ["input_ids"]),
     ("input-ids-ragged", "generate", gen(prompt=None, input_ids=[[1, 2], 3]), TypeError, ["input_ids"]),
+    ("input-ids-bool", "generate", gen(prompt=None, input_ids=[[1, 2], [3, True]]), TypeError, ["input_ids"]),
+    ("input-ids-float", "generate", gen(prompt=None, input_ids=[1, 2.0]), TypeError, ["input_ids"]),
     ("over-context", "generate", sp(max_new_tokens=9000), ValueError, ["max_new_tokens", "context length"]),
     (
         "long-prompt-over-context",
