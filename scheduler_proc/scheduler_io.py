@@ -4,6 +4,7 @@ no decision: the scheduler hands it what to answer and which requests have news.
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Callable
 from typing import Any, Optional, Union
 
@@ -48,8 +49,20 @@ class SchedulerIO:
                 data = self.receiver.recv(flags)
             except zmq.Again:
                 return messages
-            messages.append(self.in_codec.decode(data))
+            messages.append(self._decode(data))
             flags = zmq.NOBLOCK
+
+    def _decode(self, data: bytes) -> Message:
+        # Without collections while decoding: a batch of 1,024 prompts of 1,152 ids is 2,048 new containers,
+        # enough to start collections that walk every live request's token lists (a CPU probe: 0.15 s
+        # against 0.05 s without). The decoded objects are new and hold no cycle: nothing is left uncollected.
+        if not gc.isenabled():
+            return self.in_codec.decode(data)
+        gc.disable()
+        try:
+            return self.in_codec.decode(data)
+        finally:
+            gc.enable()
 
     def send_ready(self, info: dict[str, Any]) -> None:
         self.to_frontend.send(self.out_codec.encode(ProcessReady(role="scheduler", info=info, dp_rank=self.dp_rank)))
