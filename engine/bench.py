@@ -157,7 +157,8 @@ def warm_up(engine: Any, workload: Workload) -> None:
 
 def step_stats(profile: Optional[dict[str, list]], since: float, until: float) -> dict[str, Any]:
     """From the steps recorded with --profile-steps: p50/p99 of the decode steps run at (near) the run's
-    largest batch (device time, device idle time before the step, host time per step), and the totals of
+    largest batch (device time, device idle time before the step, host time per step, wall and on the
+    scheduler thread's CPU), and the totals of
     device and idle time over decode-only and prefill/mixed steps. Only steps queued after `since` (the
     timed run's start, on the clock the scheduler uses) count: the warm-up's first steps compile kernels."""
     if not profile or not profile["batch_size"]:
@@ -182,8 +183,8 @@ def step_stats(profile: Optional[dict[str, list]], since: float, until: float) -
     peak = max(sizes)
     keep = [i for i, (b, d) in enumerate(zip(profile["batch_size"], decode)) if d and b >= 0.9 * peak]
     stats.update({"profile_steps": len(keep), "profile_batch_size": peak})
-    for key in ("gpu_ms", "gap_ms", "host_ms"):
-        values = sorted(v for i in keep if (v := profile[key][i]) is not None)
+    for key in ("gpu_ms", "gap_ms", "host_ms", "host_cpu_ms"):
+        values = sorted(v for i in keep if (v := (profile.get(key) or [None] * len(decode))[i]) is not None)
         if values:
             stats[f"step_{key}_p50"] = values[len(values) // 2]
             stats[f"step_{key}_p99"] = values[min(len(values) - 1, int(len(values) * 0.99))]
@@ -313,7 +314,7 @@ def print_table(result: dict[str, Any]) -> None:
         rows.append(
             ("profiled decode steps", f"{ferry['profile_steps']} at batch >= {0.9 * ferry['profile_batch_size']:.0f}")
         )
-        for key in ("gpu_ms", "gap_ms", "host_ms"):
+        for key in ("gpu_ms", "gap_ms", "host_ms", "host_cpu_ms"):
             if f"step_{key}_p50" in ferry:
                 rows.append((f"step {key} p50/p99", f"{ferry[f'step_{key}_p50']:.2f} / {ferry[f'step_{key}_p99']:.2f}"))
     if "hf" in result:

@@ -267,7 +267,7 @@ class ModelRunner:
         if sampled is None:
             return []
         if sampled.event is not None:
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.thread_time()
             sampled.event.synchronize()
-            self.profiler.waited(time.perf_counter() - start)
+            self.profiler.waited(time.perf_counter() - start, time.thread_time() - cpu)
         return sampled.host.tolist()

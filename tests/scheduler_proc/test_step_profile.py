@@ -45,3 +45,25 @@ def test_marks_cost_nothing_when_profiling_is_off():
     profiler = StepProfiler(0, torch.device("cpu"))
     _turn(profiler, queue=True, schedule_s=0.0)
     assert profiler.records == [] and profiler._parts == {}
+
+
+def test_host_cpu_time_leaves_out_what_the_thread_did_not_run():
+    # A turn slowed by the host (the thread descheduled, or waiting for the GIL) shows host time without CPU time.
+    profiler = StepProfiler(100, torch.device("cpu"))
+    for busy in (True, False, True, False):
+        profiler.begin(SimpleNamespace(is_decode=True, batch_size=8))
+        profiler.end()
+        start = time.perf_counter()
+        if busy:
+            while time.perf_counter() - start < 0.02:
+                pass
+        else:
+            time.sleep(0.02)
+        profiler.waited(0.0, 0.0)
+    profiler.begin(SimpleNamespace(is_decode=True, batch_size=8))
+    summary = profiler.summary()
+    assert all(ms >= 20.0 for ms in summary["host_ms"])
+    busy_cpu, idle_cpu = summary["host_cpu_ms"][0::2], summary["host_cpu_ms"][1::2]
+    assert all(ms >= 10.0 for ms in busy_cpu) and all(ms < 5.0 for ms in idle_cpu), summary["host_cpu_ms"]
+    stats = step_stats(summary, 0.0, time.perf_counter())
+    assert "step_host_cpu_ms_p50" in stats
