@@ -158,9 +158,9 @@ def warm_up(engine: Any, workload: Workload) -> None:
 def step_stats(profile: Optional[dict[str, list]], since: float, until: float) -> dict[str, Any]:
     """From the steps recorded with --profile-steps: p50/p99 of the decode steps run at (near) the run's
     largest batch (device time, device idle time before the step, host time per step, wall and on the
-    scheduler thread's CPU), and the totals of
-    device and idle time over decode-only and prefill/mixed steps. Only steps queued after `since` (the
-    timed run's start, on the clock the scheduler uses) count: the warm-up's first steps compile kernels."""
+    scheduler thread's CPU), and the totals of device and idle time over decode-only and prefill/mixed
+    steps. Only steps queued after `since` (the timed run's start, on the clock the scheduler uses) count:
+    the warm-up's first steps compile kernels."""
     if not profile or not profile["batch_size"]:
         return {}
     timed = [i for i, clock in enumerate(profile["clock"]) if clock >= since]
