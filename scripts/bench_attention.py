@@ -4,7 +4,6 @@ through flashinfer's prefill kernels (fa2, fa3: one query row per sequence) and 
 candidate (scheduler_proc/attention/triton_decode.py), with its largest difference from flashinfer's output.
 
     python scripts/bench_attention.py [--heads 16 --kv-heads 8 --head-dim 128] [--kv-dtype fp8] [--out FILE]
-        [--triton-sweep]  (only the Triton kernel: tilings and splits at the engine's KV layout, in CUDA graphs)
 
 Prints one line per case (device µs per layer call, median of 50; plan() host µs); --out appends JSON lines.
 """
@@ -12,7 +11,6 @@ Prints one line per case (device µs per layer call, median of 50; plan() host �
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import random
@@ -40,70 +38,6 @@ def _median_us(fn, reps: int = 50) -> float:
         end.synchronize()
         times.append(start.elapsed_time(end) * 1e3)
     return sorted(times)[len(times) // 2]
-
-
-def _graph_us(fn, calls: int = 20, reps: int = 20) -> float:
-    """Device µs of one call, from a CUDA graph of `calls` back-to-back calls (median of reps replays): a
-    kernel of tens of µs launched from Python one call at a time times the host's launch, not the kernel."""
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / calls)
-    return sorted(times)[len(times) // 2]
-
-
-def triton_sweep(args) -> list[dict]:
-    """The Triton decode kernel's tilings and splits at a running engine's KV layout (each prompt's slots in
-    one run, then one slot per step handed out across the batch), timed in CUDA graphs as the engine runs it:
-    nanovllm-like lengths at batch 256, and 512 sequences of 1,100 (decode-heavy)."""
-    from scheduler_proc.attention.triton_decode import decode_attention
-
-    hq, hkv, d = args.heads, args.kv_heads, args.head_dim
-    rng = random.Random(0)
-    prompts = [rng.randint(100, 1024) for _ in range(256)]
-    shapes = {
-        "256@nanovllm": (prompts, [p + rng.randint(0, 600) for p in prompts]),
-        "256@640": ([600] * 256, [640] * 256),
-        "512@1100": ([128] * 512, [1100] * 512),
-    }
-    rows = []
-    for name, (prompt, lengths) in shapes.items():
-        slots = _decode_layout(lengths, prompt, "decode")
-        pool_tokens = max(max(s) for s in slots) + 1
-        k = torch.randn(pool_tokens, hkv, d, dtype=torch.bfloat16, device="cuda").to(KV_DTYPES[args.kv_dtype])
-        v = torch.randn_like(k, dtype=torch.bfloat16).to(k.dtype)
-        table = torch.zeros(len(slots), max(lengths), dtype=torch.int32, device="cuda")
-        for b, row in enumerate(slots):
-            table[b, : len(row)] = torch.tensor(row, dtype=torch.int32)
-        seq_lens = torch.tensor(lengths, device="cuda")
-        req_rows, q = torch.arange(len(lengths), device="cuda"), torch.randn(len(lengths), hq, d, device="cuda")
-        q = q.to(torch.bfloat16)
-        order = torch.sort(seq_lens, descending=True, stable=True).indices
-        kv_bytes = 2 * sum(lengths) * hkv * d * k.element_size()
-        for block_n, warps, stages in _SWEEP_TILINGS:
-            for splits in (None, 1, 4, 8):
-                tiling = dict(block_n=block_n, num_warps=warps, num_stages=stages, splits=splits)
-                call = functools.partial(decode_attention, q, k, v, table, req_rows, seq_lens, d**-0.5, order=order)
-                us = _graph_us(functools.partial(call, **tiling))
-                gbps = kv_bytes / us / 1e3
-                rows.append({"case": f"triton sweep {name}", "heads": [hq, hkv, d], "kernel_us": us, "kv_GBps": gbps})
-                rows[-1].update(tiling)
-                print(
-                    f"{name:<14} {str((block_n, warps, stages)):<14} splits {splits!s:<5} {us:8.1f} us {gbps:6.0f} GB/s"
-                )
-    return rows
 
 
 def _layout(prefix: list[int], extend: list[int], page: int, num_pages: int):
@@ -188,7 +122,6 @@ def run_case(name: str, prefix: list[int], extend: list[int], args, kind: str, p
 # best tilings used two stages, whose double buffers hold 64 KB of each program's).
 _TRITON_TILINGS = [(32, 4, 2), (64, 4, 2), (64, 4, 3), (64, 8, 3), (128, 8, 2), (128, 8, 3), (64, 4, 1), (128, 8, 1)]
 _TRITON_SPLITS = (2, 4, 8)
-_SWEEP_TILINGS = [(32, 4, 2), (64, 4, 2), (64, 4, 3), (128, 4, 2), (128, 8, 2)]  # splits None: the default
 
 
 def _plan_us(plan) -> float:
@@ -310,10 +243,9 @@ def main() -> None:
     p.add_argument("--out", default=None)
     p.add_argument("--layouts", type=int, default=0, help="pool tokens: time decode over KV slot layouts only")
     p.add_argument("--backends", default="cuda,tc,fa2,fa3,triton", help="those timed (decode: all; prefill: fa2, fa3)")
-    p.add_argument("--triton-sweep", action="store_true", help="only the Triton kernel's tilings, in CUDA graphs")
     args = p.parse_args()
-    if args.triton_sweep or args.layouts:
-        rows = triton_sweep(args) if args.triton_sweep else run_layouts(args, args.layouts)
+    if args.layouts:
+        rows = run_layouts(args, args.layouts)
         if args.out:
             with open(args.out, "a") as f:
                 f.writelines(json.dumps(row) + "\n" for row in rows)

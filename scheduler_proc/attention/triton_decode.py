@@ -33,7 +33,7 @@ from scheduler_proc.kv_pool import KVPool
 
 
 @triton.jit
-def _attend_slice(
+def attend_slice(
     q_rows,
     kv_rows,
     slots_of_seq,
@@ -123,7 +123,7 @@ def _split_kv(
     if F16_DOTS:  # FP8 KV: e4m3 converts to fp16 in one instruction a pair, to bf16 in several
         q_rows = tl.minimum(tl.maximum(q_rows.to(tl.float32), -65504.0), 65504.0).to(tl.float16)
     kv_rows = k_pool, v_pool, pool_stride_s, h * pool_stride_h
-    m_i, l_i, acc = _attend_slice(q_rows, kv_rows, slots_of_seq, lo, hi, scale, GROUP_PAD, D, BLOCK_N)
+    m_i, l_i, acc = attend_slice(q_rows, kv_rows, slots_of_seq, lo, hi, scale, GROUP_PAD, D, BLOCK_N)
     # A split past a short sequence's end holds no token: weight zero in stage 2 (its lse is -inf).
     has = l_i > 0
     o = tl.where(has[:, None], acc / tl.where(has, l_i, 1.0)[:, None] * v_scale, 0.0)
@@ -137,7 +137,7 @@ def _split_kv(
 
 
 @triton.jit
-def _merge_splits(partial, lse, out, out_stride_b, out_stride_h, D: tl.constexpr, SPLITS: tl.constexpr):
+def merge_splits(partial, lse, out, out_stride_b, out_stride_h, D: tl.constexpr, SPLITS: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     s = tl.arange(0, SPLITS)
@@ -185,7 +185,7 @@ def decode_attention(
     group = num_q_heads // num_kv_heads
     assert q.stride(2) == 1 and k_pool.stride(2) == 1 and k_pool.stride() == v_pool.stride()
     assert slot_table.stride(1) == 1
-    # H200, in CUDA graphs at the engine's KV layout (bench_attention.py --triton-sweep, lease O): at
+    # H200, in CUDA graphs at the engine's KV layout (bench_triton_decode.py, lease O): at
     # Qwen2.5-0.5B's heads (7 x 64 a KV head) 128-token blocks in two buffers took 8-18% less time than 64 in
     # three; at Qwen3-0.6B's (2 x 128) 64 in three or two were the fastest (lease L: three 2-24% before two).
     if block_n is None:
@@ -212,7 +212,7 @@ def decode_attention(
         *tensors, *strides, sm_scale * k_scale, v_scale, **shape, **variant, num_warps=num_warps, num_stages=num_stages
     )
     if splits > 1:
-        _merge_splits[(batch, num_q_heads)](partial, lse, out, out.stride(0), out.stride(1), D=dim, SPLITS=splits)
+        merge_splits[(batch, num_q_heads)](partial, lse, out, out.stride(0), out.stride(1), D=dim, SPLITS=splits)
     return out
 
 

@@ -65,6 +65,7 @@ def _sampling():
 
 
 def _attention():
+    from scheduler_proc.attention.shared_prefix_decode import shared_prefix_decode
     from scheduler_proc.attention.store_kv import store_kv
     from scheduler_proc.attention.triton_decode import decode_attention
 
@@ -79,6 +80,10 @@ def _attention():
                     decode_attention(q, pool, pool.clone(), table, rows, lens, dim**-0.5, splits=splits, order=order)
             kv = torch.zeros(3, kv_heads, dim, dtype=kv_dtype)
             store_kv(kv, kv.clone(), pool, pool.clone(), torch.tensor([1, 2, 3]))
+            groups, starts = torch.tensor([0, 2]), torch.tensor([2, 2])  # one group of two sharing two slots
+            for members, splits in ((16, 4), (2, 1)):  # the prefix workload's groups; 1 + 1 splits
+                kv_pool = (pool, pool.clone(), table, rows, lens, groups, starts, members, dim**-0.5)
+                shared_prefix_decode(q, *kv_pool, prefix_splits=splits, suffix_splits=splits)
 
 
 def _layers():

@@ -28,7 +28,9 @@ def test_every_kernel_compiles_for_sm90():
     for kernel in (
         "_sample_rows",
         "_split_kv",
-        "_merge_splits",
+        "merge_splits",
+        "_prefix_part",
+        "_suffix_part",
         "_store_rows",
         "_quantize_rows",
         "_qk_norm_rope",
