@@ -3,7 +3,8 @@
 # Usage: bash scripts/device_bench.sh <set> ; sets: cells (issue 18's nine cells: the three models, each on one
 # engine timing its three workloads, ~255 s on an H200), small (Qwen2.5-0.5B), qwen3 (Qwen3-0.6B), large
 # (Llama-3.1-8B), prefix (radix cache on/off), overlap (Qwen2.5-0.5B nanovllm with and without overlap),
-# moe (the fused MoE layer against the per-expert loop, then Qwen3-30B-A3B on the three workloads).
+# moe (the fused MoE layer against the per-expert loop, then Qwen3-30B-A3B on the three workloads), kernels
+# (the Triton decode's tilings at the three models' heads, and the cascade candidate at the prefix workload's).
 # The peer's nine cells in the same lease, in a call of their own (~300 s; its first model compiles and
 # captures for 90-150 s, so keep less back for the later two than device_peer.sh's default 210 s each):
 #   PEER_BUDGET_S=560 PEER_RESERVE_S=110 bash .peer/device_peer.sh qwen3-0.6b qwen2.5-0.5b llama-3.1-8b
@@ -40,4 +41,10 @@ case "$1" in
   prefix)
     bench --model-path configs/qwen2.5-0.5b --workload prefix --roofline --profile-steps 100000
     bench --model-path configs/qwen2.5-0.5b --workload prefix --roofline --profile-steps 100000 --disable-radix-cache ;;
+  kernels)
+    for heads in "14 2 64" "16 8 128" "32 8 128"; do  # Qwen2.5-0.5B, Qwen3-0.6B, Llama-3.1-8B
+      set -- $heads
+      timeout 150 python3 scripts/bench_triton_decode.py --heads $1 --kv-heads $2 --head-dim $3 --out "$out"
+    done
+    timeout 150 python3 scripts/bench_triton_decode.py --heads 14 --kv-heads 2 --head-dim 64 --cascade --out "$out" ;;
 esac
