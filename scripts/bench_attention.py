@@ -234,13 +234,19 @@ def run_layouts(args, pool_tokens: int) -> list[dict]:
     return rows
 
 
-def main() -> None:
+def attention_args() -> argparse.ArgumentParser:
+    """The heads, KV dtype and output file every attention benchmark takes (bench_triton_decode.py too)."""
     p = argparse.ArgumentParser()
     p.add_argument("--heads", type=int, default=16)
     p.add_argument("--kv-heads", type=int, default=8)
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--kv-dtype", default="bf16", choices=sorted(KV_DTYPES), help="the KV cache's element type")
     p.add_argument("--out", default=None)
+    return p
+
+
+def main() -> None:
+    p = attention_args()
     p.add_argument("--layouts", type=int, default=0, help="pool tokens: time decode over KV slot layouts only")
     p.add_argument("--backends", default="cuda,tc,fa2,fa3,triton", help="those timed (decode: all; prefill: fa2, fa3)")
     args = p.parse_args()

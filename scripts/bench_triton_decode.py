@@ -13,7 +13,6 @@ Prints one line per case (device us per layer call); --out appends JSON lines.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import os
@@ -24,7 +23,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
-from bench_attention import KV_DTYPES, _decode_layout  # noqa: E402 (this script's folder, as the script runs)
+from bench_attention import KV_DTYPES, _decode_layout, attention_args  # noqa: E402 (this script's folder, as the script runs)
 
 # (BLOCK_N, warps, stages); splits None: the kernel's default.
 _SWEEP_TILINGS = [(32, 4, 2), (64, 4, 2), (64, 4, 3), (128, 4, 2), (128, 8, 2)]
@@ -146,13 +145,8 @@ def cascade(args) -> list[dict]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--heads", type=int, default=16)
-    p.add_argument("--kv-heads", type=int, default=8)
-    p.add_argument("--head-dim", type=int, default=128)
-    p.add_argument("--kv-dtype", default="bf16", choices=sorted(KV_DTYPES), help="the KV cache's element type")
+    p = attention_args()
     p.add_argument("--cascade", action="store_true", help="the prefix workload's decode, shared prefix or not")
-    p.add_argument("--out", default=None)
     args = p.parse_args()
     rows = cascade(args) if args.cascade else sweep(args)
     if args.out:

@@ -5,9 +5,9 @@ times a layer.
 
 Three kernels. The prefix part, one program per (group, KV head, split): all of the group's query rows (its
 members x the KV head's query heads) against the split's slice of the shared slots, so each shared K and V
-row is read once for the group. The suffix part, as triton_decode's first kernel, one program per (sequence,
-KV head, split) over the sequence's own slots after the prefix. Both write normalised partial outputs and
-their log-sum-exp side by side; triton_decode's merge weighs them into the output.
+row is read once for the group. Each sequence's own slots after the prefix: triton_decode's first kernel, one
+program per (sequence, KV head, split), started at the sequence's start. Both write normalised partial
+outputs and their log-sum-exp side by side; triton_decode's merge weighs them into the output.
 
 A candidate, not yet run by the engine: `scripts/bench_triton_decode.py --heads 14 --kv-heads 2 --head-dim 64
 --cascade` times it against triton_decode at the `prefix` workload's shapes on the device.
@@ -21,17 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from scheduler_proc.attention.triton_decode import attend_slice, merge_splits
-
-
-@triton.jit
-def _finish_part(m_i, l_i, acc, partial, lse, at, rows_valid, v_scale, D: tl.constexpr):
-    """Store a program's normalised partial output and log-sum-exp (-inf where its slice held no slot)."""
-    d = tl.arange(0, D)
-    has = l_i > 0
-    o = tl.where(has[:, None], acc / tl.where(has, l_i, 1.0)[:, None] * v_scale, 0.0)
-    tl.store(partial + at[:, None] * D + d[None, :], o, mask=rows_valid[:, None])
-    tl.store(lse + at, tl.where(has, m_i + tl.log(tl.where(has, l_i, 1.0)), -float("inf")), mask=rows_valid)
+from scheduler_proc.attention.triton_decode import _split_kv, attend_slice, merge_splits
 
 
 @triton.jit
@@ -79,54 +69,11 @@ def _prefix_part(
     slots = slot_table + tl.load(req_rows + first).to(tl.int64) * table_stride  # the first member's row
     kv_rows = k_pool, v_pool, pool_stride_s, h * pool_stride_h
     m_i, l_i, acc = attend_slice(q_rows, kv_rows, slots, lo, hi, scale, ROWS, D, BLOCK_N)
+    has = l_i > 0  # a split past the prefix's end (or a group of one's empty prefix): weight zero
+    o = tl.where(has[:, None], acc / tl.where(has, l_i, 1.0)[:, None] * v_scale, 0.0)
     at = (b * (GROUP * tl.num_programs(1)) + heads) * TOTAL_SPLITS + split
-    _finish_part(m_i, l_i, acc, partial, lse, at, valid, v_scale, D)
-
-
-@triton.jit
-def _suffix_part(
-    q,
-    k_pool,
-    v_pool,
-    slot_table,
-    req_rows,
-    seq_lens,
-    starts,
-    max_suffix,
-    partial,
-    lse,
-    q_stride_b,
-    q_stride_h,
-    pool_stride_s,
-    pool_stride_h,
-    table_stride,
-    scale,
-    v_scale,
-    GROUP: tl.constexpr,
-    GROUP_PAD: tl.constexpr,
-    D: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    SPLITS: tl.constexpr,
-    FIRST_SPLIT: tl.constexpr,
-    TOTAL_SPLITS: tl.constexpr,
-):
-    h = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    split = tl.program_id(2)
-    start = tl.load(starts + b).to(tl.int32)
-    chunk = tl.cdiv(tl.cdiv(tl.load(max_suffix).to(tl.int32), SPLITS), BLOCK_N) * BLOCK_N
-    lo = start + split * chunk
-    hi = tl.minimum(lo + chunk, tl.load(seq_lens + b).to(tl.int32))
-    g = tl.arange(0, GROUP_PAD)
-    valid = g < GROUP
-    heads = h * GROUP + g
-    d = tl.arange(0, D)
-    q_rows = tl.load(q + b * q_stride_b + heads[:, None] * q_stride_h + d[None, :], mask=valid[:, None], other=0.0)
-    slots = slot_table + tl.load(req_rows + b).to(tl.int64) * table_stride
-    kv_rows = k_pool, v_pool, pool_stride_s, h * pool_stride_h
-    m_i, l_i, acc = attend_slice(q_rows, kv_rows, slots, lo, hi, scale, GROUP_PAD, D, BLOCK_N)
-    at = (b * (GROUP * tl.num_programs(0)) + heads) * TOTAL_SPLITS + FIRST_SPLIT + split
-    _finish_part(m_i, l_i, acc, partial, lse, at, valid, v_scale, D)
+    tl.store(partial + at[:, None] * D + d[None, :], o, mask=valid[:, None])
+    tl.store(lse + at, tl.where(has, m_i + tl.log(tl.where(has, l_i, 1.0)), -float("inf")), mask=valid)
 
 
 def shared_prefix_decode(
@@ -185,10 +132,13 @@ def shared_prefix_decode(
     _prefix_part[(num_groups, num_kv_heads, prefix_splits)](
         *prefix_args, *common, GROUP=group, ROWS=rows, SPLITS=prefix_splits, **tiling
     )
-    suffix_args = (q, k_pool, v_pool, slot_table, req_rows, seq_lens, starts, max_suffix, partial, lse)
-    pad = max(16, triton.next_power_of_2(group))
-    _suffix_part[(num_kv_heads, batch, suffix_splits)](
-        *suffix_args, *common, GROUP=group, GROUP_PAD=pad, SPLITS=suffix_splits, FIRST_SPLIT=prefix_splits, **tiling
+    # Each sequence's own slots: triton_decode's first kernel from its start, into the splits after the prefix's.
+    own = (q, k_pool, v_pool, slot_table, req_rows, seq_lens, max_suffix, out, starts, partial, lse, out)
+    strides = (q.stride(0), q.stride(1), out.stride(0), out.stride(1), *k_pool.stride()[:2], slot_table.stride(0))
+    shape = dict(GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), SPLITS=suffix_splits)
+    variant = dict(F16_DOTS=k_pool.dtype == torch.float8_e4m3fn, ORDERED=False, FROM_STARTS=True)
+    _split_kv[(num_kv_heads, batch, suffix_splits)](
+        *own, *strides, sm_scale * k_scale, v_scale, **shape, **variant, FIRST_SPLIT=prefix_splits, **tiling
     )
     merge_splits[(batch, num_q_heads)](partial, lse, out, out.stride(0), out.stride(1), D=dim, SPLITS=total)
     return out

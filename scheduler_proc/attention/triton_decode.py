@@ -84,6 +84,7 @@ def _split_kv(
     seq_lens,
     max_len,
     order,
+    starts,
     partial,
     lse,
     out,
@@ -103,6 +104,9 @@ def _split_kv(
     SPLITS: tl.constexpr,
     F16_DOTS: tl.constexpr,
     ORDERED: tl.constexpr,
+    FROM_STARTS: tl.constexpr,
+    FIRST_SPLIT: tl.constexpr,
+    TOTAL_SPLITS: tl.constexpr,
 ):
     h = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
@@ -113,6 +117,8 @@ def _split_kv(
     length = tl.load(seq_lens + b).to(tl.int32)
     chunk = tl.cdiv(tl.cdiv(tl.load(max_len).to(tl.int32), SPLITS), BLOCK_N) * BLOCK_N
     lo = split * chunk
+    if FROM_STARTS:  # shared_prefix_decode's own part of each sequence: its slots after the shared ones
+        lo += tl.load(starts + b).to(tl.int32)
     hi = tl.minimum(lo + chunk, length)
     g = tl.arange(0, GROUP_PAD)
     d = tl.arange(0, D)
@@ -127,11 +133,11 @@ def _split_kv(
     # A split past a short sequence's end holds no token: weight zero in stage 2 (its lse is -inf).
     has = l_i > 0
     o = tl.where(has[:, None], acc / tl.where(has, l_i, 1.0)[:, None] * v_scale, 0.0)
-    if SPLITS == 1:  # the whole sequence in this program: its output is final, no second kernel
+    if TOTAL_SPLITS == 1:  # the whole sequence in this program: its output is final, no second kernel
         rows_out = out + b * out_stride_b + heads[:, None] * out_stride_h + d[None, :]
         tl.store(rows_out, o.to(out.dtype.element_ty), mask=(g < GROUP)[:, None])
     else:
-        at = (b * (GROUP * tl.num_programs(0)) + heads) * SPLITS + split
+        at = (b * (GROUP * tl.num_programs(0)) + heads) * TOTAL_SPLITS + FIRST_SPLIT + split
         tl.store(partial + at[:, None] * D + d[None, :], o, mask=(g < GROUP)[:, None])
         tl.store(lse + at, tl.where(has, m_i + tl.log(tl.where(has, l_i, 1.0)), -float("inf")), mask=g < GROUP)
 
@@ -203,11 +209,12 @@ def decode_attention(
     if splits > 1:
         partial = torch.empty(batch * num_q_heads * splits, dim, dtype=torch.float32, device=q.device)
         lse = torch.empty(batch * num_q_heads * splits, dtype=torch.float32, device=q.device)
-    tensors = (q, k_pool, v_pool, slot_table, req_rows, seq_lens, max_len, out if order is None else order)
+    tensors = (q, k_pool, v_pool, slot_table, req_rows, seq_lens, max_len, out if order is None else order, out)
     tensors += (partial, lse, out)
     strides = (q.stride(0), q.stride(1), out.stride(0), out.stride(1), *k_pool.stride()[:2], slot_table.stride(0))
     shape = dict(GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), D=dim, BLOCK_N=block_n, SPLITS=splits)
     variant = dict(F16_DOTS=fp8_in_f16 and k_pool.dtype == torch.float8_e4m3fn, ORDERED=order is not None)
+    variant.update(FROM_STARTS=False, FIRST_SPLIT=0, TOTAL_SPLITS=splits)
     _split_kv[(num_kv_heads, batch, splits)](
         *tensors, *strides, sm_scale * k_scale, v_scale, **shape, **variant, num_warps=num_warps, num_stages=num_stages
     )

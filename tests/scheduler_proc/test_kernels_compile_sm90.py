@@ -30,7 +30,6 @@ def test_every_kernel_compiles_for_sm90():
         "_split_kv",
         "merge_splits",
         "_prefix_part",
-        "_suffix_part",
         "_store_rows",
         "_quantize_rows",
         "_qk_norm_rope",
