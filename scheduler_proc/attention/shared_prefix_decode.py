@@ -21,7 +21,13 @@ import torch
 import triton
 import triton.language as tl
 
-from scheduler_proc.attention.triton_decode import _split_kv, attend_slice, merge_splits
+from scheduler_proc.attention.triton_decode import (
+    _split_kv,
+    attend_slice,
+    default_splits,
+    merge_splits,
+    store_partial,
+)
 
 
 @triton.jit
@@ -69,11 +75,8 @@ def _prefix_part(
     slots = slot_table + tl.load(req_rows + first).to(tl.int64) * table_stride  # the first member's row
     kv_rows = k_pool, v_pool, pool_stride_s, h * pool_stride_h
     m_i, l_i, acc = attend_slice(q_rows, kv_rows, slots, lo, hi, scale, ROWS, D, BLOCK_N)
-    has = l_i > 0  # a split past the prefix's end (or a group of one's empty prefix): weight zero
-    o = tl.where(has[:, None], acc / tl.where(has, l_i, 1.0)[:, None] * v_scale, 0.0)
     at = (b * (GROUP * tl.num_programs(1)) + heads) * TOTAL_SPLITS + split
-    tl.store(partial + at[:, None] * D + d[None, :], o, mask=valid[:, None])
-    tl.store(lse + at, tl.where(has, m_i + tl.log(tl.where(has, l_i, 1.0)), -float("inf")), mask=valid)
+    store_partial(m_i, l_i, acc, partial, lse, at, valid, v_scale, D)
 
 
 def shared_prefix_decode(
@@ -103,42 +106,36 @@ def shared_prefix_decode(
     max_members of them), whose first starts[b] slots are the same slots, starts[b] equal within a group and
     less than each seq_lens[b] (a sequence alone: a group of one, its start 0). max_prefix, max_suffix:
     one-element tensors of at least the longest starts and seq_lens - starts (default: computed).
-    prefix_splits: slices of the longest shared prefix worked on apart (default: enough programs to fill
-    an H200's SMs about four times over); suffix_splits likewise for the sequences' own slots."""
+    prefix_splits, suffix_splits: slices of the longest prefix and tail worked on apart (default_splits)."""
     batch, num_q_heads, dim = q.shape
-    num_kv_heads = k_pool.shape[1]
+    num_kv_heads, num_groups = k_pool.shape[1], group_ptr.shape[0] - 1
     group = num_q_heads // num_kv_heads
-    num_groups = group_ptr.shape[0] - 1
     assert q.stride(2) == 1 and k_pool.stride(2) == 1 and k_pool.stride() == v_pool.stride()
     assert slot_table.stride(1) == 1 and max_members >= 1
     out = torch.empty_like(q)
     if batch == 0:
         return out
-    if prefix_splits is None:
-        prefix_splits = triton.next_power_of_2(max(1, min(16, triton.cdiv(528, max(1, num_groups * num_kv_heads)))))
-    if max_prefix is None:
-        max_prefix = starts.amax(0, keepdim=True)
-    if max_suffix is None:
-        max_suffix = (seq_lens - starts).amax(0, keepdim=True)
+    prefix_splits = prefix_splits or default_splits(num_groups * num_kv_heads)
+    max_prefix = starts.amax(0, keepdim=True) if max_prefix is None else max_prefix
+    max_suffix = (seq_lens - starts).amax(0, keepdim=True) if max_suffix is None else max_suffix
     total = triton.next_power_of_2(prefix_splits + suffix_splits)  # the merge reads a power of two of them
-    # Splits past prefix + suffix stay empty: weight zero (lse -inf) over a zero output.
-    make = torch.zeros if total > prefix_splits + suffix_splits else torch.empty
+    make = torch.zeros if total > prefix_splits + suffix_splits else torch.empty  # splits past both: zero weight
     partial = make(batch * num_q_heads * total, dim, dtype=torch.float32, device=q.device)
     lse = torch.full((batch * num_q_heads * total,), -float("inf"), dtype=torch.float32, device=q.device)
-    common = (q.stride(0), q.stride(1), *k_pool.stride()[:2], slot_table.stride(0), sm_scale * k_scale, v_scale)
+    strides = (q.stride(0), q.stride(1), out.stride(0), out.stride(1), *k_pool.stride()[:2], slot_table.stride(0))
+    scales = (sm_scale * k_scale, v_scale)
     tiling = dict(D=dim, BLOCK_N=block_n, TOTAL_SPLITS=total, num_warps=num_warps, num_stages=num_stages)
-    rows = max(16, triton.next_power_of_2(max_members * group))
     prefix_args = (q, k_pool, v_pool, slot_table, req_rows, group_ptr, starts, max_prefix, partial, lse)
+    rows = max(16, triton.next_power_of_2(max_members * group))
     _prefix_part[(num_groups, num_kv_heads, prefix_splits)](
-        *prefix_args, *common, GROUP=group, ROWS=rows, SPLITS=prefix_splits, **tiling
+        *prefix_args, *strides[:2], *strides[4:], *scales, GROUP=group, ROWS=rows, SPLITS=prefix_splits, **tiling
     )
     # Each sequence's own slots: triton_decode's first kernel from its start, into the splits after the prefix's.
     own = (q, k_pool, v_pool, slot_table, req_rows, seq_lens, max_suffix, out, starts, partial, lse, out)
-    strides = (q.stride(0), q.stride(1), out.stride(0), out.stride(1), *k_pool.stride()[:2], slot_table.stride(0))
     shape = dict(GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), SPLITS=suffix_splits)
     variant = dict(F16_DOTS=k_pool.dtype == torch.float8_e4m3fn, ORDERED=False, FROM_STARTS=True)
     _split_kv[(num_kv_heads, batch, suffix_splits)](
-        *own, *strides, sm_scale * k_scale, v_scale, **shape, **variant, FIRST_SPLIT=prefix_splits, **tiling
+        *own, *strides, *scales, **shape, **variant, FIRST_SPLIT=prefix_splits, **tiling
     )
     merge_splits[(batch, num_q_heads)](partial, lse, out, out.stride(0), out.stride(1), D=dim, SPLITS=total)
     return out

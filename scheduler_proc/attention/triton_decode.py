@@ -69,6 +69,16 @@ def attend_slice(
     return m_i, l_i, acc
 
 
+@triton.jit
+def store_partial(m_i, l_i, acc, partial, lse, at, valid, v_scale, D: tl.constexpr):
+    """A split's normalised output and log-sum-exp at rows `at` of the merge's inputs. A split that held no
+    slot (past a short sequence's end, or an empty shared prefix) gets weight zero there: lse -inf."""
+    has = l_i > 0
+    o = tl.where(has[:, None], acc / tl.where(has, l_i, 1.0)[:, None] * v_scale, 0.0)
+    tl.store(partial + at[:, None] * D + tl.arange(0, D)[None, :], o, mask=valid[:, None])
+    tl.store(lse + at, tl.where(has, m_i + tl.log(tl.where(has, l_i, 1.0)), -float("inf")), mask=valid)
+
+
 # Programs start in the order of their ids, heads fastest: a sequence's heads read neighbouring bytes of the
 # same slots together. With ORDERED the sequences are taken longest first (order: indices by descending
 # length, equal lengths in batch order), so the last programs to start are the shortest. Every split of the
@@ -121,25 +131,20 @@ def _split_kv(
         lo += tl.load(starts + b).to(tl.int32)
     hi = tl.minimum(lo + chunk, length)
     g = tl.arange(0, GROUP_PAD)
+    valid = g < GROUP
     d = tl.arange(0, D)
     heads = h * GROUP + g
-    q_rows = tl.load(
-        q + b * q_stride_b + heads[:, None] * q_stride_h + d[None, :], mask=(g < GROUP)[:, None], other=0.0
-    )
+    q_rows = tl.load(q + b * q_stride_b + heads[:, None] * q_stride_h + d[None, :], mask=valid[:, None], other=0.0)
     if F16_DOTS:  # FP8 KV: e4m3 converts to fp16 in one instruction a pair, to bf16 in several
         q_rows = tl.minimum(tl.maximum(q_rows.to(tl.float32), -65504.0), 65504.0).to(tl.float16)
     kv_rows = k_pool, v_pool, pool_stride_s, h * pool_stride_h
     m_i, l_i, acc = attend_slice(q_rows, kv_rows, slots_of_seq, lo, hi, scale, GROUP_PAD, D, BLOCK_N)
-    # A split past a short sequence's end holds no token: weight zero in stage 2 (its lse is -inf).
-    has = l_i > 0
-    o = tl.where(has[:, None], acc / tl.where(has, l_i, 1.0)[:, None] * v_scale, 0.0)
-    if TOTAL_SPLITS == 1:  # the whole sequence in this program: its output is final, no second kernel
+    if TOTAL_SPLITS == 1:  # the whole sequence (at least one token) in this program: its output is final
         rows_out = out + b * out_stride_b + heads[:, None] * out_stride_h + d[None, :]
-        tl.store(rows_out, o.to(out.dtype.element_ty), mask=(g < GROUP)[:, None])
+        tl.store(rows_out, (acc / l_i[:, None] * v_scale).to(out.dtype.element_ty), mask=valid[:, None])
     else:
         at = (b * (GROUP * tl.num_programs(0)) + heads) * TOTAL_SPLITS + FIRST_SPLIT + split
-        tl.store(partial + at[:, None] * D + d[None, :], o, mask=(g < GROUP)[:, None])
-        tl.store(lse + at, tl.where(has, m_i + tl.log(tl.where(has, l_i, 1.0)), -float("inf")), mask=g < GROUP)
+        store_partial(m_i, l_i, acc, partial, lse, at, valid, v_scale, D)
 
 
 @triton.jit
@@ -154,6 +159,20 @@ def merge_splits(partial, lse, out, out_stride_b, out_stride_h, D: tl.constexpr,
     parts = tl.load(partial + at[:, None] * D + d[None, :])
     merged = tl.sum(parts * weights[:, None], 0) / tl.sum(weights, 0)
     tl.store(out + b * out_stride_b + head * out_stride_h + d, merged.to(out.dtype.element_ty))
+
+
+def default_splits(work_items: int) -> int:
+    """Slices to cut each of `work_items` (sequence, KV head) pairs into: enough programs to fill an H200's
+    132 SMs about four times over, a power of two up to 16."""
+    return triton.next_power_of_2(max(1, min(16, triton.cdiv(528, max(1, work_items)))))
+
+
+def _default_tiling(dim: int) -> tuple[int, int]:
+    """(BLOCK_N, num_stages) by head_dim. H200, in CUDA graphs at the engine's KV layout (bench_triton_decode.py,
+    lease O): at Qwen2.5-0.5B's heads (7 x 64 a KV head) 128-token blocks in two buffers took 8-18% less time
+    than 64 in three; at Qwen3-0.6B's (2 x 128) 64 in three or two were the fastest (lease L: three 2-24%
+    before two)."""
+    return (128, 2) if dim <= 64 else (64, 3) if dim <= 128 else (64, 2)
 
 
 def decode_attention(
@@ -191,15 +210,9 @@ def decode_attention(
     group = num_q_heads // num_kv_heads
     assert q.stride(2) == 1 and k_pool.stride(2) == 1 and k_pool.stride() == v_pool.stride()
     assert slot_table.stride(1) == 1
-    # H200, in CUDA graphs at the engine's KV layout (bench_triton_decode.py, lease O): at
-    # Qwen2.5-0.5B's heads (7 x 64 a KV head) 128-token blocks in two buffers took 8-18% less time than 64 in
-    # three; at Qwen3-0.6B's (2 x 128) 64 in three or two were the fastest (lease L: three 2-24% before two).
-    if block_n is None:
-        block_n = 128 if dim <= 64 else 64
-    if num_stages is None:
-        num_stages = 3 if 64 < dim <= 128 else 2
-    if splits is None:
-        splits = triton.next_power_of_2(max(1, min(16, triton.cdiv(528, max(1, batch * num_kv_heads)))))
+    default_block_n, default_stages = _default_tiling(dim)
+    block_n, num_stages = block_n or default_block_n, num_stages or default_stages
+    splits = splits or default_splits(batch * num_kv_heads)
     out = torch.empty_like(q)
     if batch == 0:
         return out
