@@ -36,7 +36,24 @@ class SamplingBatch:
     grammar_mask: Optional[StepMask] = None  # what the constrained rows' grammars allow (grammar_mask.py)
 
 
-def _device_row(index: int, ints: bool = False) -> property:
+# The parameters kept per request row: floats with their neutral value, and ints (top_k's neutral value is the
+# vocabulary size, set per engine).
+_FLOATS = {
+    "temperature": 1.0,
+    "top_p": 1.0,
+    "min_p": 0.0,
+    "frequency_penalty": 0.0,
+    "presence_penalty": 0.0,
+    "repetition_penalty": 1.0,
+}
+_INTS = ("top_k", "seed")
+
+
+def _device_row(name: str) -> property:
+    """The [max_requests] device tensor of one parameter, current as of the last admission."""
+    ints = name in _INTS
+    index = _INTS.index(name) if ints else list(_FLOATS).index(name)
+
     def read(self: SamplingState) -> torch.Tensor:
         self._upload()
         return (self._ints if ints else self._floats)[index]
@@ -47,17 +64,14 @@ def _device_row(index: int, ints: bool = False) -> property:
 class SamplingState:
     """Sampling parameters per request row, and token counts for the penalties."""
 
-    _FLOATS = ("temperature", "top_p", "min_p", "frequency_penalty", "presence_penalty", "repetition_penalty")
-    _INTS = ("top_k", "seed")
-    # [max_requests] device tensors, current as of the last admission.
-    temperature = _device_row(0)
-    top_p = _device_row(1)
-    min_p = _device_row(2)
-    frequency_penalty = _device_row(3)
-    presence_penalty = _device_row(4)
-    repetition_penalty = _device_row(5)
-    top_k = _device_row(0, ints=True)
-    seed = _device_row(1, ints=True)
+    temperature = _device_row("temperature")
+    top_p = _device_row("top_p")
+    min_p = _device_row("min_p")
+    frequency_penalty = _device_row("frequency_penalty")
+    presence_penalty = _device_row("presence_penalty")
+    repetition_penalty = _device_row("repetition_penalty")
+    top_k = _device_row("top_k")
+    seed = _device_row("seed")
 
     def __init__(self, max_requests: int, vocab_size: int, device: torch.device) -> None:
         self.vocab_size = vocab_size
@@ -65,10 +79,10 @@ class SamplingState:
         # Admission writes a row here on the host; the rows go to the device in one copy before the next
         # sampling reads them. (Eight scalar writes into device tensors were eight launches per request:
         # ~60 us of host time each admission on a GPU, 1,024 of them in the `prefix` workload's prefill.)
-        self._host_floats = np.zeros((len(self._FLOATS), max_requests), dtype=np.float32)
-        self._host_ints = np.zeros((len(self._INTS), max_requests), dtype=np.int64)
-        self._host_floats[[0, 1, 5]] = 1.0  # temperature, top_p, repetition_penalty
-        self._host_ints[0] = vocab_size  # top_k: every token
+        neutral = np.array(list(_FLOATS.values()), dtype=np.float32)
+        self._host_floats = np.repeat(neutral[:, None], max_requests, axis=1)
+        self._host_ints = np.zeros((len(_INTS), max_requests), dtype=np.int64)
+        self._host_ints[_INTS.index("top_k")] = vocab_size  # every token
         self._floats = torch.from_numpy(self._host_floats).to(device)
         self._ints = torch.from_numpy(self._host_ints).to(device)
         self._dirty = False
@@ -83,14 +97,7 @@ class SamplingState:
         """Write a request's parameters into its row; output_ids: tokens it generated before a
         retraction, counted again so penalties resume where they were."""
         top_k = min(params.top_k, self.vocab_size) if params.top_k > 0 else self.vocab_size
-        self._host_floats[:, row] = (
-            params.temperature,
-            params.top_p,
-            params.min_p,
-            params.frequency_penalty,
-            params.presence_penalty,
-            params.repetition_penalty,
-        )
+        self._host_floats[:, row] = [getattr(params, name) for name in _FLOATS]
         self._host_ints[:, row] = (top_k, seed)
         self._dirty = True
         if params.uses_penalties:
