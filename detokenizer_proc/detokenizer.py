@@ -8,6 +8,7 @@ import zmq
 
 from detokenizer_proc.incremental import DecodeState
 from engine.shared.args import EngineArgs
+from engine.shared.child_process import freeze_startup_heap
 from engine.shared.ipc import Endpoints, pull_socket, push_socket
 from engine.shared.protocol import Codec, ProcessReady, TextBatch, TokenBatch
 from engine.shared.text import TextDecoder
@@ -70,6 +71,7 @@ def run_detokenizer(args: EngineArgs, endpoints: Endpoints, context: zmq.Context
     receiver = pull_socket(context, endpoints.detokenizer)
     sender = push_socket(context, endpoints.frontend)
     in_codec, out_codec = Codec(TokenBatch), Codec(TextBatch | ProcessReady)
+    freeze_startup_heap()  # the tokenizer's objects out of every full collection's walk
     sender.send(out_codec.encode(ProcessReady(role="detokenizer", info={})))
     while True:
         batch = in_codec.decode(receiver.recv())

@@ -4,6 +4,7 @@ SIGKILL of the parent), start-up failures raise the child's error at once, a dea
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import os
 import shutil
@@ -92,7 +93,11 @@ def test_shutdown_leaves_no_child_and_is_idempotent():
 
 
 def test_context_manager_exit_leaves_no_child():
+    held_before_start = [object()]  # what the caller's process holds when the engine starts
+    assert any(o is held_before_start for o in gc.get_objects())
     with Engine() as engine:
+        # Frozen with the start-up heap: a full collection in this process no longer walks it.
+        assert not any(o is held_before_start for o in gc.get_objects())
         pids = engine._processes.pids
         assert all(alive(pid) for pid in pids)
         assert engine.generate("Hello", GREEDY)["text"]
