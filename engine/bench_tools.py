@@ -1,6 +1,7 @@
 """What the scripts that compare settings share (scripts/bench_tp.py, bench_dp.py, bench_fp8.py): a run of the
 throughput harness (engine/bench.py) in a process of its own, so that each run gets a fresh engine and, on a
-GPU, the whole device's memory; and a result row appended as a JSON line and printed."""
+GPU, the whole device's memory; a result row appended as a JSON line and printed; and the kernel benchmarks'
+(bench_triton_decode.py, bench_gemm.py) timing of one call inside a CUDA graph."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from typing import Any, Optional
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -46,3 +48,27 @@ def record(path: str, row: dict[str, Any]) -> None:
     for key, value in row.items():
         print(f"  {key:<{width}}  {value:.4g}" if isinstance(value, float) else f"  {key:<{width}}  {value}")
     print(flush=True)
+
+
+def graph_us(fn: Callable[[], Any], calls: int = 20, reps: int = 20) -> float:
+    """Device µs of one call, from a CUDA graph of `calls` back-to-back calls (median of reps replays): a
+    kernel of tens of µs launched from Python one call at a time times the host's launch, not the kernel."""
+    import torch
+
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / calls)
+    return sorted(times)[len(times) // 2]

@@ -25,30 +25,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 from bench_attention import KV_DTYPES, _decode_layout, attention_args  # noqa: E402 (this script's folder, as the script runs)
 
+from engine.bench_tools import graph_us  # noqa: E402
+
 # (BLOCK_N, warps, stages); splits None: the kernel's default.
 _SWEEP_TILINGS = [(32, 4, 2), (64, 4, 2), (64, 4, 3), (128, 4, 2), (128, 8, 2)]
-
-
-def _graph_us(fn, calls: int = 20, reps: int = 20) -> float:
-    """Device µs of one call, from a CUDA graph of `calls` back-to-back calls (median of reps replays): a
-    kernel of tens of µs launched from Python one call at a time times the host's launch, not the kernel."""
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / calls)
-    return sorted(times)[len(times) // 2]
 
 
 def sweep(args) -> list[dict]:
@@ -83,7 +63,7 @@ def sweep(args) -> list[dict]:
             for splits in (None, 1, 4, 8):
                 tiling = dict(block_n=block_n, num_warps=warps, num_stages=stages, splits=splits)
                 call = functools.partial(decode_attention, q, k, v, table, req_rows, seq_lens, d**-0.5, order=order)
-                us = _graph_us(functools.partial(call, **tiling))
+                us = graph_us(functools.partial(call, **tiling))
                 gbps = kv_bytes / us / 1e3
                 rows.append({"case": f"triton sweep {name}", "heads": [hq, hkv, d], "kernel_us": us, "kv_GBps": gbps})
                 rows[-1].update(tiling)
@@ -126,7 +106,7 @@ def cascade(args) -> list[dict]:
     group_ptr = torch.arange(0, batch + 1, members, device="cuda")
     starts = torch.full((batch,), shared, device="cuda")
     flat = functools.partial(decode_attention, q, k, v, table, rows, seq_lens, d**-0.5)
-    flat_us = _graph_us(flat)
+    flat_us = graph_us(flat)
     kv_bytes = 2 * batch * (shared + tail) * hkv * d * k.element_size()
     print(f"triton_decode (every sequence reads its prefix) {flat_us:8.1f} us  {kv_bytes / flat_us / 1e3:6.0f} GB/s")
     rows_out = [{"case": "cascade: triton_decode", "heads": [hq, hkv, d], "kernel_us": flat_us}]
@@ -137,7 +117,7 @@ def cascade(args) -> list[dict]:
             call = functools.partial(
                 shared_prefix_decode, q, k, v, table, rows, seq_lens, group_ptr, starts, members, d**-0.5, **tiling
             )
-            us = _graph_us(call)
+            us = graph_us(call)
             error = (call().float() - reference).abs().max().item()
             print(f"shared_prefix_decode {tiling}: {us:8.1f} us ({flat_us / us:.2f}x)  max |diff| {error:.2e}")
             rows_out.append({"case": "cascade: shared_prefix_decode", "heads": [hq, hkv, d], "kernel_us": us, **tiling})

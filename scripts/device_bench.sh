@@ -4,7 +4,8 @@
 # engine timing its three workloads, ~255 s on an H200), small (Qwen2.5-0.5B), qwen3 (Qwen3-0.6B), large
 # (Llama-3.1-8B), prefix (radix cache on/off), overlap (Qwen2.5-0.5B nanovllm with and without overlap),
 # moe (the fused MoE layer against the per-expert loop, then Qwen3-30B-A3B on the three workloads), kernels
-# (the Triton decode's tilings at the three models' heads, and the cascade candidate at the prefix workload's).
+# (the Triton decode's tilings at the three models' heads, and the cascade candidate at the prefix workload's), gemm
+# (the three models' decode GEMMs: cuBLAS, cuBLASLt and the Triton candidate's tilings, ~2-3 minutes).
 # The peer's nine cells in the same lease, in a call of their own (~300 s; its first model compiles and
 # captures for 90-150 s, so keep less back for the later two than device_peer.sh's default 210 s each):
 #   PEER_BUDGET_S=560 PEER_RESERVE_S=110 bash .peer/device_peer.sh qwen3-0.6b qwen2.5-0.5b llama-3.1-8b
@@ -47,4 +48,6 @@ case "$1" in
       timeout 150 python3 scripts/bench_triton_decode.py --heads $1 --kv-heads $2 --head-dim $3 --out "$out"
     done
     timeout 150 python3 scripts/bench_triton_decode.py --heads 14 --kv-heads 2 --head-dim 64 --cascade --out "$out" ;;
+  gemm)
+    timeout 300 python3 scripts/bench_gemm.py --out "$out" ;;
 esac

@@ -90,6 +90,7 @@ def _layers():
     from scheduler_proc.layers.fp8_quant_kernel import quantize_rows
     from scheduler_proc.layers.fused_moe import fused_experts
     from scheduler_proc.layers.qk_norm_rope import qk_norm_rope
+    from scheduler_proc.layers.triton_linear import LinearConfig, triton_linear
 
     for cols in (896, 4096, 14_336, 20_000):  # one block (4 and 8 warps), and the two-pass loop
         quantize_rows(torch.zeros(3, cols, dtype=torch.bfloat16))
@@ -105,6 +106,10 @@ def _layers():
     w2 = torch.zeros(experts, hidden, inner, dtype=torch.bfloat16)
     ids = torch.tensor([[0, 3], [1, 2], [7, 0], [5, 6], [2, 4], [3, 1]])
     fused_experts(x, w13, w2, torch.full((6, 2), 0.5), ids)
+    x = torch.zeros(256, 896, dtype=torch.bfloat16)
+    weight, bias = torch.zeros(1152, 896, dtype=torch.bfloat16), torch.zeros(1152, dtype=torch.bfloat16)
+    for config in (None, LinearConfig(128, 128, 64, num_warps=8, num_stages=4), LinearConfig(split_k=4)):
+        triton_linear(x, weight, bias, config)
 
 
 def main() -> int:

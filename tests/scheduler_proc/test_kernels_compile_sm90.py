@@ -34,5 +34,7 @@ def test_every_kernel_compiles_for_sm90():
         "_quantize_rows",
         "_qk_norm_rope",
         "_grouped_gemm",
+        "_linear",
+        "_sum_splits",
     ):
         assert kernel in compiled, done.stdout
