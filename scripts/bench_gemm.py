@@ -28,7 +28,14 @@ from scheduler_proc.layers.triton_linear import LinearConfig, default_config, tr
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODELS = ["qwen2.5-0.5b", "qwen3-0.6b", "llama-3.1-8b"]
 # (block_m, block_n, block_k, num_warps, num_stages), each also with K split in 2, 4 and 8 where K allows.
-_TILINGS = [(64, 64, 64, 4, 3), (64, 128, 64, 4, 3), (64, 64, 128, 4, 3), (128, 64, 64, 4, 4), (128, 128, 64, 8, 3)]
+_TILINGS = [
+    (64, 64, 64, 4, 3),
+    (64, 128, 64, 4, 3),
+    (64, 64, 128, 4, 3),
+    (128, 64, 64, 4, 4),
+    (128, 128, 64, 8, 3),
+    (128, 256, 64, 8, 3),  # fewer re-reads of x and of the weight from L2, in fewer programs
+]
 _SPLITS = (1, 2, 4, 8)
 
 
