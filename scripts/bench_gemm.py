@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
+from engine.bench_roofline import measure_ceilings  # noqa: E402
 from engine.bench_tools import graph_us  # noqa: E402
 from scheduler_proc.layers.triton_linear import LinearConfig, default_config, triton_linear  # noqa: E402
 
@@ -55,11 +56,12 @@ def layer_shapes(model: str) -> list[tuple[str, int, int]]:
 
 
 def _cublaslt(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    before = torch.backends.cuda.preferred_blas_library()
     torch.backends.cuda.preferred_blas_library("cublaslt")
     try:
         return F.linear(x, weight)
     finally:
-        torch.backends.cuda.preferred_blas_library("cublas")
+        torch.backends.cuda.preferred_blas_library(before)
 
 
 def time_shape(model: str, layer: str, m: int, n: int, k: int, bandwidth: float) -> list[dict]:
@@ -85,20 +87,13 @@ def time_shape(model: str, layer: str, m: int, n: int, k: int, bandwidth: float)
     return rows
 
 
-def _copy_bandwidth() -> float:
-    """Bytes read and written per second by a 1 GiB device copy (the roofline's measure)."""
-    a = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-    b = torch.empty_like(a)
-    return 2 * a.numel() / (graph_us(lambda: b.copy_(a), calls=5, reps=5) / 1e6)
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", action="append", help="a folder under configs/; repeat for several")
     p.add_argument("--rows", type=int, action="append", help="a step's batch; repeat (default 64, 256, 512)")
     p.add_argument("--out", help="append the JSON lines here")
     args = p.parse_args()
-    bandwidth = _copy_bandwidth()
+    bandwidth = measure_ceilings()["bandwidth_bytes_s"]  # the roofline's copy bandwidth
     print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s")
     print(f"{'shape':<34}{'cublas':>9}{'lt':>9}{'tri def':>9}{'tri best':>9}{'x':>7}  {'floor':>6}  best tiling")
     out = []
