@@ -5,7 +5,8 @@
 # (Llama-3.1-8B), prefix (radix cache on/off), overlap (Qwen2.5-0.5B nanovllm with and without overlap),
 # moe (the fused MoE layer against the per-expert loop, then Qwen3-30B-A3B on the three workloads), kernels
 # (the Triton decode's tilings at the three models' heads, and the cascade candidate at the prefix workload's), gemm
-# (the three models' decode GEMMs: cuBLAS, cuBLASLt and the Triton candidate's tilings, ~2-3 minutes).
+# (the three models' decode GEMMs: cuBLAS, cuBLASLt and the Triton candidate's tilings, ~2-3 minutes), gemm-fp8
+# (the FP8 layers' GEMMs of Llama-3.1-8B and Qwen3-0.6B: torch._scaled_mm, the activations' quantization, Triton).
 # The peer's nine cells in the same lease, in a call of their own (~300 s; its first model compiles and
 # captures for 90-150 s, so keep less back for the later two than device_peer.sh's default 210 s each):
 #   PEER_BUDGET_S=560 PEER_RESERVE_S=110 bash .peer/device_peer.sh qwen3-0.6b qwen2.5-0.5b llama-3.1-8b
@@ -50,4 +51,6 @@ case "$1" in
     timeout 150 python3 scripts/bench_triton_decode.py --heads 14 --kv-heads 2 --head-dim 64 --cascade --out "$out" ;;
   gemm)
     timeout 300 python3 scripts/bench_gemm.py --out "$out" ;;
+  gemm-fp8)
+    timeout 300 python3 scripts/bench_gemm.py --fp8 --out "$out" ;;
 esac

@@ -1,5 +1,6 @@
 """A Triton GEMM for decode-sized linear layers, y = x @ weight.T (+ bias): a candidate to replace cuBLAS where
-it measures faster (scripts/bench_gemm.py), not wired into the layers yet.
+it measures faster (scripts/bench_gemm.py), not wired into the layers yet. With FP8 operands it also takes their
+scales (x per row, the weight per output row) and applies them in the epilogue, as torch._scaled_mm does.
 
 Why a candidate: at a decode step's 256 rows the four GEMMs of a Qwen2.5-0.5B layer took 30.4 us on the H200
 (lease O), where their 30 MB of weights take 7 us at full bandwidth. Their grids are small: 256 x 896 output
@@ -45,6 +46,8 @@ def _linear(
     x_ptr,
     w_ptr,
     bias_ptr,
+    x_scale_ptr,  # [M] float32 when SCALED
+    w_scale_ptr,  # [N] float32 when SCALED
     out_ptr,  # [M, N] in the output dtype, or [SPLIT_K, M, N] float32 partials
     M,
     N,
@@ -57,6 +60,7 @@ def _linear(
     BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    SCALED: tl.constexpr,
 ):
     # Row blocks vary fastest: the programs that read one weight tile run side by side and share it in L2.
     pid_m = tl.program_id(0)
@@ -75,6 +79,9 @@ def _linear(
         acc = tl.dot(x, tl.trans(w), acc)
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
+    if SCALED:  # each partial scaled alike: their sum is the scaled sum
+        x_scale = tl.load(x_scale_ptr + rows, mask=rows < M, other=0.0)
+        acc *= x_scale[:, None] * tl.load(w_scale_ptr + cols, mask=cols < N, other=0.0)[None, :]
     inside = (rows[:, None] < M) & (cols[None, :] < N)
     if SPLIT_K == 1:
         if HAS_BIAS:
@@ -99,9 +106,15 @@ def _sum_splits(
 
 
 def triton_linear(
-    x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, config: Optional[LinearConfig] = None
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    config: Optional[LinearConfig] = None,
+    scales: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+    out_dtype: Optional[torch.dtype] = None,
 ) -> torch.Tensor:
-    """x [..., K] @ weight [N, K].T (+ bias [N]) in x's dtype, accumulated in float32."""
+    """x [..., K] @ weight [N, K].T (+ bias [N]), accumulated in float32, in out_dtype (default x's dtype).
+    scales: (x's [rows] or [rows, 1], weight's [N]) float32 scales of FP8 operands, multiplied in."""
     k = x.shape[-1]
     rows = x.reshape(-1, k)
     if rows.stride(-1) != 1:
@@ -110,13 +123,15 @@ def triton_linear(
     m, n = rows.shape[0], weight.shape[0]
     cfg = config or default_config(m, n, k)
     k_per_split = triton.cdiv(triton.cdiv(k, cfg.split_k), cfg.block_k) * cfg.block_k
-    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    out = torch.empty((m, n), dtype=out_dtype or x.dtype, device=x.device)
     target = out if cfg.split_k == 1 else torch.empty((cfg.split_k, m, n), dtype=torch.float32, device=x.device)
     grid = (triton.cdiv(m, cfg.block_m), triton.cdiv(n, cfg.block_n), cfg.split_k)
     _linear[grid](
         rows,
         weight,
         bias if bias is not None else weight,  # not read without HAS_BIAS
+        scales[0] if scales else weight,  # not read without SCALED
+        scales[1] if scales else weight,
         target,
         m,
         n,
@@ -129,6 +144,7 @@ def triton_linear(
         BLOCK_K=cfg.block_k,
         SPLIT_K=cfg.split_k,
         HAS_BIAS=bias is not None and cfg.split_k == 1,
+        SCALED=scales is not None,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )

@@ -110,6 +110,11 @@ def _layers():
     weight, bias = torch.zeros(1152, 896, dtype=torch.bfloat16), torch.zeros(1152, dtype=torch.bfloat16)
     for config in (None, LinearConfig(128, 128, 64, num_warps=8, num_stages=4), LinearConfig(split_k=4)):
         triton_linear(x, weight, bias, config)
+    fp8 = torch.float8_e4m3fn  # FP8 operands with their scales, bf16 out (the FP8 layers' GEMM)
+    x_q, w_q = x.to(fp8), weight.to(fp8)
+    scales = (torch.ones(256, 1), torch.ones(1152))
+    for config in (LinearConfig(64, 64, 128), LinearConfig(64, 128, 128, split_k=2)):
+        triton_linear(x_q, w_q, None, config, scales=scales, out_dtype=torch.bfloat16)
 
 
 def main() -> int:

@@ -44,6 +44,21 @@ def test_leading_dimensions_are_kept():
     torch.testing.assert_close(got.float(), (x.float() @ weight.float().T), atol=0.05, rtol=0.02)
 
 
+@pytest.mark.parametrize("split_k", [1, 3])
+def test_scales_multiply_rows_and_columns(split_k):
+    """FP8 operands' scales (one per row of x, one per output row of the weight) applied in the epilogue; run
+    here in float16 operands, as the interpreter has no FP8 dot (the device test runs FP8)."""
+    gen = torch.Generator().manual_seed(7 + split_k)
+    x = torch.randn(6, 96, generator=gen).to(torch.float16)
+    weight = torch.randn(40, 96, generator=gen).to(torch.float16)
+    x_scale, w_scale = torch.rand(6, 1, generator=gen) + 0.5, torch.rand(40, generator=gen) + 0.5
+    config = LinearConfig(block_m=16, block_n=16, block_k=16, split_k=split_k)
+    got = triton_linear(x, weight, None, config, scales=(x_scale, w_scale), out_dtype=torch.float32)
+    want = (x.float() * x_scale) @ (weight.float() * w_scale[:, None]).T
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-3)
+
+
 def test_split_partials_are_summed_in_order():
     """The same inputs give the same bits: the splits' partials are summed by one kernel in split order."""
     x = torch.randn(8, 256).to(torch.float16)
