@@ -21,7 +21,7 @@ from scheduler_proc.layers.fp8 import fp8_matmul_supported
 from scheduler_proc.layers.fp8_linear import finish_loading, to_fp8
 from scheduler_proc.layers.linear import ColumnParallelLinear, RowParallelLinear
 from scheduler_proc.layers.moe import SparseMoE
-from scheduler_proc.models.decoder import CausalLM
+from scheduler_proc.models.decoder import CausalLM, DecoderLayer
 from scheduler_proc.models.registry import ARCHITECTURES
 from scheduler_proc.tp.group import TPGroup
 
@@ -69,6 +69,10 @@ def build_model(
     for module in model.modules():
         if getattr(module, "fp8", None) is not None:
             finish_loading(module, dtype)
+    if scheme is not None:
+        for module in model.modules():
+            if isinstance(module, DecoderLayer):
+                module.feed_fp8_projections()
     return model.eval()
 
 

@@ -29,6 +29,8 @@ from engine.bench_tools import graph_us  # noqa: E402
 
 # (BLOCK_N, warps, stages); splits None: the kernel's default.
 _SWEEP_TILINGS = [(32, 4, 2), (64, 4, 2), (64, 4, 3), (128, 4, 2), (128, 8, 2)]
+# An FP8 row is half as many bytes: longer blocks and deeper pipelines fit the same shared memory.
+_FP8_TILINGS = [(128, 4, 3), (128, 8, 3), (256, 8, 2)]
 
 
 def sweep(args) -> list[dict]:
@@ -59,17 +61,19 @@ def sweep(args) -> list[dict]:
         q = q.to(torch.bfloat16)
         order = torch.sort(seq_lens, descending=True, stable=True).indices
         kv_bytes = 2 * sum(lengths) * hkv * d * k.element_size()
-        for block_n, warps, stages in _SWEEP_TILINGS:
-            for splits in (None, 1, 4, 8):
-                tiling = dict(block_n=block_n, num_warps=warps, num_stages=stages, splits=splits)
-                call = functools.partial(decode_attention, q, k, v, table, req_rows, seq_lens, d**-0.5, order=order)
-                us = graph_us(functools.partial(call, **tiling))
-                gbps = kv_bytes / us / 1e3
-                rows.append({"case": f"triton sweep {name}", "heads": [hq, hkv, d], "kernel_us": us, "kv_GBps": gbps})
-                rows[-1].update(tiling)
-                print(
-                    f"{name:<14} {str((block_n, warps, stages)):<14} splits {splits!s:<5} {us:8.1f} us {gbps:6.0f} GB/s"
-                )
+        tilings = _SWEEP_TILINGS + (_FP8_TILINGS if k.element_size() == 1 else [])
+        cases = [(t, splits, False) for t in tilings for splits in (None, 1, 4, 8)]
+        cases += [(t, None, True) for t in tilings]  # the KV block as first operand, default splits
+        for (block_n, warps, stages), splits, kv_first in cases:
+            tiling = dict(block_n=block_n, num_warps=warps, num_stages=stages, splits=splits, kv_first=kv_first)
+            call = functools.partial(decode_attention, q, k, v, table, req_rows, seq_lens, d**-0.5, order=order)
+            us = graph_us(functools.partial(call, **tiling))
+            gbps = kv_bytes / us / 1e3
+            rows.append({"case": f"triton sweep {name}", "heads": [hq, hkv, d], "kernel_us": us, "kv_GBps": gbps})
+            rows[-1].update(tiling)
+            first = "kv_first" if kv_first else ""
+            tiles = str((block_n, warps, stages))
+            print(f"{name:<14} {tiles:<14} splits {splits!s:<5} {first:<8} {us:8.1f} us {gbps:6.0f} GB/s")
     return rows
 
 

@@ -70,6 +70,46 @@ def attend_slice(
 
 
 @triton.jit
+def attend_slice_kv_first(
+    q_rows,
+    kv_rows,
+    slots_of_seq,
+    lo,
+    hi,
+    scale,
+    GROUP_PAD: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """attend_slice with the KV block as the first operand of both products (scores^T = K q^T, out^T =
+    V^T p^T), so that on Hopper a block converted in registers (an FP8 pool read in fp16) feeds the tensor
+    cores from registers, with 64 or more rows a product, rather than going back to shared memory."""
+    k_pool, v_pool, pool_stride_s, head_offset = kv_rows
+    m_i = tl.full([GROUP_PAD], -float("inf"), tl.float32)
+    l_i = tl.zeros([GROUP_PAD], tl.float32)
+    acc_t = tl.zeros([D, GROUP_PAD], tl.float32)
+    q_t = tl.trans(q_rows)
+    n = tl.arange(0, BLOCK_N)
+    d = tl.arange(0, D)
+    for n0 in range(lo, hi, BLOCK_N):
+        valid = n0 + n < hi
+        slots = tl.load(slots_of_seq + n0 + n, mask=valid, other=0).to(tl.int64)
+        k = tl.load(k_pool + slots[:, None] * pool_stride_s + head_offset + d[None, :], mask=valid[:, None], other=0.0)
+        scores_t = tl.dot(k.to(q_rows.dtype), q_t) * scale  # [BLOCK_N, GROUP_PAD]
+        scores_t = tl.where(valid[:, None], scores_t, -float("inf"))
+        m_new = tl.maximum(m_i, tl.max(scores_t, 0))
+        p_t = tl.exp(scores_t - m_new[None, :])
+        alpha = tl.exp(m_i - m_new)
+        v_t = tl.load(
+            v_pool + slots[None, :] * pool_stride_s + head_offset + d[:, None], mask=valid[None, :], other=0.0
+        )
+        acc_t = acc_t * alpha[None, :] + tl.dot(v_t.to(q_rows.dtype), p_t.to(q_rows.dtype))
+        l_i = l_i * alpha + tl.sum(p_t, 0)
+        m_i = m_new
+    return m_i, l_i, tl.trans(acc_t)
+
+
+@triton.jit
 def store_partial(m_i, l_i, acc, partial, lse, at, valid, v_scale, D: tl.constexpr):
     """A split's normalised output and log-sum-exp at rows `at` of the merge's inputs. A split that held no
     slot (past a short sequence's end, or an empty shared prefix) gets weight zero there: lse -inf."""
@@ -117,6 +157,7 @@ def _split_kv(
     FROM_STARTS: tl.constexpr,
     FIRST_SPLIT: tl.constexpr,
     TOTAL_SPLITS: tl.constexpr,
+    KV_FIRST: tl.constexpr,
 ):
     h = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
@@ -138,7 +179,10 @@ def _split_kv(
     if F16_DOTS:  # FP8 KV: e4m3 converts to fp16 in one instruction a pair, to bf16 in several
         q_rows = tl.minimum(tl.maximum(q_rows.to(tl.float32), -65504.0), 65504.0).to(tl.float16)
     kv_rows = k_pool, v_pool, pool_stride_s, h * pool_stride_h
-    m_i, l_i, acc = attend_slice(q_rows, kv_rows, slots_of_seq, lo, hi, scale, GROUP_PAD, D, BLOCK_N)
+    if KV_FIRST:
+        m_i, l_i, acc = attend_slice_kv_first(q_rows, kv_rows, slots_of_seq, lo, hi, scale, GROUP_PAD, D, BLOCK_N)
+    else:
+        m_i, l_i, acc = attend_slice(q_rows, kv_rows, slots_of_seq, lo, hi, scale, GROUP_PAD, D, BLOCK_N)
     if TOTAL_SPLITS == 1:  # the whole sequence (at least one token) in this program: its output is final
         rows_out = out + b * out_stride_b + heads[:, None] * out_stride_h + d[None, :]
         tl.store(rows_out, (acc / l_i[:, None] * v_scale).to(out.dtype.element_ty), mask=valid[:, None])
@@ -192,6 +236,7 @@ def decode_attention(
     num_stages: Optional[int] = None,
     fp8_in_f16: bool = True,
     order: Optional[torch.Tensor] = None,
+    kv_first: bool = False,
 ) -> torch.Tensor:
     """Attention of one query token per sequence: q [B, Hq, D] against the KV pool [slots, Hkv, D] (bf16, or
     FP8 holding value / scale) at each sequence's slots slot_table[req_rows[b], : seq_lens[b]] (the pool's
@@ -204,7 +249,8 @@ def decode_attention(
     fp8_in_f16: over an FP8 pool, the dot products in fp16 (which holds every e4m3 value exactly, and the
     query clamped to its range) rather than in q's dtype. order: the batch's indices by descending
     seq_lens, to start the longest sequences' programs first (default: batch order; the engine passes a
-    stable sort's: Qwen3-0.6B `nanovllm` decode 5% faster on the H200, equal lengths unchanged)."""
+    stable sort's: Qwen3-0.6B `nanovllm` decode 5% faster on the H200, equal lengths unchanged). kv_first:
+    the products with the KV block as first operand (attend_slice_kv_first; bench_triton_decode.py times both)."""
     batch, num_q_heads, dim = q.shape
     num_kv_heads = k_pool.shape[1]
     group = num_q_heads // num_kv_heads
@@ -227,7 +273,7 @@ def decode_attention(
     strides = (q.stride(0), q.stride(1), out.stride(0), out.stride(1), *k_pool.stride()[:2], slot_table.stride(0))
     shape = dict(GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), D=dim, BLOCK_N=block_n, SPLITS=splits)
     variant = dict(F16_DOTS=fp8_in_f16 and k_pool.dtype == torch.float8_e4m3fn, ORDERED=order is not None)
-    variant.update(FROM_STARTS=False, FIRST_SPLIT=0, TOTAL_SPLITS=splits)
+    variant.update(FROM_STARTS=False, FIRST_SPLIT=0, TOTAL_SPLITS=splits, KV_FIRST=kv_first)
     _split_kv[(num_kv_heads, batch, splits)](
         *tensors, *strides, sm_scale * k_scale, v_scale, **shape, **variant, num_warps=num_warps, num_stages=num_stages
     )

@@ -15,7 +15,7 @@ weight-only FP8 model whose outputs equal those of the model with the dequantize
 from __future__ import annotations
 
 import functools
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +23,16 @@ import torch.nn.functional as F
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448
 _TINY = 1e-12  # floor of an amax, so an all-zero row gets a finite scale
+
+
+class Fp8Rows(NamedTuple):
+    """Activations already quantized per token, as the kernel before an FP8 matmul may write them
+    (fp8_quant_kernel.py): q [T, K] e4m3, scale [T, 1] float32, and the dtype they were computed in (the
+    matmul's output dtype)."""
+
+    q: torch.Tensor
+    scale: torch.Tensor
+    dtype: torch.dtype
 
 
 def quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,21 +95,34 @@ def fp8_matmul_supported(device: torch.device) -> bool:
 
 
 def scaled_mm(
-    x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: Optional[torch.Tensor]
+    x: torch.Tensor | Fp8Rows, weight: torch.Tensor, weight_scale: torch.Tensor, bias: Optional[torch.Tensor]
 ) -> torch.Tensor:
-    """x [..., K] (bf16/fp16) @ (weight [N, K] e4m3 * weight_scale [N])^T on FP8 tensor cores: x is
-    quantized per token, and both scales are applied in the matmul's epilogue."""
-    shape = x.shape
-    x_q, x_scale = _quantize_activations(x.reshape(-1, shape[-1]))
-    out = torch._scaled_mm(
-        x_q,
-        weight.t(),  # [K, N] column-major, as cuBLAS wants the second operand
-        scale_a=x_scale,
-        scale_b=weight_scale.view(1, -1),
-        bias=bias,
-        out_dtype=x.dtype,
-    )
-    return out.view(*shape[:-1], weight.shape[0])
+    """x [..., K] (bf16/fp16, or rows already quantized) @ (weight [N, K] e4m3 * weight_scale [N])^T on FP8
+    tensor cores: x is quantized per token, and both scales are applied in the matmul's epilogue. The
+    matmul is torch._scaled_mm, or the Triton GEMM at the shapes where it measured faster."""
+    if isinstance(x, Fp8Rows):
+        rows, shape = x, x.q.shape
+    else:
+        shape = x.shape
+        rows = Fp8Rows(*_quantize_activations(x.reshape(-1, shape[-1])), x.dtype)
+    m, k = rows.q.shape
+    n = weight.shape[0]
+    from scheduler_proc.layers.triton_linear import fp8_config, triton_linear
+
+    config = fp8_config(m, n, k)
+    if config is not None:
+        scales = (rows.scale, weight_scale)
+        out = triton_linear(rows.q, weight, bias, config, scales=scales, out_dtype=rows.dtype)
+    else:
+        out = torch._scaled_mm(
+            rows.q,
+            weight.t(),  # [K, N] column-major, as cuBLAS wants the second operand
+            scale_a=rows.scale,
+            scale_b=weight_scale.view(1, -1),
+            bias=bias,
+            out_dtype=rows.dtype,
+        )
+    return out.view(*shape[:-1], n)
 
 
 def _quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -21,6 +21,7 @@ from torch import nn
 
 from scheduler_proc.layers.fp8 import (
     FP8,
+    Fp8Rows,
     dequantize,
     fp8_matmul_supported,
     quantize_blockwise,
@@ -50,8 +51,12 @@ class Fp8Kernel:
         self.inner = LinearKernel()
         self._dequantized: Optional[torch.Tensor] = None
 
-    def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def __call__(
+        self, x: torch.Tensor | Fp8Rows, weight: torch.Tensor, bias: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
         scale, block = self.layer.weight_scale, self.layer.fp8.block
+        if isinstance(x, Fp8Rows):  # quantized by the kernel before, where takes_fp8_rows() said so
+            return scaled_mm(x, weight, scale, bias)
         # bf16 only: row-wise scaled FP8 GEMMs give fp16 outputs only in newer torch builds.
         if block is None and x.dtype == torch.bfloat16 and fp8_matmul_supported(x.device):
             return scaled_mm(x, weight, scale, bias)
@@ -65,6 +70,15 @@ class Fp8Kernel:
         """Drop the dequantized copy: the weight or its scale was rewritten."""
         self._dequantized = None
         self.inner.forget()
+
+
+def takes_fp8_rows(layer: nn.Module) -> bool:
+    """The layer multiplies on FP8 tensor cores (a per-row scaled FP8 weight, in a bf16 model on a device that
+    has them), so the kernel making its input may hand it quantized rows (fp8.Fp8Rows) instead. Call after
+    finish_loading."""
+    if getattr(layer, "fp8", None) is None or layer.fp8.block is not None:
+        return False
+    return layer.activation_dtype == torch.bfloat16 and fp8_matmul_supported(layer.weight.device)
 
 
 def to_fp8(layer: nn.Module, block: Optional[tuple[int, int]]) -> None:
@@ -83,6 +97,7 @@ def finish_loading(layer: nn.Module, dtype: torch.dtype) -> None:
     """Where Fp8Kernel will use FP8 matmuls (a bf16 model on a device that has them), re-quantize a
     block-scaled weight per output row, the scaling torch._scaled_mm takes (its rounding error is that
     of one more FP8 quantization)."""
+    layer.activation_dtype = dtype  # the model's: what the layer's inputs are
     block = layer.fp8.block
     if block is None or dtype != torch.bfloat16 or not fp8_matmul_supported(layer.weight.device):
         return

@@ -1,4 +1,5 @@
-"""RMSNorm, optionally fused with the residual add that precedes it."""
+"""RMSNorm, optionally fused with the residual add that precedes it, and with the per-token FP8 quantization
+of its output where an FP8 matmul reads it (out_fp8)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
+from scheduler_proc.layers.fp8 import Fp8Rows
 from scheduler_proc.layers.kernels import flashinfer_for
 
 
@@ -20,11 +22,20 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(size))
         self.eps = eps
+        # Set by the model once its weights are loaded, where the only reader is an FP8 projection that takes
+        # quantized rows (fp8_linear.takes_fp8_rows): then a bf16 output on CUDA comes as fp8.Fp8Rows.
+        self.out_fp8 = False
 
     def forward(
         self, x: torch.Tensor, residual: Optional[torch.Tensor] = None
-    ) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    ) -> Union[torch.Tensor, Fp8Rows, tuple[torch.Tensor | Fp8Rows, torch.Tensor]]:
         """norm(x), or with a residual: (norm(x + residual), x + residual)."""
+        if self.out_fp8 and x.is_cuda and x.dim() == 2 and x.dtype == torch.bfloat16:
+            from scheduler_proc.layers.fp8_quant_kernel import NORM_MAX_COLS, rmsnorm_quantize  # triton: GPU only
+
+            if x.shape[1] <= NORM_MAX_COLS:
+                out = Fp8Rows(*rmsnorm_quantize(x, self.weight, self.eps, residual), x.dtype)
+                return out if residual is None else (out, residual)
         fi = flashinfer_for(x)
         if fi is not None and x.dim() == 2:
             if residual is None:

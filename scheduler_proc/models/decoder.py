@@ -25,6 +25,7 @@ from scheduler_proc.attention.base import LayerAttention
 from scheduler_proc.forward_batch import ForwardBatch
 from scheduler_proc.layers.activation import SiluAndMul
 from scheduler_proc.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from scheduler_proc.layers.fp8_linear import takes_fp8_rows
 from scheduler_proc.layers.linear import ColumnParallelLinear, Part, RowParallelLinear, load_whole
 from scheduler_proc.layers.norm import RMSNorm
 from scheduler_proc.layers.rotary import RotaryEmbedding, rope_parameters
@@ -151,6 +152,16 @@ class DecoderLayer(nn.Module):
         hidden = self.self_attn(hidden, batch)
         hidden, residual = self.post_attention_layernorm(hidden, residual)
         return self.mlp(hidden), residual
+
+    def feed_fp8_projections(self) -> None:
+        """Where an FP8 projection reads a norm's or the activation's output alone, let that kernel write it
+        quantized (fp8_quant_kernel.py): one pass over the activations fewer. After the weights load."""
+        if type(self.input_layernorm) is RMSNorm:  # Gemma's (1 + w) norm has no fused kernel
+            self.input_layernorm.out_fp8 = takes_fp8_rows(self.self_attn.qkv_proj)
+        if isinstance(self.mlp, MLP) and type(self.post_attention_layernorm) is RMSNorm:
+            self.post_attention_layernorm.out_fp8 = takes_fp8_rows(self.mlp.gate_up_proj)
+        if isinstance(self.mlp, MLP) and type(self.mlp.act) is SiluAndMul:
+            self.mlp.act.out_fp8 = takes_fp8_rows(self.mlp.down_proj)
 
 
 class DecoderModel(nn.Module):

@@ -78,6 +78,7 @@ def _attention():
             for splits in (None, 1):  # several splits and a merge; one split, written by the first kernel
                 for order in (None, torch.tensor([1, 0])):  # batch order; longest first (the engine's)
                     decode_attention(q, pool, pool.clone(), table, rows, lens, dim**-0.5, splits=splits, order=order)
+                decode_attention(q, pool, pool.clone(), table, rows, lens, dim**-0.5, splits=splits, kv_first=True)
             kv = torch.zeros(3, kv_heads, dim, dtype=kv_dtype)
             store_kv(kv, kv.clone(), pool, pool.clone(), torch.tensor([1, 2, 3]))
             groups, starts = torch.tensor([0, 2]), torch.tensor([2, 2])  # one group of two sharing two slots
@@ -87,13 +88,18 @@ def _attention():
 
 
 def _layers():
-    from scheduler_proc.layers.fp8_quant_kernel import quantize_rows
+    from scheduler_proc.layers.fp8_quant_kernel import quantize_rows, rmsnorm_quantize, silu_mul_quantize
     from scheduler_proc.layers.fused_moe import fused_experts
     from scheduler_proc.layers.qk_norm_rope import qk_norm_rope
     from scheduler_proc.layers.triton_linear import LinearConfig, triton_linear
 
     for cols in (896, 4096, 14_336, 20_000):  # one block (4 and 8 warps), and the two-pass loop
         quantize_rows(torch.zeros(3, cols, dtype=torch.bfloat16))
+        silu_mul_quantize(torch.zeros(3, 2 * cols, dtype=torch.bfloat16))  # one block, and two passes
+    for cols in (896, 4096):  # the norm's fused add, or none (the first layer)
+        x = torch.zeros(3, cols, dtype=torch.bfloat16)
+        rmsnorm_quantize(x, torch.ones(cols, dtype=torch.bfloat16), 1e-6, x.clone())
+        rmsnorm_quantize(x, torch.ones(cols, dtype=torch.bfloat16), 1e-6)
     for heads, kv_heads, dim in ((16, 8, 128), (32, 4, 128), (14, 2, 64)):
         qkv = torch.zeros(5, (heads + 2 * kv_heads) * dim, dtype=torch.bfloat16)
         q = qkv[:, : heads * dim].view(5, heads, dim)

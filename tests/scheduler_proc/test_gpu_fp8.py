@@ -42,6 +42,36 @@ def test_scaled_mm_equals_the_dequantized_matmul():
     assert torch.allclose(out.float(), expected, rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.skipif(
+    not (torch.cuda.is_available() and fp8_matmul_supported(CUDA)), reason="FP8 matmuls need compute capability 8.9"
+)
+@pytest.mark.parametrize("rows", [37, 512])  # the Triton GEMM (fp8_config), and torch._scaled_mm
+def test_fused_quantization_feeds_the_same_matmul(rows):
+    """The norm and the activation writing FP8 rows (out_fp8) give what the bf16 kernels then the
+    quantization give, up to the rounding of one bf16 step of their outputs."""
+    from scheduler_proc.layers.activation import SiluAndMul
+    from scheduler_proc.layers.fp8 import Fp8Rows
+    from scheduler_proc.layers.norm import RMSNorm
+
+    torch.manual_seed(rows)
+    norm, act = RMSNorm(4096, 1e-5).to(CUDA, torch.bfloat16), SiluAndMul()
+    norm.weight.data.uniform_(0.5, 1.5)
+    x = torch.randn(rows, 4096, device=CUDA, dtype=torch.bfloat16)
+    residual = torch.randn_like(x)
+    gate_up = torch.randn(rows, 2 * 14336, device=CUDA, dtype=torch.bfloat16)
+    q, scale = quantize_per_channel(torch.randn(4096, 4096, device=CUDA) * 0.02)
+    q_down, scale_down = quantize_per_channel(torch.randn(4096, 14336, device=CUDA) * 0.02)
+    plain_norm, plain_residual = norm(x.clone(), residual.clone())
+    plain = (scaled_mm(plain_norm, q, scale, None), scaled_mm(act(gate_up), q_down, scale_down, None))
+    norm.out_fp8 = act.out_fp8 = True
+    fused_rows, fused_residual = norm(x.clone(), residual.clone())
+    assert isinstance(fused_rows, Fp8Rows) and isinstance(act(gate_up), Fp8Rows)
+    assert torch.equal(fused_residual, plain_residual)
+    fused = (scaled_mm(fused_rows, q, scale, None), scaled_mm(act(gate_up), q_down, scale_down, None))
+    for got, want in zip(fused, plain):
+        torch.testing.assert_close(got.float(), want.float(), rtol=0.05, atol=0.05)
+
+
 def test_fp8_folder_and_fp8_kv_on_the_device(tmp_path, default_model_path, tokenizer):
     # Judged by teacher-forced logprobs, not by greedy ids: a random model's near-ties flip under FP8 and
     # bf16 rounding within a few tokens whatever the path (leases E and F). This model's greedy tokens

@@ -46,7 +46,8 @@ def _reference(q, k_pool, v_pool, slot_lists, sm_scale, k_scale, v_scale):
         (14, 2, 64, 2, (1.0, 1.0), None),  # Qwen2.5-0.5B's group of 7 in the default tiling: 128-token blocks
     ],
 )
-def test_equals_attention_over_the_same_slots(num_q_heads, num_kv_heads, dim, splits, scales, block_n):
+@pytest.mark.parametrize("kv_first", [False, True], ids=["q_first", "kv_first"])
+def test_equals_attention_over_the_same_slots(num_q_heads, num_kv_heads, dim, splits, scales, block_n, kv_first):
     gen = torch.Generator().manual_seed(dim + splits)
     lengths = [1, 37, 300, 5, 128]
     pool_slots = 1024
@@ -61,7 +62,17 @@ def test_equals_attention_over_the_same_slots(num_q_heads, num_kv_heads, dim, sp
     sm_scale = dim**-0.5
     req_rows, seq_lens = torch.tensor(rows), torch.tensor(lengths)
     ours = decode_attention(
-        q, k_pool, v_pool, table, req_rows, seq_lens, sm_scale, *scales, splits=splits, block_n=block_n
+        q,
+        k_pool,
+        v_pool,
+        table,
+        req_rows,
+        seq_lens,
+        sm_scale,
+        *scales,
+        splits=splits,
+        block_n=block_n,
+        kv_first=kv_first,
     )
     expected = _reference(q, k_pool, v_pool, slot_lists, sm_scale, *scales)
     assert torch.allclose(ours, expected, atol=2e-5, rtol=1e-4), (ours - expected).abs().max()
@@ -79,10 +90,10 @@ def test_equals_attention_over_the_same_slots(num_q_heads, num_kv_heads, dim, sp
         splits,
         block_n,
     )
-    ours = decode_attention(*loose_args)
+    ours = decode_attention(*loose_args, kv_first=kv_first)
     assert torch.allclose(ours, expected, atol=2e-5, rtol=1e-4), (ours - expected).abs().max()
     longest_first = torch.argsort(seq_lens, descending=True)  # programs started in another order, same sums
-    assert torch.equal(decode_attention(*loose_args, order=longest_first), ours)
+    assert torch.equal(decode_attention(*loose_args, order=longest_first, kv_first=kv_first), ours)
 
 
 def test_a_strided_query_as_the_qkv_projection_gives_it():
