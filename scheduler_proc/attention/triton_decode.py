@@ -211,12 +211,16 @@ def default_splits(work_items: int) -> int:
     return triton.next_power_of_2(max(1, min(16, triton.cdiv(528, max(1, work_items)))))
 
 
-def _default_tiling(dim: int) -> tuple[int, int]:
-    """(BLOCK_N, num_stages) by head_dim. H200, in CUDA graphs at the engine's KV layout (bench_triton_decode.py,
-    lease O): at Qwen2.5-0.5B's heads (7 x 64 a KV head) 128-token blocks in two buffers took 8-18% less time
-    than 64 in three; at Qwen3-0.6B's (2 x 128) 64 in three or two were the fastest (lease L: three 2-24%
-    before two)."""
-    return (128, 2) if dim <= 64 else (64, 3) if dim <= 128 else (64, 2)
+def _default_tiling(dim: int, fp8: bool) -> tuple[int, int, bool]:
+    """(BLOCK_N, num_stages, kv_first) by head_dim and KV dtype. H200, in CUDA graphs at the engine's KV layout
+    (bench_triton_decode.py): at Qwen2.5-0.5B's heads (7 x 64 a KV head) 128-token blocks in two buffers took
+    8-18% less time than 64 in three (lease O); at Qwen3-0.6B's (2 x 128) 64 in three or two were the fastest
+    (lease L: three 2-24% before two). Over an FP8 pool at Llama-3.1-8B's heads (4 x 128), the KV-first
+    products in two buffers of 64 took 8-9% less than the default (lease Q: 440 against 481 us at 512 x 1,100,
+    176 against 190 at nanovllm lengths)."""
+    if fp8 and dim == 128:
+        return 64, 2, True
+    return (128, 2, False) if dim <= 64 else (64, 3, False) if dim <= 128 else (64, 2, False)
 
 
 def decode_attention(
@@ -236,7 +240,7 @@ def decode_attention(
     num_stages: Optional[int] = None,
     fp8_in_f16: bool = True,
     order: Optional[torch.Tensor] = None,
-    kv_first: bool = False,
+    kv_first: Optional[bool] = None,
 ) -> torch.Tensor:
     """Attention of one query token per sequence: q [B, Hq, D] against the KV pool [slots, Hkv, D] (bf16, or
     FP8 holding value / scale) at each sequence's slots slot_table[req_rows[b], : seq_lens[b]] (the pool's
@@ -244,20 +248,21 @@ def decode_attention(
     least the longest of seq_lens (default: their maximum). splits: slices of the longest sequence worked on
     apart, the others cut into slices as long (default: enough programs to fill an H200's 132 SMs about four
     times over); block_n, num_warps, num_stages: the first kernel's tiling (scripts/bench_attention.py times
-    several; defaults: blocks of 128 tokens in two buffers where head_dim <= 64, 64 tokens in three buffers
-    where head_dim <= 128, else 64 in two).
+    several; defaults: _default_tiling's).
     fp8_in_f16: over an FP8 pool, the dot products in fp16 (which holds every e4m3 value exactly, and the
     query clamped to its range) rather than in q's dtype. order: the batch's indices by descending
     seq_lens, to start the longest sequences' programs first (default: batch order; the engine passes a
     stable sort's: Qwen3-0.6B `nanovllm` decode 5% faster on the H200, equal lengths unchanged). kv_first:
-    the products with the KV block as first operand (attend_slice_kv_first; bench_triton_decode.py times both)."""
+    the products with the KV block as first operand (attend_slice_kv_first; default: over an FP8 pool at
+    head_dim 128)."""
     batch, num_q_heads, dim = q.shape
     num_kv_heads = k_pool.shape[1]
     group = num_q_heads // num_kv_heads
     assert q.stride(2) == 1 and k_pool.stride(2) == 1 and k_pool.stride() == v_pool.stride()
     assert slot_table.stride(1) == 1
-    default_block_n, default_stages = _default_tiling(dim)
+    default_block_n, default_stages, default_kv_first = _default_tiling(dim, k_pool.dtype == torch.float8_e4m3fn)
     block_n, num_stages = block_n or default_block_n, num_stages or default_stages
+    kv_first = default_kv_first if kv_first is None else kv_first
     splits = splits or default_splits(batch * num_kv_heads)
     out = torch.empty_like(q)
     if batch == 0:

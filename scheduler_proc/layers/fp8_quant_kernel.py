@@ -153,7 +153,10 @@ def _silu_mul_quantize_rows(
 
 
 NORM_MAX_COLS = 16384  # the widest row rmsnorm_quantize takes (held in registers whole)
-_SILU_ONE_BLOCK_MAX = 8192  # gate and up rows both held: wider ones go in two passes of 4,096-value blocks
+# Gate and up rows both held in registers up to Llama-3.1-8B's 14,336 (in 16 warps: 64 values a thread); wider
+# ones go in two passes of 4,096-value blocks. Lease Q: the two passes at 512 x 14,336 took 30 us, twice the
+# separate quantization's 16 (one program a row: too little in flight).
+_SILU_ONE_BLOCK_MAX = 16384
 
 
 def rmsnorm_quantize(
@@ -210,6 +213,6 @@ def silu_mul_quantize(
             FP8_MAX=FP8_MAX,
             BLOCK=block,
             ONE_BLOCK=one_block,
-            num_warps=8 if block >= 4096 else 4,
+            num_warps=16 if block >= 16384 else 8 if block >= 4096 else 4,
         )
     return q, scale

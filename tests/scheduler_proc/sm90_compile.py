@@ -95,7 +95,7 @@ def _layers():
 
     for cols in (896, 4096, 14_336, 20_000):  # one block (4 and 8 warps), and the two-pass loop
         quantize_rows(torch.zeros(3, cols, dtype=torch.bfloat16))
-        silu_mul_quantize(torch.zeros(3, 2 * cols, dtype=torch.bfloat16))  # one block, and two passes
+        silu_mul_quantize(torch.zeros(3, 2 * cols, dtype=torch.bfloat16))  # one block (4, 8, 16 warps), two passes
     for cols in (896, 4096):  # the norm's fused add, or none (the first layer)
         x = torch.zeros(3, cols, dtype=torch.bfloat16)
         rmsnorm_quantize(x, torch.ones(cols, dtype=torch.bfloat16), 1e-6, x.clone())

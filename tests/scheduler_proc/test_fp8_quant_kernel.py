@@ -59,7 +59,7 @@ def test_rmsnorm_quantize_equals_the_norm_then_the_quantization(with_residual, c
         assert not torch.equal(given_residual, residual)
 
 
-@pytest.mark.parametrize("cols", [96, 9000])  # held in registers; two passes of 4,096-value blocks
+@pytest.mark.parametrize("cols", [96, 9000, 17000])  # held in registers (to 16,384); two passes of 4,096
 def test_silu_mul_quantize_equals_the_activation_then_the_quantization(cols):
     gen = torch.Generator().manual_seed(cols)
     gate_up = (torch.randn(3, 2 * cols, generator=gen) * 2).to(torch.bfloat16)
