@@ -61,35 +61,12 @@ def test_equals_attention_over_the_same_slots(num_q_heads, num_kv_heads, dim, sp
     q = torch.randn(len(lengths), num_q_heads, dim, generator=gen)
     sm_scale = dim**-0.5
     req_rows, seq_lens = torch.tensor(rows), torch.tensor(lengths)
-    ours = decode_attention(
-        q,
-        k_pool,
-        v_pool,
-        table,
-        req_rows,
-        seq_lens,
-        sm_scale,
-        *scales,
-        splits=splits,
-        block_n=block_n,
-        kv_first=kv_first,
-    )
+    pool_args = (q, k_pool, v_pool, table, req_rows, seq_lens, sm_scale, *scales)
+    ours = decode_attention(*pool_args, splits=splits, block_n=block_n, kv_first=kv_first)
     expected = _reference(q, k_pool, v_pool, slot_lists, sm_scale, *scales)
     assert torch.allclose(ours, expected, atol=2e-5, rtol=1e-4), (ours - expected).abs().max()
     # Any bound on the longest length slices alike (a CUDA graph's is the step's; a loose one leaves splits idle).
-    loose_args = (
-        q,
-        k_pool,
-        v_pool,
-        table,
-        req_rows,
-        seq_lens,
-        sm_scale,
-        *scales,
-        torch.tensor([1000]),
-        splits,
-        block_n,
-    )
+    loose_args = (*pool_args, torch.tensor([1000]), splits, block_n)
     ours = decode_attention(*loose_args, kv_first=kv_first)
     assert torch.allclose(ours, expected, atol=2e-5, rtol=1e-4), (ours - expected).abs().max()
     longest_first = torch.argsort(seq_lens, descending=True)  # programs started in another order, same sums
