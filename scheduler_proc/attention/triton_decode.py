@@ -110,6 +110,27 @@ def attend_slice_kv_first(
 
 
 @triton.jit
+def attend(
+    q_rows,
+    kv_rows,
+    slots_of_seq,
+    lo,
+    hi,
+    scale,
+    GROUP_PAD: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    KV_FIRST: tl.constexpr,
+):
+    """attend_slice, or with KV_FIRST attend_slice_kv_first."""
+    if KV_FIRST:
+        result = attend_slice_kv_first(q_rows, kv_rows, slots_of_seq, lo, hi, scale, GROUP_PAD, D, BLOCK_N)
+    else:
+        result = attend_slice(q_rows, kv_rows, slots_of_seq, lo, hi, scale, GROUP_PAD, D, BLOCK_N)
+    return result
+
+
+@triton.jit
 def store_partial(m_i, l_i, acc, partial, lse, at, valid, v_scale, D: tl.constexpr):
     """A split's normalised output and log-sum-exp at rows `at` of the merge's inputs. A split that held no
     slot (past a short sequence's end, or an empty shared prefix) gets weight zero there: lse -inf."""
@@ -172,17 +193,13 @@ def _split_kv(
         lo += tl.load(starts + b).to(tl.int32)
     hi = tl.minimum(lo + chunk, length)
     g = tl.arange(0, GROUP_PAD)
-    valid = g < GROUP
+    valid, heads = g < GROUP, h * GROUP + g  # the group's query heads, GROUP of them in GROUP_PAD rows
     d = tl.arange(0, D)
-    heads = h * GROUP + g
     q_rows = tl.load(q + b * q_stride_b + heads[:, None] * q_stride_h + d[None, :], mask=valid[:, None], other=0.0)
     if F16_DOTS:  # FP8 KV: e4m3 converts to fp16 in one instruction a pair, to bf16 in several
         q_rows = tl.minimum(tl.maximum(q_rows.to(tl.float32), -65504.0), 65504.0).to(tl.float16)
     kv_rows = k_pool, v_pool, pool_stride_s, h * pool_stride_h
-    if KV_FIRST:
-        m_i, l_i, acc = attend_slice_kv_first(q_rows, kv_rows, slots_of_seq, lo, hi, scale, GROUP_PAD, D, BLOCK_N)
-    else:
-        m_i, l_i, acc = attend_slice(q_rows, kv_rows, slots_of_seq, lo, hi, scale, GROUP_PAD, D, BLOCK_N)
+    m_i, l_i, acc = attend(q_rows, kv_rows, slots_of_seq, lo, hi, scale, GROUP_PAD, D, BLOCK_N, KV_FIRST)
     if TOTAL_SPLITS == 1:  # the whole sequence (at least one token) in this program: its output is final
         rows_out = out + b * out_stride_b + heads[:, None] * out_stride_h + d[None, :]
         tl.store(rows_out, (acc / l_i[:, None] * v_scale).to(out.dtype.element_ty), mask=valid[:, None])
@@ -253,13 +270,11 @@ def decode_attention(
     query clamped to its range) rather than in q's dtype. order: the batch's indices by descending
     seq_lens, to start the longest sequences' programs first (default: batch order; the engine passes a
     stable sort's: Qwen3-0.6B `nanovllm` decode 5% faster on the H200, equal lengths unchanged). kv_first:
-    the products with the KV block as first operand (attend_slice_kv_first; default: over an FP8 pool at
-    head_dim 128)."""
+    attend_slice_kv_first's products (default: over an FP8 pool at head_dim 128)."""
     batch, num_q_heads, dim = q.shape
     num_kv_heads = k_pool.shape[1]
     group = num_q_heads // num_kv_heads
-    assert q.stride(2) == 1 and k_pool.stride(2) == 1 and k_pool.stride() == v_pool.stride()
-    assert slot_table.stride(1) == 1
+    assert q.stride(2) == k_pool.stride(2) == slot_table.stride(1) == 1 and k_pool.stride() == v_pool.stride()
     default_block_n, default_stages, default_kv_first = _default_tiling(dim, k_pool.dtype == torch.float8_e4m3fn)
     block_n, num_stages = block_n or default_block_n, num_stages or default_stages
     kv_first = default_kv_first if kv_first is None else kv_first
