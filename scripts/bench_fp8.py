@@ -106,6 +106,7 @@ def main() -> None:
     p.add_argument("part", choices=["check", "qwen3-0.6b", "llama-3.1-8b", "70b", "70b-fp8kv"])
     p.add_argument("--out", default=os.environ.get("OUT", "/tmp"))
     p.add_argument("--workloads", default="decode-heavy,nanovllm", help="comma-separated, for the throughput parts")
+    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, in the order to run them")
     args = p.parse_args()
     os.makedirs(args.out, exist_ok=True)
     if args.part == "check":
@@ -117,7 +118,7 @@ def main() -> None:
         throughput(args.out, "llama-3.1-70b", variant, "decode-heavy", extra, timeout=540)
     else:
         for workload in args.workloads.split(","):
-            for variant in VARIANTS:
+            for variant in args.variants.split(","):
                 extra = ["--cuda-graph-max-bs", "512"] if workload == "decode-heavy" else []
                 throughput(args.out, args.part, variant, workload, extra, timeout=200)
 
