@@ -1,12 +1,13 @@
-"""A Triton GEMM for decode-sized linear layers, y = x @ weight.T (+ bias): a candidate to replace cuBLAS where
-it measures faster (scripts/bench_gemm.py), not wired into the layers yet. With FP8 operands it also takes their
-scales (x per row, the weight per output row) and applies them in the epilogue, as torch._scaled_mm does.
+"""A Triton GEMM for decode-sized linear layers, y = x @ weight.T (+ bias), with FP8 operands' scales (x per row,
+the weight per output row) applied in its epilogue as torch._scaled_mm does. The FP8 layers use it at the shapes
+where it measured faster than _scaled_mm (fp8_config; layers/fp8.py); the bf16 layers stay on cuBLAS, which
+was faster at nearly every decode shape of our three models (lease Q, scripts/bench_gemm.py).
 
-Why a candidate: at a decode step's 256 rows the four GEMMs of a Qwen2.5-0.5B layer took 30.4 us on the H200
+Why it exists: at a decode step's 256 rows the four GEMMs of a Qwen2.5-0.5B layer took 30.4 us on the H200
 (lease O), where their 30 MB of weights take 7 us at full bandwidth. Their grids are small: 256 x 896 output
-in 128 x 128 tiles is 14 programs for 132 SMs, so cuBLAS splits K and reduces in a second kernel. Here the
-tile, the split of K and the pipelining are parameters (LinearConfig) for the benchmark to sweep; the split
-partials are summed in a second, deterministic kernel (no atomics: the same inputs give the same bits).
+in 128 x 128 tiles is 14 programs for 132 SMs. Here the tile, the split of K and the pipelining are parameters
+(LinearConfig) for the benchmark to sweep; the split partials are summed in a second, deterministic kernel (no
+atomics: the same inputs give the same bits).
 """
 
 from __future__ import annotations
