@@ -195,6 +195,27 @@ def test_weight_update_requantizes_what_the_trainer_sends(folders):
         update_from_tensors(model, [("model.layers.1.self_attn.o_proj.weight", new.to(FP8))])
 
 
+def test_norms_and_activation_quantize_for_fp8_projections_where_they_multiply_in_fp8(folders, monkeypatch):
+    """The kernels before an FP8 projection write its input quantized (out_fp8) exactly where that projection
+    multiplies on FP8 tensor cores: a bf16 model on a device that has them (patched in here: the CPU has none;
+    the fused kernels themselves run on CUDA only), not on the CPU's dequantizing fallback, nor without FP8."""
+    _, ref_dir = folders["channel"]
+    config = read_model_config(ref_dir)
+
+    def flags(quantization):
+        model = build_model(config, "auto", ref_dir, torch.bfloat16, CPU, 0, TPGroup(), False, quantization)
+        return {
+            (layer.input_layernorm.out_fp8, layer.post_attention_layernorm.out_fp8, layer.mlp.act.out_fp8)
+            for layer in model.model.layers
+        }
+
+    assert flags("fp8") == {(False, False, False)}  # this CPU: no FP8 matmuls
+    for module in ("scheduler_proc.loader", "scheduler_proc.layers.fp8_linear"):
+        monkeypatch.setattr(f"{module}.fp8_matmul_supported", lambda device: True)
+    assert flags("fp8") == {(True, True, True)}
+    assert flags(None) == {(False, False, False)}
+
+
 def test_refused_methods_are_named():
     for method in ("awq", "gptq", "bitsandbytes", "compressed-tensors"):
         config = {"architectures": ["LlamaForCausalLM"], "quantization_config": {"quant_method": method}}
