@@ -76,9 +76,7 @@ def takes_fp8_rows(layer: nn.Module) -> bool:
     """The layer multiplies on FP8 tensor cores (a per-row scaled FP8 weight, in a bf16 model on a device that
     has them), so the kernel making its input may hand it quantized rows (fp8.Fp8Rows) instead. Call after
     finish_loading."""
-    if getattr(layer, "fp8", None) is None or layer.fp8.block is not None:
-        return False
-    return layer.activation_dtype == torch.bfloat16 and fp8_matmul_supported(layer.weight.device)
+    return getattr(layer, "fp8_matmuls", False)
 
 
 def to_fp8(layer: nn.Module, block: Optional[tuple[int, int]]) -> None:
@@ -97,9 +95,9 @@ def finish_loading(layer: nn.Module, dtype: torch.dtype) -> None:
     """Where Fp8Kernel will use FP8 matmuls (a bf16 model on a device that has them), re-quantize a
     block-scaled weight per output row, the scaling torch._scaled_mm takes (its rounding error is that
     of one more FP8 quantization)."""
-    layer.activation_dtype = dtype  # the model's: what the layer's inputs are
+    layer.fp8_matmuls = dtype == torch.bfloat16 and fp8_matmul_supported(layer.weight.device)
     block = layer.fp8.block
-    if block is None or dtype != torch.bfloat16 or not fp8_matmul_supported(layer.weight.device):
+    if block is None or not layer.fp8_matmuls:
         return
     q, scale = quantize_per_channel(dequantize(layer.weight, layer.weight_scale, torch.float32, block))
     layer.weight = nn.Parameter(q, requires_grad=False)

@@ -31,16 +31,22 @@ _ONE_BLOCK_MAX = 16384  # the longest row held in registers whole (16 values a t
 
 
 @triton.jit
+def _store_row(values, q_row, scale_row, offsets, inside, FP8_MAX: tl.constexpr):
+    """values [BLOCK] float32 (0 outside the row) -> e4m3 at q_row, the row's scale at scale_row."""
+    row_scale = tl.math.div_rn(tl.maximum(tl.max(tl.abs(values), 0), 1e-12), FP8_MAX)
+    tl.store(scale_row, row_scale)
+    values = tl.minimum(tl.maximum(tl.math.div_rn(values, row_scale), -FP8_MAX), FP8_MAX)
+    tl.store(q_row + offsets, values.to(q_row.dtype.element_ty), mask=inside)
+
+
+@triton.jit
 def _quantize_rows(x, q, scale, cols, x_stride, FP8_MAX: tl.constexpr, BLOCK: tl.constexpr, ONE_BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     offsets = tl.arange(0, BLOCK)
     if ONE_BLOCK:  # one read: the row stays in registers between its maximum and its scaling
         inside = offsets < cols
         values = tl.load(x + row * x_stride + offsets, mask=inside, other=0.0).to(tl.float32)
-        row_scale = tl.math.div_rn(tl.maximum(tl.max(tl.abs(values), 0), 1e-12), FP8_MAX)
-        tl.store(scale + row, row_scale)
-        values = tl.minimum(tl.maximum(tl.math.div_rn(values, row_scale), -FP8_MAX), FP8_MAX)
-        tl.store(q + row * cols + offsets, values.to(q.dtype.element_ty), mask=inside)
+        _store_row(values, q + row * cols, scale + row, offsets, inside, FP8_MAX)
     else:
         amax = tl.zeros([BLOCK], dtype=tl.float32)
         for start in range(0, cols, BLOCK):
@@ -79,15 +85,6 @@ def quantize_rows(x: torch.Tensor, out_dtype: torch.dtype = torch.float8_e4m3fn)
             num_warps=8 if block >= 4096 else 4,
         )
     return q, scale
-
-
-@triton.jit
-def _store_row(values, q_row, scale_row, offsets, inside, FP8_MAX: tl.constexpr):
-    """values [BLOCK] float32 (0 outside the row) -> e4m3 at q_row, the row's scale at scale_row."""
-    row_scale = tl.math.div_rn(tl.maximum(tl.max(tl.abs(values), 0), 1e-12), FP8_MAX)
-    tl.store(scale_row, row_scale)
-    values = tl.minimum(tl.maximum(tl.math.div_rn(values, row_scale), -FP8_MAX), FP8_MAX)
-    tl.store(q_row + offsets, values.to(q_row.dtype.element_ty), mask=inside)
 
 
 @triton.jit

@@ -33,13 +33,8 @@ class LinearConfig:
 
 
 def default_config(m: int, n: int, k: int) -> LinearConfig:
-    """64 x 64 tiles (a decode step's rows are few), K split until the grid covers the SMs about once, while
-    each split keeps at least four K blocks to pipeline."""
-    tiles = triton.cdiv(m, 64) * triton.cdiv(n, 64)
-    split = 1
-    while tiles * split * 2 <= _SMS and triton.cdiv(k, 64 * split * 2) >= 4:
-        split *= 2
-    return LinearConfig(split_k=split)
+    """64 x 64 tiles (a decode step's rows are few), K split to fill the SMs (_filling_split)."""
+    return LinearConfig(split_k=_filling_split(triton.cdiv(m, 64) * triton.cdiv(n, 64), k, 64))
 
 
 def fp8_config(m: int, n: int, k: int) -> Optional[LinearConfig]:
@@ -52,10 +47,16 @@ def fp8_config(m: int, n: int, k: int) -> Optional[LinearConfig]:
     tiles = triton.cdiv(m, 64) * triton.cdiv(n, 64)
     if m > 64 and tiles > 256:
         return None
+    return LinearConfig(block_k=128, split_k=_filling_split(tiles, k, 128))
+
+
+def _filling_split(tiles: int, k: int, block_k: int) -> int:
+    """K split in two until the grid of `tiles` covers the SMs about once, while each split keeps at least four
+    K blocks to pipeline."""
     split = 1
-    while tiles * split * 2 <= _SMS and triton.cdiv(k, 128 * split * 2) >= 4:
+    while tiles * split * 2 <= _SMS and triton.cdiv(k, block_k * split * 2) >= 4:
         split *= 2
-    return LinearConfig(block_k=128, split_k=split)
+    return split
 
 
 @triton.jit

@@ -158,9 +158,11 @@ class DecoderLayer(nn.Module):
         quantized (fp8_quant_kernel.py): one pass over the activations fewer. After the weights load."""
         if type(self.input_layernorm) is RMSNorm:  # Gemma's (1 + w) norm has no fused kernel
             self.input_layernorm.out_fp8 = takes_fp8_rows(self.self_attn.qkv_proj)
-        if isinstance(self.mlp, MLP) and type(self.post_attention_layernorm) is RMSNorm:
+        if not isinstance(self.mlp, MLP):  # a mixture of experts: its experts stay in the model's dtype
+            return
+        if type(self.post_attention_layernorm) is RMSNorm:
             self.post_attention_layernorm.out_fp8 = takes_fp8_rows(self.mlp.gate_up_proj)
-        if isinstance(self.mlp, MLP) and type(self.mlp.act) is SiluAndMul:
+        if type(self.mlp.act) is SiluAndMul:
             self.mlp.act.out_fp8 = takes_fp8_rows(self.mlp.down_proj)
 
 
