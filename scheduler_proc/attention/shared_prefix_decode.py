@@ -74,7 +74,7 @@ def _prefix_part(
     q_rows = tl.load(rows, mask=valid[:, None], other=0.0)
     slots = slot_table + tl.load(req_rows + first).to(tl.int64) * table_stride  # the first member's row
     kv_rows = k_pool, v_pool, pool_stride_s, h * pool_stride_h
-    m_i, l_i, acc = attend_slice(q_rows, kv_rows, slots, lo, hi, scale, ROWS, D, BLOCK_N)
+    m_i, l_i, acc = attend_slice(q_rows, kv_rows, slots, lo, hi, scale, ROWS, D, BLOCK_N, False)
     at = (b * (GROUP * tl.num_programs(1)) + heads) * TOTAL_SPLITS + split
     store_partial(m_i, l_i, acc, partial, lse, at, valid, v_scale, D)
 
@@ -133,7 +133,8 @@ def shared_prefix_decode(
     # Each sequence's own slots: triton_decode's first kernel from its start, into the splits after the prefix's.
     own = (q, k_pool, v_pool, slot_table, req_rows, seq_lens, max_suffix, out, starts, partial, lse, out)
     shape = dict(GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), SPLITS=suffix_splits)
-    variant = dict(F16_DOTS=k_pool.dtype == torch.float8_e4m3fn, ORDERED=False, FROM_STARTS=True, KV_FIRST=False)
+    variant = dict(F16_DOTS=k_pool.dtype == torch.float8_e4m3fn, ORDERED=False, FROM_STARTS=True)
+    variant.update(KV_FIRST=False, FP8_SCORES=False)
     _split_kv[(num_kv_heads, batch, suffix_splits)](
         *own, *strides, *scales, **shape, **variant, FIRST_SPLIT=prefix_splits, **tiling
     )

@@ -43,9 +43,12 @@ def attend_slice(
     GROUP_PAD: tl.constexpr,
     D: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    FP8_SCORES: tl.constexpr,
 ):
     """The query rows against the KV of the sequence's slots lo..hi, with an online softmax: (running max,
-    running sum, unnormalised output). kv_rows: the pools, the row stride and this KV head's offset."""
+    running sum, unnormalised output). kv_rows: the pools, the row stride and this KV head's offset.
+    FP8_SCORES: q_rows and the pool in e4m3, the scores' product on FP8 operands (the pool's K block as read);
+    the values' in fp16."""
     k_pool, v_pool, pool_stride_s, head_offset = kv_rows
     m_i = tl.full([GROUP_PAD], -float("inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
@@ -62,7 +65,7 @@ def attend_slice(
         m_new = tl.maximum(m_i, tl.max(scores, 1))
         p = tl.exp(scores - m_new[:, None])
         alpha = tl.exp(m_i - m_new)
-        v = tl.load(v_pool + rows, mask=valid[:, None], other=0.0).to(q_rows.dtype)
+        v = tl.load(v_pool + rows, mask=valid[:, None], other=0.0).to(tl.float16 if FP8_SCORES else q_rows.dtype)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         l_i = l_i * alpha + tl.sum(p, 1)
         m_i = m_new
@@ -80,6 +83,7 @@ def attend_slice_kv_first(
     GROUP_PAD: tl.constexpr,
     D: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    FP8_SCORES: tl.constexpr,
 ):
     """attend_slice with the KV block as the first operand of both products (scores^T = K q^T, out^T =
     V^T p^T), so that on Hopper a block converted in registers (an FP8 pool read in fp16) feeds the tensor
@@ -103,7 +107,8 @@ def attend_slice_kv_first(
         v_t = tl.load(
             v_pool + slots[None, :] * pool_stride_s + head_offset + d[:, None], mask=valid[None, :], other=0.0
         )
-        acc_t = acc_t * alpha[None, :] + tl.dot(v_t.to(q_rows.dtype), p_t.to(q_rows.dtype))
+        pv_type = tl.float16 if FP8_SCORES else q_rows.dtype
+        acc_t = acc_t * alpha[None, :] + tl.dot(v_t.to(pv_type), p_t.to(pv_type))
         l_i = l_i * alpha + tl.sum(p_t, 0)
         m_i = m_new
     return m_i, l_i, tl.trans(acc_t)
@@ -121,12 +126,13 @@ def attend(
     D: tl.constexpr,
     BLOCK_N: tl.constexpr,
     KV_FIRST: tl.constexpr,
+    FP8_SCORES: tl.constexpr,
 ):
     """attend_slice, or with KV_FIRST attend_slice_kv_first."""
     if KV_FIRST:
-        result = attend_slice_kv_first(q_rows, kv_rows, slots_of_seq, lo, hi, scale, GROUP_PAD, D, BLOCK_N)
+        result = attend_slice_kv_first(q_rows, kv_rows, slots_of_seq, lo, hi, scale, GROUP_PAD, D, BLOCK_N, FP8_SCORES)
     else:
-        result = attend_slice(q_rows, kv_rows, slots_of_seq, lo, hi, scale, GROUP_PAD, D, BLOCK_N)
+        result = attend_slice(q_rows, kv_rows, slots_of_seq, lo, hi, scale, GROUP_PAD, D, BLOCK_N, FP8_SCORES)
     return result
 
 
@@ -179,6 +185,7 @@ def _split_kv(
     FIRST_SPLIT: tl.constexpr,
     TOTAL_SPLITS: tl.constexpr,
     KV_FIRST: tl.constexpr,
+    FP8_SCORES: tl.constexpr,
 ):
     h = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
@@ -196,10 +203,14 @@ def _split_kv(
     valid, heads = g < GROUP, h * GROUP + g  # the group's query heads, GROUP of them in GROUP_PAD rows
     d = tl.arange(0, D)
     q_rows = tl.load(q + b * q_stride_b + heads[:, None] * q_stride_h + d[None, :], mask=valid[:, None], other=0.0)
-    if F16_DOTS:  # FP8 KV: e4m3 converts to fp16 in one instruction a pair, to bf16 in several
+    if FP8_SCORES:  # the query into e4m3 (one scale for the program's rows), that scale into the scores'
+        q_scale = tl.maximum(tl.max(tl.max(tl.abs(q_rows.to(tl.float32)), 1), 0), 1e-30) / 448.0
+        q_rows = (q_rows.to(tl.float32) / q_scale).to(tl.float8e4nv)
+        scale = scale * q_scale
+    elif F16_DOTS:  # FP8 KV: e4m3 converts to fp16 in one instruction a pair, to bf16 in several
         q_rows = tl.minimum(tl.maximum(q_rows.to(tl.float32), -65504.0), 65504.0).to(tl.float16)
     kv_rows = k_pool, v_pool, pool_stride_s, h * pool_stride_h
-    m_i, l_i, acc = attend(q_rows, kv_rows, slots_of_seq, lo, hi, scale, GROUP_PAD, D, BLOCK_N, KV_FIRST)
+    m_i, l_i, acc = attend(q_rows, kv_rows, slots_of_seq, lo, hi, scale, GROUP_PAD, D, BLOCK_N, KV_FIRST, FP8_SCORES)
     if TOTAL_SPLITS == 1:  # the whole sequence (at least one token) in this program: its output is final
         rows_out = out + b * out_stride_b + heads[:, None] * out_stride_h + d[None, :]
         tl.store(rows_out, (acc / l_i[:, None] * v_scale).to(out.dtype.element_ty), mask=valid[:, None])
@@ -228,16 +239,16 @@ def default_splits(work_items: int) -> int:
     return triton.next_power_of_2(max(1, min(16, triton.cdiv(528, max(1, work_items)))))
 
 
-def _default_tiling(dim: int, fp8: bool) -> tuple[int, int, bool]:
-    """(BLOCK_N, num_stages, kv_first) by head_dim and KV dtype. H200, in CUDA graphs at the engine's KV layout
-    (bench_triton_decode.py): at Qwen2.5-0.5B's heads (7 x 64 a KV head) 128-token blocks in two buffers took
-    8-18% less time than 64 in three (lease O); at Qwen3-0.6B's (2 x 128) 64 in three or two were the fastest
-    (lease L: three 2-24% before two). Over an FP8 pool at Llama-3.1-8B's heads (4 x 128), the KV-first
-    products in two buffers of 64 took 8-9% less than the default (lease Q: 440 against 481 us at 512 x 1,100,
-    176 against 190 at nanovllm lengths)."""
+def _default_tiling(dim: int, fp8: bool) -> tuple[int, int, bool, bool]:
+    """(BLOCK_N, num_stages, kv_first, fp8_scores) by head_dim and KV dtype. H200, in CUDA graphs at the engine's
+    KV layout (bench_triton_decode.py): at Qwen2.5-0.5B's heads (7 x 64 a KV head) 128-token blocks in two
+    buffers took 8-18% less time than 64 in three (lease O); at Qwen3-0.6B's (2 x 128) 64 in three or two were
+    the fastest (lease L: three 2-24% before two). Over an FP8 pool at Llama-3.1-8B's heads (4 x 128), the
+    KV-first products in two buffers of 64 took 8-9% less than the default (lease Q: 440 against 481 us at
+    512 x 1,100, 176 against 190 at nanovllm lengths)."""
     if fp8 and dim == 128:
-        return 64, 2, True
-    return (128, 2, False) if dim <= 64 else (64, 3, False) if dim <= 128 else (64, 2, False)
+        return 64, 2, True, True
+    return (128, 2, False, False) if dim <= 64 else (64, 3, False, False) if dim <= 128 else (64, 2, False, False)
 
 
 def decode_attention(
@@ -258,6 +269,7 @@ def decode_attention(
     fp8_in_f16: bool = True,
     order: Optional[torch.Tensor] = None,
     kv_first: Optional[bool] = None,
+    fp8_scores: Optional[bool] = None,
 ) -> torch.Tensor:
     """Attention of one query token per sequence: q [B, Hq, D] against the KV pool [slots, Hkv, D] (bf16, or
     FP8 holding value / scale) at each sequence's slots slot_table[req_rows[b], : seq_lens[b]] (the pool's
@@ -270,14 +282,19 @@ def decode_attention(
     query clamped to its range) rather than in q's dtype. order: the batch's indices by descending
     seq_lens, to start the longest sequences' programs first (default: batch order; the engine passes a
     stable sort's: Qwen3-0.6B `nanovllm` decode 5% faster on the H200, equal lengths unchanged). kv_first:
-    attend_slice_kv_first's products (default: over an FP8 pool at head_dim 128)."""
+    attend_slice_kv_first's products (default: over an FP8 pool at head_dim 128). fp8_scores: over an FP8
+    pool, the scores' product on e4m3 operands, the query quantized with one scale a program (default: as
+    kv_first)."""
     batch, num_q_heads, dim = q.shape
     num_kv_heads = k_pool.shape[1]
     group = num_q_heads // num_kv_heads
     assert q.stride(2) == k_pool.stride(2) == slot_table.stride(1) == 1 and k_pool.stride() == v_pool.stride()
-    default_block_n, default_stages, default_kv_first = _default_tiling(dim, k_pool.dtype == torch.float8_e4m3fn)
+    fp8 = k_pool.dtype == torch.float8_e4m3fn
+    default_block_n, default_stages, default_kv_first, default_fp8_scores = _default_tiling(dim, fp8)
     block_n, num_stages = block_n or default_block_n, num_stages or default_stages
     kv_first = default_kv_first if kv_first is None else kv_first
+    fp8_scores = default_fp8_scores if fp8_scores is None else fp8_scores
+    assert fp8 or not fp8_scores, "fp8_scores needs an FP8 pool"
     splits = splits or default_splits(batch * num_kv_heads)
     out = torch.empty_like(q)
     if batch == 0:
@@ -292,7 +309,7 @@ def decode_attention(
     tensors += (partial, lse, out)
     strides = (q.stride(0), q.stride(1), out.stride(0), out.stride(1), *k_pool.stride()[:2], slot_table.stride(0))
     shape = dict(GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), D=dim, BLOCK_N=block_n, SPLITS=splits)
-    variant = dict(F16_DOTS=fp8_in_f16 and k_pool.dtype == torch.float8_e4m3fn, ORDERED=order is not None)
+    variant = dict(F16_DOTS=fp8_in_f16 and fp8, ORDERED=order is not None, FP8_SCORES=fp8_scores)
     variant.update(FROM_STARTS=False, FIRST_SPLIT=0, TOTAL_SPLITS=splits, KV_FIRST=kv_first)
     _split_kv[(num_kv_heads, batch, splits)](
         *tensors, *strides, sm_scale * k_scale, v_scale, **shape, **variant, num_warps=num_warps, num_stages=num_stages

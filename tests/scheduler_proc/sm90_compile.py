@@ -79,6 +79,10 @@ def _attention():
                 for order in (None, torch.tensor([1, 0])):  # batch order; longest first (the engine's)
                     decode_attention(q, pool, pool.clone(), table, rows, lens, dim**-0.5, splits=splits, order=order)
                 decode_attention(q, pool, pool.clone(), table, rows, lens, dim**-0.5, splits=splits, kv_first=True)
+                if kv_dtype == torch.float8_e4m3fn:  # the scores on FP8 operands, in both products' orders
+                    for kv_first in (False, True):
+                        args = (q, pool, pool.clone(), table, rows, lens, dim**-0.5)
+                        decode_attention(*args, splits=splits, kv_first=kv_first, fp8_scores=True)
             kv = torch.zeros(3, kv_heads, dim, dtype=kv_dtype)
             store_kv(kv, kv.clone(), pool, pool.clone(), torch.tensor([1, 2, 3]))
             groups, starts = torch.tensor([0, 2]), torch.tensor([2, 2])  # one group of two sharing two slots

@@ -127,3 +127,29 @@ def test_the_decoder_reads_req_to_token_eager_and_from_graph_buffers_with_paddin
     assert torch.equal(padded[:3], eager[1]) and padded[3].isfinite().all()
     assert decoder.graph_rows[:4].tolist() == rows + [0] and decoder.graph_lens[:4].tolist() == lengths + [1]
     assert decoder.graph_max.tolist() == [17] and decoder.graph_order[:4].tolist() == [2, 0, 1, 3]
+
+
+@pytest.mark.parametrize("kv_first", [False, True], ids=["q_first", "kv_first"])
+@pytest.mark.parametrize("splits", [1, 4])
+def test_fp8_scores_over_a_query_that_e4m3_holds_equal_attention(kv_first, splits):
+    # The kernel scales each (sequence, KV head)'s query rows by one scale, largest magnitude to e4m3's 448, and
+    # rounds them to e4m3. Here every row is e4m3 values times a power of two, one of them 448: the scaled rows
+    # are exact (the interpreter's float-to-e4m3 conversion does not round as the device does, so rounding
+    # itself is the GPU test's), and a wrong scale anywhere in the scores shows as whole units.
+    gen = torch.Generator().manual_seed(7 + splits)
+    lengths, num_q_heads, num_kv_heads, dim = [1, 70, 200], 8, 2, 64
+    pool_slots = 512
+    k_pool = (torch.randn(pool_slots, num_kv_heads, dim, generator=gen) * 3).to(torch.float8_e4m3fn)
+    v_pool = (torch.randn(pool_slots, num_kv_heads, dim, generator=gen) * 3).to(torch.float8_e4m3fn)
+    order = (torch.randperm(pool_slots - 1, generator=gen) + 1).tolist()
+    slot_lists = [order[sum(lengths[:i]) : sum(lengths[: i + 1])] for i in range(len(lengths))]
+    rows = [2, 0, 1]
+    table = _table(slot_lists, rows, width=256)
+    values = (torch.randn(len(lengths), num_q_heads, dim, generator=gen) * 100).to(torch.float8_e4m3fn).float()
+    values = torch.where(values.abs() < 1, 0.0, values)  # normal e4m3 numbers only
+    values[:, ::4, 0] = 448.0  # each KV head's first query head holds its group's largest magnitude
+    q = values * 2.0 ** torch.tensor([-9, -3, -6])[:, None, None]  # scales: 2^-9 / 448 ...
+    pool_args = (q, k_pool, v_pool, table, torch.tensor(rows), torch.tensor(lengths), dim**-0.5, 0.5, 2.0)
+    ours = decode_attention(*pool_args, splits=splits, block_n=32, kv_first=kv_first, fp8_scores=True)
+    expected = _reference(q, k_pool, v_pool, slot_lists, dim**-0.5, 0.5, 2.0)
+    assert torch.allclose(ours, expected, atol=2e-3, rtol=1e-3), (ours - expected).abs().max()
