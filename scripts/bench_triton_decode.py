@@ -40,7 +40,7 @@ def _cases(fp8: bool, products: bool) -> list[tuple]:
     the default splits; with products (an FP8 pool), each tiling in each order of the products, the scores'
     on FP8 operands or not."""
     if products:
-        tilings = [(64, 4, 2), (64, 4, 3), (128, 4, 3), (128, 8, 3)]
+        tilings = [(64, 4, 2), (64, 4, 3), (128, 4, 3), (128, 4, 4), (256, 4, 2)]
         return [(t, None, first, scores) for t in tilings for first in (False, True) for scores in (False, True)]
     tilings = _SWEEP_TILINGS + (_FP8_TILINGS if fp8 else [])
     cases = [(t, splits, False, False) for t in tilings for splits in (None, 1, 4, 8)]
