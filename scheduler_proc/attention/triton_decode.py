@@ -12,8 +12,8 @@ slower than over bf16 (flashinfer #1753), where an FP8 cache should halve the by
 
 Stage 1, one program per (sequence, KV head, split): the split's slice of the sequence's slots, read in
 blocks of BLOCK_N tokens as whole [BLOCK_N, head_dim] rows of that head (an FP8 row converted in
-registers), against all of the head's GROUP query heads at once (a tl.dot of [GROUP_PAD, D] x [D, BLOCK_N]),
-with an online softmax; it writes its normalised partial output and log-sum-exp. Stage 2, one program per
+registers, or with fp8_scores multiplied as read), against all of the head's GROUP query heads at once (a
+tl.dot of [GROUP_PAD, D] x [D, BLOCK_N]), with an online softmax; it writes its normalised partial output and log-sum-exp. Stage 2, one program per
 (sequence, query head): the splits' partial outputs weighted by their share of the softmax mass. With one
 split (a large batch fills the SMs by itself) stage 1 writes the output and stage 2 is not launched: a
 kernel fewer in each layer of a decode step.
