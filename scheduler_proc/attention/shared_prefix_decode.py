@@ -133,10 +133,9 @@ def shared_prefix_decode(
     # Each sequence's own slots: triton_decode's first kernel from its start, into the splits after the prefix's.
     own = (q, k_pool, v_pool, slot_table, req_rows, seq_lens, max_suffix, out, starts, partial, lse, out)
     shape = dict(GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), SPLITS=suffix_splits)
-    variant = dict(F16_DOTS=k_pool.dtype == torch.float8_e4m3fn, ORDERED=False, FROM_STARTS=True)
-    variant.update(KV_FIRST=False, FP8_SCORES=False)
+    variant = dict(F16_DOTS=k_pool.dtype == torch.float8_e4m3fn, ORDERED=False, FROM_STARTS=True, KV_FIRST=False)
     _split_kv[(num_kv_heads, batch, suffix_splits)](
-        *own, *strides, *scales, **shape, **variant, FIRST_SPLIT=prefix_splits, **tiling
+        *own, *strides, *scales, **shape, **variant, FP8_SCORES=False, FIRST_SPLIT=prefix_splits, **tiling
     )
     merge_splits[(batch, num_q_heads)](partial, lse, out, out.stride(0), out.stride(1), D=dim, SPLITS=total)
     return out

@@ -13,10 +13,10 @@ slower than over bf16 (flashinfer #1753), where an FP8 cache should halve the by
 Stage 1, one program per (sequence, KV head, split): the split's slice of the sequence's slots, read in
 blocks of BLOCK_N tokens as whole [BLOCK_N, head_dim] rows of that head (an FP8 row converted in
 registers, or with fp8_scores multiplied as read), against all of the head's GROUP query heads at once (a
-tl.dot of [GROUP_PAD, D] x [D, BLOCK_N]), with an online softmax; it writes its normalised partial output and log-sum-exp. Stage 2, one program per
-(sequence, query head): the splits' partial outputs weighted by their share of the softmax mass. With one
-split (a large batch fills the SMs by itself) stage 1 writes the output and stage 2 is not launched: a
-kernel fewer in each layer of a decode step.
+tl.dot of [GROUP_PAD, D] x [D, BLOCK_N]), with an online softmax; it writes its normalised partial output
+and log-sum-exp. Stage 2, one program per (sequence, query head): the splits' partial outputs weighted by
+their share of the softmax mass. With one split (a large batch fills the SMs by itself) stage 1 writes the
+output and stage 2 is not launched: a kernel fewer in each layer of a decode step.
 """
 
 from __future__ import annotations
@@ -146,6 +146,20 @@ def store_partial(m_i, l_i, acc, partial, lse, at, valid, v_scale, D: tl.constex
     tl.store(lse + at, tl.where(has, m_i + tl.log(tl.where(has, l_i, 1.0)), -float("inf")), mask=valid)
 
 
+@triton.jit
+def query_operand(q_rows, scale, F16_DOTS: tl.constexpr, FP8_SCORES: tl.constexpr):
+    """The query rows in the scores' product's type, and the scores' scale: over an FP8 pool in fp16 (e4m3
+    converts to fp16 in one instruction a pair, to bf16 in several), or with FP8_SCORES in e4m3 (one scale
+    for the program's rows, moved into the scores' scale)."""
+    if FP8_SCORES:
+        q_scale = tl.maximum(tl.max(tl.max(tl.abs(q_rows.to(tl.float32)), 1), 0), 1e-30) / 448.0
+        q_rows = (q_rows.to(tl.float32) / q_scale).to(tl.float8e4nv)
+        scale = scale * q_scale
+    elif F16_DOTS:
+        q_rows = tl.minimum(tl.maximum(q_rows.to(tl.float32), -65504.0), 65504.0).to(tl.float16)
+    return q_rows, scale
+
+
 # Programs start in the order of their ids, heads fastest: a sequence's heads read neighbouring bytes of the
 # same slots together. With ORDERED the sequences are taken longest first (order: indices by descending
 # length, equal lengths in batch order), so the last programs to start are the shortest. Every split of the
@@ -203,12 +217,7 @@ def _split_kv(
     valid, heads = g < GROUP, h * GROUP + g  # the group's query heads, GROUP of them in GROUP_PAD rows
     d = tl.arange(0, D)
     q_rows = tl.load(q + b * q_stride_b + heads[:, None] * q_stride_h + d[None, :], mask=valid[:, None], other=0.0)
-    if FP8_SCORES:  # the query into e4m3 (one scale for the program's rows), that scale into the scores'
-        q_scale = tl.maximum(tl.max(tl.max(tl.abs(q_rows.to(tl.float32)), 1), 0), 1e-30) / 448.0
-        q_rows = (q_rows.to(tl.float32) / q_scale).to(tl.float8e4nv)
-        scale = scale * q_scale
-    elif F16_DOTS:  # FP8 KV: e4m3 converts to fp16 in one instruction a pair, to bf16 in several
-        q_rows = tl.minimum(tl.maximum(q_rows.to(tl.float32), -65504.0), 65504.0).to(tl.float16)
+    q_rows, scale = query_operand(q_rows, scale, F16_DOTS, FP8_SCORES)
     kv_rows = k_pool, v_pool, pool_stride_s, h * pool_stride_h
     m_i, l_i, acc = attend(q_rows, kv_rows, slots_of_seq, lo, hi, scale, GROUP_PAD, D, BLOCK_N, KV_FIRST, FP8_SCORES)
     if TOTAL_SPLITS == 1:  # the whole sequence (at least one token) in this program: its output is final
@@ -239,17 +248,24 @@ def default_splits(work_items: int) -> int:
     return triton.next_power_of_2(max(1, min(16, triton.cdiv(528, max(1, work_items)))))
 
 
-def _default_tiling(dim: int, fp8: bool) -> tuple[int, int, bool, bool]:
-    """(BLOCK_N, num_stages, kv_first, fp8_scores) by head_dim and KV dtype. H200, in CUDA graphs at the engine's
-    KV layout (bench_triton_decode.py): at Qwen2.5-0.5B's heads (7 x 64 a KV head) 128-token blocks in two
-    buffers took 8-18% less time than 64 in three (lease O); at Qwen3-0.6B's (2 x 128) 64 in three or two were
-    the fastest (lease L: three 2-24% before two). Over an FP8 pool at Llama-3.1-8B's heads (4 x 128), the
-    KV-first products with the scores' on FP8 operands, in three buffers of 128, took 22% less than KV-first
-    alone (lease R: 344 against 440 us at 512 x 1,100, 146 against 174 at nanovllm lengths; in two buffers of
-    64, the FP8 scores were slower)."""
+def _tiling(dim: int, fp8: bool, block_n, num_stages, kv_first, fp8_scores) -> tuple[int, int, bool, bool]:
+    """(block_n, num_stages, kv_first, fp8_scores), each as given or by head_dim and KV dtype. H200, in CUDA
+    graphs at the engine's KV layout (bench_triton_decode.py): at Qwen2.5-0.5B's heads (7 x 64 a KV head)
+    128-token blocks in two buffers took 8-18% less time than 64 in three (lease O); at Qwen3-0.6B's (2 x 128)
+    64 in three or two were the fastest (lease L: three 2-24% before two). Over an FP8 pool at Llama-3.1-8B's
+    heads (4 x 128), the KV-first products with the scores' on FP8 operands, in three buffers of 128, took 22%
+    less than KV-first alone (lease R: 344 against 440 us at 512 x 1,100, 146 against 174 at nanovllm lengths;
+    in two buffers of 64, the FP8 scores were slower)."""
     if fp8 and dim == 128:
-        return 128, 3, True, True
-    return (128, 2, False, False) if dim <= 64 else (64, 3, False, False) if dim <= 128 else (64, 2, False, False)
+        default = 128, 3, True, True
+    else:
+        default = (
+            (128, 2, False, False) if dim <= 64 else (64, 3, False, False) if dim <= 128 else (64, 2, False, False)
+        )
+    given = block_n, num_stages, kv_first, fp8_scores
+    block_n, num_stages, kv_first, fp8_scores = (d if g is None else g for g, d in zip(given, default))
+    assert fp8 or not fp8_scores, "fp8_scores needs an FP8 pool"
+    return block_n, num_stages, kv_first, fp8_scores
 
 
 def decode_attention(
@@ -277,25 +293,18 @@ def decode_attention(
     req_to_token; seq_lens of at least 1) -> [B, Hq, D] in q's dtype. max_len: a one-element tensor of at
     least the longest of seq_lens (default: their maximum). splits: slices of the longest sequence worked on
     apart, the others cut into slices as long (default: enough programs to fill an H200's 132 SMs about four
-    times over); block_n, num_warps, num_stages: the first kernel's tiling (scripts/bench_attention.py times
-    several; defaults: _default_tiling's).
+    times over); block_n, num_warps, num_stages: the first kernel's tiling (defaults: _tiling's).
     fp8_in_f16: over an FP8 pool, the dot products in fp16 (which holds every e4m3 value exactly, and the
     query clamped to its range) rather than in q's dtype. order: the batch's indices by descending
     seq_lens, to start the longest sequences' programs first (default: batch order; the engine passes a
-    stable sort's: Qwen3-0.6B `nanovllm` decode 5% faster on the H200, equal lengths unchanged). kv_first:
-    attend_slice_kv_first's products (default: over an FP8 pool at head_dim 128). fp8_scores: over an FP8
-    pool, the scores' product on e4m3 operands, the query quantized with one scale a program (default: as
-    kv_first)."""
+    stable sort's: Qwen3-0.6B `nanovllm` decode 5% faster on the H200). kv_first: attend_slice_kv_first's
+    products; fp8_scores: over an FP8 pool, the scores' product on e4m3 operands (defaults: _tiling's)."""
     batch, num_q_heads, dim = q.shape
     num_kv_heads = k_pool.shape[1]
     group = num_q_heads // num_kv_heads
     assert q.stride(2) == k_pool.stride(2) == slot_table.stride(1) == 1 and k_pool.stride() == v_pool.stride()
     fp8 = k_pool.dtype == torch.float8_e4m3fn
-    default_block_n, default_stages, default_kv_first, default_fp8_scores = _default_tiling(dim, fp8)
-    block_n, num_stages = block_n or default_block_n, num_stages or default_stages
-    kv_first = default_kv_first if kv_first is None else kv_first
-    fp8_scores = default_fp8_scores if fp8_scores is None else fp8_scores
-    assert fp8 or not fp8_scores, "fp8_scores needs an FP8 pool"
+    block_n, num_stages, kv_first, fp8_scores = _tiling(dim, fp8, block_n, num_stages, kv_first, fp8_scores)
     splits = splits or default_splits(batch * num_kv_heads)
     out = torch.empty_like(q)
     if batch == 0:
