@@ -287,6 +287,7 @@ def decode_attention(
     order: Optional[torch.Tensor] = None,
     kv_first: Optional[bool] = None,
     fp8_scores: Optional[bool] = None,
+    group_rows: int = 16,
 ) -> torch.Tensor:
     """Attention of one query token per sequence: q [B, Hq, D] against the KV pool [slots, Hkv, D] (bf16, or
     FP8 holding value / scale) at each sequence's slots slot_table[req_rows[b], : seq_lens[b]] (the pool's
@@ -298,9 +299,9 @@ def decode_attention(
     query clamped to its range) rather than in q's dtype. order: the batch's indices by descending
     seq_lens, to start the longest sequences' programs first (default: batch order; the engine passes a
     stable sort's: Qwen3-0.6B `nanovllm` decode 5% faster on the H200). kv_first: attend_slice_kv_first's
-    products; fp8_scores: over an FP8 pool, the scores' product on e4m3 operands (defaults: _tiling's)."""
-    batch, num_q_heads, dim = q.shape
-    num_kv_heads = k_pool.shape[1]
+    products; fp8_scores: over an FP8 pool, the scores' product on e4m3 operands (defaults: _tiling's).
+    group_rows: a KV head's query heads padded to at least this many rows (KV-first on wgmma: 8 or more)."""
+    (batch, num_q_heads, dim), num_kv_heads = q.shape, k_pool.shape[1]
     group = num_q_heads // num_kv_heads
     assert q.stride(2) == k_pool.stride(2) == slot_table.stride(1) == 1 and k_pool.stride() == v_pool.stride()
     fp8 = k_pool.dtype == torch.float8_e4m3fn
@@ -309,8 +310,7 @@ def decode_attention(
     out = torch.empty_like(q)
     if batch == 0:
         return out
-    if max_len is None:
-        max_len = seq_lens.amax(0, keepdim=True)
+    max_len = seq_lens.amax(0, keepdim=True) if max_len is None else max_len
     partial = lse = out  # one split: the first kernel writes the output, these are not read
     if splits > 1:
         partial = torch.empty(batch * num_q_heads * splits, dim, dtype=torch.float32, device=q.device)
@@ -318,7 +318,8 @@ def decode_attention(
     tensors = (q, k_pool, v_pool, slot_table, req_rows, seq_lens, max_len, out if order is None else order, out)
     tensors += (partial, lse, out)
     strides = (q.stride(0), q.stride(1), out.stride(0), out.stride(1), *k_pool.stride()[:2], slot_table.stride(0))
-    shape = dict(GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), D=dim, BLOCK_N=block_n, SPLITS=splits)
+    pad = max(group_rows, triton.next_power_of_2(group))
+    shape = dict(GROUP=group, GROUP_PAD=pad, D=dim, BLOCK_N=block_n, SPLITS=splits)
     variant = dict(F16_DOTS=fp8_in_f16 and fp8, ORDERED=order is not None, FP8_SCORES=fp8_scores)
     variant.update(FROM_STARTS=False, FIRST_SPLIT=0, TOTAL_SPLITS=splits, KV_FIRST=kv_first)
     _split_kv[(num_kv_heads, batch, splits)](

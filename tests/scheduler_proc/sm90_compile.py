@@ -79,10 +79,12 @@ def _attention():
                 for order in (None, torch.tensor([1, 0])):  # batch order; longest first (the engine's)
                     decode_attention(q, pool, pool.clone(), table, rows, lens, dim**-0.5, splits=splits, order=order)
                 decode_attention(q, pool, pool.clone(), table, rows, lens, dim**-0.5, splits=splits, kv_first=True)
+                args = (q, pool, pool.clone(), table, rows, lens, dim**-0.5)
+                decode_attention(*args, splits=splits, kv_first=True, group_rows=8)  # wgmma's least N
                 if kv_dtype == torch.float8_e4m3fn:  # the scores on FP8 operands, in both products' orders
                     for kv_first in (False, True):
-                        args = (q, pool, pool.clone(), table, rows, lens, dim**-0.5)
                         decode_attention(*args, splits=splits, kv_first=kv_first, fp8_scores=True)
+                    decode_attention(*args, splits=splits, kv_first=True, fp8_scores=True, group_rows=8)
             kv = torch.zeros(3, kv_heads, dim, dtype=kv_dtype)
             store_kv(kv, kv.clone(), pool, pool.clone(), torch.tensor([1, 2, 3]))
             groups, starts = torch.tensor([0, 2]), torch.tensor([2, 2])  # one group of two sharing two slots

@@ -73,6 +73,22 @@ def test_equals_attention_over_the_same_slots(num_q_heads, num_kv_heads, dim, sp
     assert torch.equal(decode_attention(*loose_args, order=longest_first, kv_first=kv_first), ours)
 
 
+@pytest.mark.parametrize("num_q_heads,num_kv_heads", [(8, 2), (14, 2), (4, 4)], ids=["group_4", "group_7", "group_1"])
+def test_kv_first_with_eight_rows_a_product(num_q_heads, num_kv_heads):
+    # A KV head's query heads padded to 8 rows, not 16 (wgmma's least on Hopper): the same attention.
+    gen = torch.Generator().manual_seed(num_q_heads)
+    lengths, dim = [3, 90, 1], 64
+    k_pool, v_pool = torch.randn(2, 256, num_kv_heads, dim, generator=gen)
+    slot_lists = [list(range(1, 4)), list(range(100, 190)), [7]]
+    table = _table(slot_lists, [1, 0, 2], width=128)
+    q = torch.randn(len(lengths), num_q_heads, dim, generator=gen)
+    pool_args = (q, k_pool, v_pool, table, torch.tensor([1, 0, 2]), torch.tensor(lengths), 0.125)
+    for splits in (1, 2):
+        ours = decode_attention(*pool_args, splits=splits, block_n=32, kv_first=True, group_rows=8)
+        expected = _reference(q, k_pool, v_pool, slot_lists, 0.125, 1.0, 1.0)
+        assert torch.allclose(ours, expected, atol=2e-5, rtol=1e-4), (ours - expected).abs().max()
+
+
 def test_a_strided_query_as_the_qkv_projection_gives_it():
     gen = torch.Generator().manual_seed(1)
     qkv = torch.randn(3, (8 + 2 * 2) * 64, generator=gen)
@@ -129,9 +145,11 @@ def test_the_decoder_reads_req_to_token_eager_and_from_graph_buffers_with_paddin
     assert decoder.graph_max.tolist() == [17] and decoder.graph_order[:4].tolist() == [2, 0, 1, 3]
 
 
-@pytest.mark.parametrize("kv_first", [False, True], ids=["q_first", "kv_first"])
+@pytest.mark.parametrize(
+    "kv_first,group_rows", [(False, 16), (True, 16), (True, 8)], ids=["q_first", "kv_first", "8_rows"]
+)
 @pytest.mark.parametrize("splits", [1, 4])
-def test_fp8_scores_over_a_query_that_e4m3_holds_equal_attention(kv_first, splits):
+def test_fp8_scores_over_a_query_that_e4m3_holds_equal_attention(kv_first, group_rows, splits):
     # The kernel scales each (sequence, KV head)'s query rows by one scale, largest magnitude to e4m3's 448, and
     # rounds them to e4m3. Here every row is e4m3 values times a power of two, one of them 448: the scaled rows
     # are exact (the interpreter's float-to-e4m3 conversion does not round as the device does, so rounding
@@ -150,6 +168,7 @@ def test_fp8_scores_over_a_query_that_e4m3_holds_equal_attention(kv_first, split
     values[:, ::4, 0] = 448.0  # each KV head's first query head holds its group's largest magnitude
     q = values * 2.0 ** torch.tensor([-9, -3, -6])[:, None, None]  # scales: 2^-9 / 448 ...
     pool_args = (q, k_pool, v_pool, table, torch.tensor(rows), torch.tensor(lengths), dim**-0.5, 0.5, 2.0)
-    ours = decode_attention(*pool_args, splits=splits, block_n=32, kv_first=kv_first, fp8_scores=True)
+    tiling = dict(splits=splits, block_n=32, kv_first=kv_first, group_rows=group_rows)
+    ours = decode_attention(*pool_args, **tiling, fp8_scores=True)
     expected = _reference(q, k_pool, v_pool, slot_lists, dim**-0.5, 0.5, 2.0)
     assert torch.allclose(ours, expected, atol=2e-3, rtol=1e-3), (ours - expected).abs().max()
