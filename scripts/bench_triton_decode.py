@@ -5,8 +5,8 @@ prompt's slots in one run, then one slot per step handed out across the batch.
     python scripts/bench_triton_decode.py [--heads 16 --kv-heads 8 --head-dim 128] [--kv-dtype fp8] [--out FILE]
         the tilings and splits of triton_decode.py at nanovllm-like lengths (batch 256), 256 x 640, 512 x 1,100
     python scripts/bench_triton_decode.py --products [--kv-dtype fp8] [...]
-        the products' orders (kv_first), rows (group_rows) and, over an FP8 pool, operands (fp8_scores) at a
-        few tilings
+        the products' orders (kv_first), rows (group_rows) and, over an FP8 pool, operands (fp8_products) at
+        a few tilings
     python scripts/bench_triton_decode.py --cascade [...]
         the `prefix` workload's decode (64 groups of 16 sequences sharing 1,024 slots) through triton_decode.py,
         which reads each shared slot once per sequence, and shared_prefix_decode.py, once per group
@@ -37,18 +37,19 @@ _FP8_TILINGS = [(128, 4, 3), (128, 8, 3), (256, 8, 2)]
 
 
 def _cases(fp8: bool, products: bool) -> list[tuple]:
-    """(tiling, splits, kv_first, fp8_scores, group_rows) to time: tilings by splits, and the KV block as first
-    operand at the default splits; with products, each tiling with the query or the KV block first, KV-first
-    also with 8 query rows a product (wgmma's least) instead of 16, and over an FP8 pool the scores on FP8
-    operands or not."""
+    """(tiling, splits, kv_first, fp8_products, group_rows) to time: tilings by splits, and the KV block as
+    first operand at the default splits; with products, each tiling with the query or the KV block first,
+    KV-first also with 8 query rows a product (wgmma's least) instead of 16, and over an FP8 pool with no
+    product, the scores' or (KV-first) both on FP8 operands."""
     if products:
-        tilings = [(64, 4, 3), (128, 4, 3), (128, 4, 4)] + ([(64, 4, 2)] if fp8 else [(64, 8, 3)])
-        kinds = [(False, 16), (True, 16), (True, 8)]
-        scores = (False, True) if fp8 else (False,)
-        return [(t, None, first, fs, rows) for t in tilings for first, rows in kinds for fs in scores]
+        tilings = [(64, 4, 3), (128, 4, 3), (128, 4, 4)] + ([] if fp8 else [(64, 8, 3)])
+        fp8_products = (0, 1, 2) if fp8 else (0,)
+        kinds = [(False, 16, n) for n in fp8_products[:2]]
+        kinds += [(True, rows, n) for rows in (16, 8) for n in fp8_products]
+        return [(t, None, first, n, rows) for t in tilings for first, rows, n in kinds]
     tilings = _SWEEP_TILINGS + (_FP8_TILINGS if fp8 else [])
-    cases = [(t, splits, False, False, 16) for t in tilings for splits in (None, 1, 4, 8)]
-    return cases + [(t, None, True, False, 16) for t in tilings]  # the KV block as first operand, default splits
+    cases = [(t, splits, False, 0, 16) for t in tilings for splits in (None, 1, 4, 8)]
+    return cases + [(t, None, True, 0, 16) for t in tilings]  # the KV block as first operand, default splits
 
 
 def sweep(args) -> list[dict]:
@@ -79,15 +80,15 @@ def sweep(args) -> list[dict]:
         q = q.to(torch.bfloat16)
         order = torch.sort(seq_lens, descending=True, stable=True).indices
         kv_bytes, fp8 = 2 * sum(lengths) * hkv * d * k.element_size(), k.element_size() == 1
-        for (block_n, warps, stages), splits, kv_first, fp8_scores, group_rows in _cases(fp8, args.products):
+        for (block_n, warps, stages), splits, kv_first, fp8_products, group_rows in _cases(fp8, args.products):
             tiling = dict(block_n=block_n, num_warps=warps, num_stages=stages, splits=splits, kv_first=kv_first)
-            tiling.update(fp8_scores=fp8_scores, group_rows=group_rows)
+            tiling.update(fp8_products=fp8_products, group_rows=group_rows)
             call = functools.partial(decode_attention, q, k, v, table, req_rows, seq_lens, d**-0.5, order=order)
             us = graph_us(functools.partial(call, **tiling))
             gbps = kv_bytes / us / 1e3
             rows.append({"case": f"triton sweep {name}", "heads": [hq, hkv, d], "kernel_us": us, "kv_GBps": gbps})
             rows[-1].update(tiling)
-            first = ("kv_first" if kv_first else "") + (" fp8_scores" if fp8_scores else "") + f" {group_rows} rows"
+            first = ("kv_first" if kv_first else "") + f" fp8 {fp8_products} {group_rows} rows"
             tiles = str((block_n, warps, stages))
             print(f"{name:<14} {tiles:<14} splits {splits!s:<5} {first:<27} {us:8.1f} us {gbps:6.0f} GB/s")
     return rows
@@ -147,7 +148,7 @@ def cascade(args) -> list[dict]:
 def main() -> None:
     p = attention_args()
     p.add_argument("--cascade", action="store_true", help="the prefix workload's decode, shared prefix or not")
-    p.add_argument("--products", action="store_true", help="kv_first x group_rows (x fp8_scores) at a few tilings")
+    p.add_argument("--products", action="store_true", help="kv_first x group_rows (x fp8_products) at a few tilings")
     args = p.parse_args()
     rows = cascade(args) if args.cascade else sweep(args)
     if args.out:

@@ -135,7 +135,7 @@ def shared_prefix_decode(
     shape = dict(GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), SPLITS=suffix_splits)
     variant = dict(F16_DOTS=k_pool.dtype == torch.float8_e4m3fn, ORDERED=False, FROM_STARTS=True, KV_FIRST=False)
     _split_kv[(num_kv_heads, batch, suffix_splits)](
-        *own, *strides, *scales, **shape, **variant, FP8_SCORES=False, FIRST_SPLIT=prefix_splits, **tiling
+        *own, *strides, *scales, **shape, **variant, FP8_PRODUCTS=0, FIRST_SPLIT=prefix_splits, **tiling
     )
     merge_splits[(batch, num_q_heads)](partial, lse, out, out.stride(0), out.stride(1), D=dim, SPLITS=total)
     return out

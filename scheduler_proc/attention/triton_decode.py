@@ -12,7 +12,7 @@ slower than over bf16 (flashinfer #1753), where an FP8 cache should halve the by
 
 Stage 1, one program per (sequence, KV head, split): the split's slice of the sequence's slots, read in
 blocks of BLOCK_N tokens as whole [BLOCK_N, head_dim] rows of that head (an FP8 row converted in
-registers, or with fp8_scores multiplied as read), against all of the head's GROUP query heads at once (a
+registers, or multiplied as read: fp8_products), against all of the head's GROUP query heads at once (a
 tl.dot of [GROUP_PAD, D] x [D, BLOCK_N]), with an online softmax; it writes its normalised partial output
 and log-sum-exp. Stage 2, one program per (sequence, query head): the splits' partial outputs weighted by
 their share of the softmax mass. With one split (a large batch fills the SMs by itself) stage 1 writes the
@@ -43,12 +43,12 @@ def attend_slice(
     GROUP_PAD: tl.constexpr,
     D: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    FP8_SCORES: tl.constexpr,
+    FP8_PRODUCTS: tl.constexpr,
 ):
     """The query rows against the KV of the sequence's slots lo..hi, with an online softmax: (running max,
     running sum, unnormalised output). kv_rows: the pools, the row stride and this KV head's offset.
-    FP8_SCORES: q_rows and the pool in e4m3, the scores' product on FP8 operands (the pool's K block as read);
-    the values' in fp16."""
+    FP8_PRODUCTS (an FP8 pool): 1, q_rows in e4m3, the scores' product on FP8 operands (the K block as read),
+    the values' in fp16; 2 (attend_slice_kv_first only), the values' too, the softmax weights in e4m3."""
     k_pool, v_pool, pool_stride_s, head_offset = kv_rows
     m_i = tl.full([GROUP_PAD], -float("inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
@@ -65,7 +65,7 @@ def attend_slice(
         m_new = tl.maximum(m_i, tl.max(scores, 1))
         p = tl.exp(scores - m_new[:, None])
         alpha = tl.exp(m_i - m_new)
-        v = tl.load(v_pool + rows, mask=valid[:, None], other=0.0).to(tl.float16 if FP8_SCORES else q_rows.dtype)
+        v = tl.load(v_pool + rows, mask=valid[:, None], other=0.0).to(tl.float16 if FP8_PRODUCTS else q_rows.dtype)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         l_i = l_i * alpha + tl.sum(p, 1)
         m_i = m_new
@@ -83,7 +83,7 @@ def attend_slice_kv_first(
     GROUP_PAD: tl.constexpr,
     D: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    FP8_SCORES: tl.constexpr,
+    FP8_PRODUCTS: tl.constexpr,
 ):
     """attend_slice with the KV block as the first operand of both products (scores^T = K q^T, out^T =
     V^T p^T), so that on Hopper a block converted in registers (an FP8 pool read in fp16) feeds the tensor
@@ -107,11 +107,15 @@ def attend_slice_kv_first(
         v_t = tl.load(
             v_pool + slots[None, :] * pool_stride_s + head_offset + d[:, None], mask=valid[None, :], other=0.0
         )
-        pv_type = tl.float16 if FP8_SCORES else q_rows.dtype
-        acc_t = acc_t * alpha[None, :] + tl.dot(v_t.to(pv_type), p_t.to(pv_type))
+        if FP8_PRODUCTS == 2:  # weights times 2^8 into e4m3's normal range (down to 2^-14), undone below
+            pv = tl.dot(v_t, (p_t * 256.0).to(tl.float8e4nv))
+        else:
+            pv_type = tl.float16 if FP8_PRODUCTS else q_rows.dtype
+            pv = tl.dot(v_t.to(pv_type), p_t.to(pv_type))
+        acc_t = acc_t * alpha[None, :] + pv
         l_i = l_i * alpha + tl.sum(p_t, 0)
         m_i = m_new
-    return m_i, l_i, tl.trans(acc_t)
+    return m_i, l_i, tl.trans(acc_t) * (1.0 / 256.0 if FP8_PRODUCTS == 2 else 1.0)
 
 
 @triton.jit
@@ -126,13 +130,15 @@ def attend(
     D: tl.constexpr,
     BLOCK_N: tl.constexpr,
     KV_FIRST: tl.constexpr,
-    FP8_SCORES: tl.constexpr,
+    FP8_PRODUCTS: tl.constexpr,
 ):
     """attend_slice, or with KV_FIRST attend_slice_kv_first."""
     if KV_FIRST:
-        result = attend_slice_kv_first(q_rows, kv_rows, slots_of_seq, lo, hi, scale, GROUP_PAD, D, BLOCK_N, FP8_SCORES)
+        result = attend_slice_kv_first(
+            q_rows, kv_rows, slots_of_seq, lo, hi, scale, GROUP_PAD, D, BLOCK_N, FP8_PRODUCTS
+        )
     else:
-        result = attend_slice(q_rows, kv_rows, slots_of_seq, lo, hi, scale, GROUP_PAD, D, BLOCK_N, FP8_SCORES)
+        result = attend_slice(q_rows, kv_rows, slots_of_seq, lo, hi, scale, GROUP_PAD, D, BLOCK_N, FP8_PRODUCTS)
     return result
 
 
@@ -147,11 +153,11 @@ def store_partial(m_i, l_i, acc, partial, lse, at, valid, v_scale, D: tl.constex
 
 
 @triton.jit
-def query_operand(q_rows, scale, F16_DOTS: tl.constexpr, FP8_SCORES: tl.constexpr):
+def query_operand(q_rows, scale, F16_DOTS: tl.constexpr, FP8_PRODUCTS: tl.constexpr):
     """The query rows in the scores' product's type, and the scores' scale: over an FP8 pool in fp16 (e4m3
-    converts to fp16 in one instruction a pair, to bf16 in several), or with FP8_SCORES in e4m3 (one scale
+    converts to fp16 in one instruction a pair, to bf16 in several), or with FP8_PRODUCTS in e4m3 (one scale
     for the program's rows, moved into the scores' scale)."""
-    if FP8_SCORES:
+    if FP8_PRODUCTS:
         q_scale = tl.maximum(tl.max(tl.max(tl.abs(q_rows.to(tl.float32)), 1), 0), 1e-30) / 448.0
         q_rows = (q_rows.to(tl.float32) / q_scale).to(tl.float8e4nv)
         scale = scale * q_scale
@@ -199,7 +205,7 @@ def _split_kv(
     FIRST_SPLIT: tl.constexpr,
     TOTAL_SPLITS: tl.constexpr,
     KV_FIRST: tl.constexpr,
-    FP8_SCORES: tl.constexpr,
+    FP8_PRODUCTS: tl.constexpr,
 ):
     h = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
@@ -217,9 +223,9 @@ def _split_kv(
     valid, heads = g < GROUP, h * GROUP + g  # the group's query heads, GROUP of them in GROUP_PAD rows
     d = tl.arange(0, D)
     q_rows = tl.load(q + b * q_stride_b + heads[:, None] * q_stride_h + d[None, :], mask=valid[:, None], other=0.0)
-    q_rows, scale = query_operand(q_rows, scale, F16_DOTS, FP8_SCORES)
+    q_rows, scale = query_operand(q_rows, scale, F16_DOTS, FP8_PRODUCTS)
     kv_rows = k_pool, v_pool, pool_stride_s, h * pool_stride_h
-    m_i, l_i, acc = attend(q_rows, kv_rows, slots_of_seq, lo, hi, scale, GROUP_PAD, D, BLOCK_N, KV_FIRST, FP8_SCORES)
+    m_i, l_i, acc = attend(q_rows, kv_rows, slots_of_seq, lo, hi, scale, GROUP_PAD, D, BLOCK_N, KV_FIRST, FP8_PRODUCTS)
     if TOTAL_SPLITS == 1:  # the whole sequence (at least one token) in this program: its output is final
         rows_out = out + b * out_stride_b + heads[:, None] * out_stride_h + d[None, :]
         tl.store(rows_out, (acc / l_i[:, None] * v_scale).to(out.dtype.element_ty), mask=valid[:, None])
@@ -248,8 +254,8 @@ def default_splits(work_items: int) -> int:
     return triton.next_power_of_2(max(1, min(16, triton.cdiv(528, max(1, work_items)))))
 
 
-def _tiling(dim: int, fp8: bool, block_n, num_stages, kv_first, fp8_scores) -> tuple[int, int, bool, bool]:
-    """(block_n, num_stages, kv_first, fp8_scores), each as given or by head_dim and KV dtype. H200, in CUDA
+def _tiling(dim: int, fp8: bool, block_n, num_stages, kv_first, fp8_products) -> tuple[int, int, bool, int]:
+    """(block_n, num_stages, kv_first, fp8_products), each as given or by head_dim and KV dtype. H200, in CUDA
     graphs at the engine's KV layout (bench_triton_decode.py): at Qwen2.5-0.5B's heads (7 x 64 a KV head)
     128-token blocks in two buffers took 8-18% less time than 64 in three (lease O); at Qwen3-0.6B's (2 x 128)
     64 in three or two were the fastest (lease L: three 2-24% before two). Over an FP8 pool at Llama-3.1-8B's
@@ -257,15 +263,13 @@ def _tiling(dim: int, fp8: bool, block_n, num_stages, kv_first, fp8_scores) -> t
     less than KV-first alone (lease R: 344 against 440 us at 512 x 1,100, 146 against 174 at nanovllm lengths;
     in two buffers of 64, the FP8 scores were slower)."""
     if fp8 and dim == 128:
-        default = 128, 3, True, True
+        default = 128, 3, True, 1
     else:
-        default = (
-            (128, 2, False, False) if dim <= 64 else (64, 3, False, False) if dim <= 128 else (64, 2, False, False)
-        )
-    given = block_n, num_stages, kv_first, fp8_scores
-    block_n, num_stages, kv_first, fp8_scores = (d if g is None else g for g, d in zip(given, default))
-    assert fp8 or not fp8_scores, "fp8_scores needs an FP8 pool"
-    return block_n, num_stages, kv_first, fp8_scores
+        default = (128, 2, False, 0) if dim <= 64 else (64, 3, False, 0) if dim <= 128 else (64, 2, False, 0)
+    given = block_n, num_stages, kv_first, fp8_products
+    block_n, num_stages, kv_first, fp8_products = (d if g is None else g for g, d in zip(given, default))
+    assert (fp8 or not fp8_products) and (kv_first or fp8_products < 2), "fp8_products: an FP8 pool; 2: kv_first"
+    return block_n, num_stages, kv_first, fp8_products
 
 
 def decode_attention(
@@ -286,7 +290,7 @@ def decode_attention(
     fp8_in_f16: bool = True,
     order: Optional[torch.Tensor] = None,
     kv_first: Optional[bool] = None,
-    fp8_scores: Optional[bool] = None,
+    fp8_products: Optional[int] = None,
     group_rows: int = 16,
 ) -> torch.Tensor:
     """Attention of one query token per sequence: q [B, Hq, D] against the KV pool [slots, Hkv, D] (bf16, or
@@ -299,13 +303,13 @@ def decode_attention(
     query clamped to its range) rather than in q's dtype. order: the batch's indices by descending
     seq_lens, to start the longest sequences' programs first (default: batch order; the engine passes a
     stable sort's: Qwen3-0.6B `nanovllm` decode 5% faster on the H200). kv_first: attend_slice_kv_first's
-    products; fp8_scores: over an FP8 pool, the scores' product on e4m3 operands (defaults: _tiling's).
-    group_rows: a KV head's query heads padded to at least this many rows (KV-first on wgmma: 8 or more)."""
+    products; fp8_products: over an FP8 pool, 1: the scores' on e4m3 operands, 2: the values' too (defaults:
+    _tiling's). group_rows: a KV head's query heads padded to at least this many rows (KV-first: 8 or more)."""
     (batch, num_q_heads, dim), num_kv_heads = q.shape, k_pool.shape[1]
     group = num_q_heads // num_kv_heads
     assert q.stride(2) == k_pool.stride(2) == slot_table.stride(1) == 1 and k_pool.stride() == v_pool.stride()
     fp8 = k_pool.dtype == torch.float8_e4m3fn
-    block_n, num_stages, kv_first, fp8_scores = _tiling(dim, fp8, block_n, num_stages, kv_first, fp8_scores)
+    block_n, num_stages, kv_first, fp8_products = _tiling(dim, fp8, block_n, num_stages, kv_first, fp8_products)
     splits = splits or default_splits(batch * num_kv_heads)
     out = torch.empty_like(q)
     if batch == 0:
@@ -320,7 +324,7 @@ def decode_attention(
     strides = (q.stride(0), q.stride(1), out.stride(0), out.stride(1), *k_pool.stride()[:2], slot_table.stride(0))
     pad = max(group_rows, triton.next_power_of_2(group))
     shape = dict(GROUP=group, GROUP_PAD=pad, D=dim, BLOCK_N=block_n, SPLITS=splits)
-    variant = dict(F16_DOTS=fp8_in_f16 and fp8, ORDERED=order is not None, FP8_SCORES=fp8_scores)
+    variant = dict(F16_DOTS=fp8_in_f16 and fp8, ORDERED=order is not None, FP8_PRODUCTS=fp8_products)
     variant.update(FROM_STARTS=False, FIRST_SPLIT=0, TOTAL_SPLITS=splits, KV_FIRST=kv_first)
     _split_kv[(num_kv_heads, batch, splits)](
         *tensors, *strides, sm_scale * k_scale, v_scale, **shape, **variant, num_warps=num_warps, num_stages=num_stages

@@ -81,10 +81,10 @@ def _attention():
                 decode_attention(q, pool, pool.clone(), table, rows, lens, dim**-0.5, splits=splits, kv_first=True)
                 args = (q, pool, pool.clone(), table, rows, lens, dim**-0.5)
                 decode_attention(*args, splits=splits, kv_first=True, group_rows=8)  # wgmma's least N
-                if kv_dtype == torch.float8_e4m3fn:  # the scores on FP8 operands, in both products' orders
-                    for kv_first in (False, True):
-                        decode_attention(*args, splits=splits, kv_first=kv_first, fp8_scores=True)
-                    decode_attention(*args, splits=splits, kv_first=True, fp8_scores=True, group_rows=8)
+                if kv_dtype == torch.float8_e4m3fn:  # products on FP8 operands: the scores' (both orders), both
+                    for kv_first, products in ((False, 1), (True, 1), (True, 2)):
+                        decode_attention(*args, splits=splits, kv_first=kv_first, fp8_products=products)
+                        decode_attention(*args, splits=splits, kv_first=True, fp8_products=products, group_rows=8)
             kv = torch.zeros(3, kv_heads, dim, dtype=kv_dtype)
             store_kv(kv, kv.clone(), pool, pool.clone(), torch.tensor([1, 2, 3]))
             groups, starts = torch.tensor([0, 2]), torch.tensor([2, 2])  # one group of two sharing two slots

@@ -169,6 +169,35 @@ def test_fp8_scores_over_a_query_that_e4m3_holds_equal_attention(kv_first, group
     q = values * 2.0 ** torch.tensor([-9, -3, -6])[:, None, None]  # scales: 2^-9 / 448 ...
     pool_args = (q, k_pool, v_pool, table, torch.tensor(rows), torch.tensor(lengths), dim**-0.5, 0.5, 2.0)
     tiling = dict(splits=splits, block_n=32, kv_first=kv_first, group_rows=group_rows)
-    ours = decode_attention(*pool_args, **tiling, fp8_scores=True)
+    ours = decode_attention(*pool_args, **tiling, fp8_products=1)
     expected = _reference(q, k_pool, v_pool, slot_lists, dim**-0.5, 0.5, 2.0)
     assert torch.allclose(ours, expected, atol=2e-3, rtol=1e-3), (ours - expected).abs().max()
+
+
+@pytest.mark.parametrize("group_rows", [16, 8])
+@pytest.mark.parametrize("splits", [1, 4])
+def test_fp8_values_weight_the_values_as_the_softmax_does(group_rows, splits):
+    # fp8_products=2 rounds the softmax weights (times 2^8) to e4m3 for the values' product. The interpreter's
+    # float-to-e4m3 conversion does not round as the device does, so here every weight is 1 or ~0: each
+    # query row's scores are at its maximum on a few of its tokens and far below it on the rest, and the output
+    # is the mean of those tokens' values (a weight not scaled back, or the values' product mis-wired, is off
+    # by whole units). The block of the maximum comes late in some sequences: the running rescale counts too.
+    gen = torch.Generator().manual_seed(splits + group_rows)
+    lengths, num_q_heads, num_kv_heads, dim = [5, 130, 64], 8, 2, 64
+    k_pool = torch.zeros(256, num_kv_heads, dim)
+    v_pool = (torch.randn(256, num_kv_heads, dim, generator=gen) * 4).to(torch.float8_e4m3fn)
+    slot_lists = [list(range(1, 6)), list(range(6, 136)), list(range(136, 200))]
+    hot = {0: [0, 3], 1: [2, 70, 129], 2: [63]}  # the tokens at each sequence's maximum, by position
+    for b, positions in hot.items():
+        for at in positions:
+            k_pool[slot_lists[b][at], :, 0] = 16.0  # q's first coordinate is 1: scores 16 * scale above the rest
+    q = torch.zeros(len(lengths), num_q_heads, dim)
+    q[:, :, 0] = 1.0
+    table = _table(slot_lists, [0, 1, 2], width=256)
+    pool_args = (q, k_pool.to(torch.float8_e4m3fn), v_pool, table, torch.tensor([0, 1, 2]), torch.tensor(lengths))
+    tiling = dict(splits=splits, block_n=32, kv_first=True, group_rows=group_rows, fp8_products=2)
+    ours = decode_attention(*pool_args, 8.0, 1.0, 0.5, **tiling)  # scores 128 apart: the rest weigh e^-128
+    for b, positions in hot.items():
+        mean = torch.stack([v_pool[slot_lists[b][at]].float() for at in positions]).mean(0) * 0.5  # [Hkv, D]
+        expected = mean.repeat_interleave(num_q_heads // num_kv_heads, dim=0)
+        assert torch.allclose(ours[b], expected, atol=1e-5), (b, (ours[b] - expected).abs().max())
